@@ -19,7 +19,11 @@ const MODE_CHAR: u32 = 0o020000;
 
 impl<W: Write> Writer<W> {
     pub fn new(out: W) -> Self {
-        Self { out, ino: 1, written: 0 }
+        Self {
+            out,
+            ino: 1,
+            written: 0,
+        }
     }
 
     pub fn dir(&mut self, path: &str, perm: u32) -> io::Result<()> {

@@ -47,7 +47,15 @@ const GUEST_MODULES: &[&str] = &[
     "vmw_vsock_virtio_transport",
 ];
 /// Modules the emulated KVM host's initramfs loads to reach its virtiofs root.
-const TESTHOST_MODULES: &[&str] = &["virtio_pci", "virtiofs", "virtio_net", "virtio_blk"];
+const TESTHOST_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtiofs",
+    "virtio_net",
+    "virtio_blk",
+    "kvm_amd",
+    "tun",
+    "vhost_vsock",
+];
 
 /// The initramfs' `/init`: shell on purpose, so that it is readable and tiny.
 const INIT_SCRIPT: &str = include_str!("initramfs-init.sh");
@@ -57,14 +65,15 @@ pub struct Images {
     pub initrd: PathBuf,
     pub rootfs: PathBuf,
     pub kernel_release: String,
-    pub modules: PathBuf,
 }
 
 /// Builds (or finds cached) every guest image.
 pub fn build(boxd_binary: &Path) -> Result<Images> {
     std::fs::create_dir_all(images_dir())?;
     let kernel_dir = kernel()?;
-    let kernel_release = std::fs::read_to_string(kernel_dir.join("release"))?.trim().to_string();
+    let kernel_release = std::fs::read_to_string(kernel_dir.join("release"))?
+        .trim()
+        .to_string();
     let modules = kernel_dir.join("lib/modules").join(&kernel_release);
     let initrd = initramfs(&modules)?;
     let tarball = debian_tarball()?;
@@ -81,8 +90,16 @@ pub fn build(boxd_binary: &Path) -> Result<Images> {
         "kernel_release": kernel_release,
         "modules": modules,
     });
-    write_atomic(&dir.join("manifest.json"), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
-    Ok(Images { kernel: kernel_dir.join("vmlinuz"), initrd, rootfs, kernel_release, modules })
+    write_atomic(
+        &dir.join("manifest.json"),
+        serde_json::to_string_pretty(&manifest)?.as_bytes(),
+    )?;
+    Ok(Images {
+        kernel: kernel_dir.join("vmlinuz"),
+        initrd,
+        rootfs,
+        kernel_release,
+    })
 }
 
 /// Downloads and unpacks Debian's cloud kernel; cached by the candidate package version.
@@ -106,24 +123,40 @@ fn kernel() -> Result<PathBuf> {
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     // The metapackage names the real image package in its Depends.
-    run_quiet(Command::new("apt-get").args(["download", KERNEL_PACKAGE]).current_dir(&work))?;
+    run_quiet(
+        Command::new("apt-get")
+            .args(["download", KERNEL_PACKAGE])
+            .current_dir(&work),
+    )?;
     let meta = find_deb(&work, KERNEL_PACKAGE)?;
-    let depends = output(Command::new("dpkg-deb").args(["-f"]).arg(&meta).arg("Depends"))?;
+    let depends = output(
+        Command::new("dpkg-deb")
+            .args(["-f"])
+            .arg(&meta)
+            .arg("Depends"),
+    )?;
     let image_pkg = depends
         .split(',')
         .map(|d| d.split_whitespace().next().unwrap_or(""))
         .find(|d| d.starts_with("linux-image-"))
         .with_context(|| format!("{KERNEL_PACKAGE} depends on no linux-image-*: {depends}"))?
         .to_string();
-    run_quiet(Command::new("apt-get").args(["download", &image_pkg]).current_dir(&work))?;
+    run_quiet(
+        Command::new("apt-get")
+            .args(["download", &image_pkg])
+            .current_dir(&work),
+    )?;
     let deb = find_deb(&work, &image_pkg)?;
     let unpacked = work.join("root");
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&unpacked))?;
     let release = image_pkg.trim_start_matches("linux-image-").to_string();
     let out = work.join("out");
     std::fs::create_dir_all(out.join("lib/modules"))?;
-    std::fs::rename(unpacked.join(format!("boot/vmlinuz-{release}")), out.join("vmlinuz"))
-        .context("the kernel package holds no boot/vmlinuz-<release>")?;
+    std::fs::rename(
+        unpacked.join(format!("boot/vmlinuz-{release}")),
+        out.join("vmlinuz"),
+    )
+    .context("the kernel package holds no boot/vmlinuz-<release>")?;
     std::fs::rename(
         unpacked.join(format!("lib/modules/{release}")),
         out.join("lib/modules").join(&release),
@@ -138,12 +171,19 @@ fn kernel() -> Result<PathBuf> {
 fn find_deb(dir: &Path, package: &str) -> Result<PathBuf> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
-        let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
         if name.starts_with(&format!("{package}_")) && name.ends_with(".deb") {
             return Ok(path);
         }
     }
-    bail!("apt-get download left no {package}_*.deb in {}", dir.display())
+    bail!(
+        "apt-get download left no {package}_*.deb in {}",
+        dir.display()
+    )
 }
 
 /// Every `.ko` under `modules` by module name (`-` and `_` are the same to the kernel).
@@ -173,7 +213,12 @@ fn module_depends(ko: &Path) -> Result<Vec<String>> {
     Ok(modinfo
         .split(|b| *b == 0)
         .filter_map(|kv| kv.strip_prefix(b"depends="))
-        .flat_map(|v| String::from_utf8_lossy(v).split(',').map(str::to_string).collect::<Vec<_>>())
+        .flat_map(|v| {
+            String::from_utf8_lossy(v)
+                .split(',')
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
         .filter(|d| !d.is_empty())
         .map(|d| d.replace('-', "_"))
         .collect())
@@ -193,7 +238,11 @@ fn elf_section<'a>(elf: &'a [u8], wanted: &str) -> Option<&'a [u8]> {
     let shstrndx = u16_at(0x3e)? as usize;
     let section = |i: usize| {
         let base = shoff + i * shentsize;
-        Some((u32_at(base)? as usize, u64_at(base + 0x18)? as usize, u64_at(base + 0x20)? as usize))
+        Some((
+            u32_at(base)? as usize,
+            u64_at(base + 0x18)? as usize,
+            u64_at(base + 0x20)? as usize,
+        ))
     };
     let (_, str_off, str_size) = section(shstrndx)?;
     let names = elf.get(str_off..str_off + str_size)?;
@@ -267,21 +316,52 @@ fn initramfs(modules: &Path) -> Result<PathBuf> {
     }
     let step = Step::start(format!("initramfs: busybox + {} modules", all.len()));
     let mut w = cpio::Writer::new(Vec::new());
-    for dir in ["bin", "dev", "proc", "sys", "newroot", "modules", "lib", "lib/modules"] {
+    for dir in [
+        "bin",
+        "dev",
+        "proc",
+        "sys",
+        "newroot",
+        "modules",
+        "lib",
+        "lib/modules",
+    ] {
         w.dir(dir, 0o755)?;
     }
     w.char_dev("dev/console", 0o600, 5, 1)?;
     w.char_dev("dev/null", 0o666, 1, 3)?;
     w.file("bin/busybox", 0o755, &busybox_bytes)?;
-    for applet in ["sh", "mount", "insmod", "switch_root", "cat", "sleep", "usleep", "mkdir", "echo"] {
+    for applet in [
+        "sh",
+        "mount",
+        "insmod",
+        "switch_root",
+        "cat",
+        "sleep",
+        "usleep",
+        "mkdir",
+        "echo",
+    ] {
         w.symlink(&format!("bin/{applet}"), "busybox")?;
     }
     w.file("init", 0o755, INIT_SCRIPT.as_bytes())?;
     for name in &all {
-        w.file(&format!("lib/modules/{name}.ko"), 0o644, &std::fs::read(&index[*name])?)?;
+        w.file(
+            &format!("lib/modules/{name}.ko"),
+            0o644,
+            &std::fs::read(&index[*name])?,
+        )?;
     }
-    w.file("modules/guest.list", 0o644, (guest.join("\n") + "\n").as_bytes())?;
-    w.file("modules/testhost.list", 0o644, (testhost.join("\n") + "\n").as_bytes())?;
+    w.file(
+        "modules/guest.list",
+        0o644,
+        (guest.join("\n") + "\n").as_bytes(),
+    )?;
+    w.file(
+        "modules/testhost.list",
+        0o644,
+        (testhost.join("\n") + "\n").as_bytes(),
+    )?;
     let bytes = w.finish()?;
     write_atomic(&path, &bytes)?;
     step.done();
@@ -301,7 +381,9 @@ fn debian_tarball() -> Result<PathBuf> {
         return Ok(path);
     }
     if !is_root() {
-        bail!("building the Debian root file system needs root (mmdebstrap keeps file owners); run as root");
+        bail!(
+            "building the Debian root file system needs root (mmdebstrap keeps file owners); run as root"
+        );
     }
     let step = Step::start(format!(
         "rootfs: mmdebstrap {SUITE} with {packages} (about 90 s, once per package list)"
@@ -321,26 +403,50 @@ fn debian_tarball() -> Result<PathBuf> {
 /// Files boxd adds to the Debian tree: (path, mode, content).
 fn overlay_files() -> Vec<(&'static str, u32, &'static str)> {
     vec![
-        ("etc/systemd/system/boxd-agent.service", 0o644, include_str!("guest/boxd-agent.service")),
+        (
+            "etc/systemd/system/boxd-agent.service",
+            0o644,
+            include_str!("guest/boxd-agent.service"),
+        ),
         (
             "etc/systemd/system/boxd-ssh-hostkeys.service",
             0o644,
             include_str!("guest/boxd-ssh-hostkeys.service"),
         ),
-        ("etc/systemd/network/10-boxd.network", 0o644, include_str!("guest/10-boxd.network")),
+        (
+            "etc/systemd/network/10-boxd.network",
+            0o644,
+            include_str!("guest/10-boxd.network"),
+        ),
         ("etc/fstab", 0o644, include_str!("guest/fstab")),
         ("etc/hostname", 0o644, "boxd\n"),
-        ("etc/hosts", 0o644, "127.0.0.1\tlocalhost\n127.0.1.1\tboxd\n::1\tlocalhost\n"),
+        (
+            "etc/hosts",
+            0o644,
+            "127.0.0.1\tlocalhost\n127.0.1.1\tboxd\n::1\tlocalhost\n",
+        ),
         ("etc/resolv.conf", 0o644, "nameserver 10.0.0.1\n"),
-        ("etc/sudoers.d/boxd", 0o440, "%sudo ALL=(ALL:ALL) NOPASSWD: ALL\n"),
-        ("etc/ssh/sshd_config.d/boxd.conf", 0o644, include_str!("guest/sshd-boxd.conf")),
+        (
+            "etc/sudoers.d/boxd",
+            0o440,
+            "%sudo ALL=(ALL:ALL) NOPASSWD: ALL\n",
+        ),
+        (
+            "etc/ssh/sshd_config.d/boxd.conf",
+            0o644,
+            include_str!("guest/sshd-boxd.conf"),
+        ),
     ]
 }
 
 /// Packs the Debian tree plus boxd's agent and kernel modules into an ext4 base image.
 fn rootfs(tarball: &Path, modules: &Path, kernel_release: &str, boxd: &Path) -> Result<PathBuf> {
     let mut parts: Vec<Vec<u8>> = vec![
-        tarball.file_name().unwrap_or_default().as_encoded_bytes().to_vec(),
+        tarball
+            .file_name()
+            .unwrap_or_default()
+            .as_encoded_bytes()
+            .to_vec(),
         kernel_release.as_bytes().to_vec(),
         hash_file(boxd)?.into_bytes(),
         ROOTFS_SIZE.as_bytes().to_vec(),
@@ -359,14 +465,21 @@ fn rootfs(tarball: &Path, modules: &Path, kernel_release: &str, boxd: &Path) -> 
     std::fs::create_dir_all(&tree)?;
     let result = (|| -> Result<()> {
         run(Command::new("tar")
-            .args(["--extract", "--numeric-owner", "--preserve-permissions", "-f"])
+            .args([
+                "--extract",
+                "--numeric-owner",
+                "--preserve-permissions",
+                "-f",
+            ])
             .arg(tarball)
             .arg("-C")
             .arg(&tree))?;
         let module_dst = tree.join("lib/modules").join(kernel_release);
         std::fs::create_dir_all(module_dst.parent().unwrap_or(&tree))?;
         run(Command::new("cp").arg("-a").arg(modules).arg(&module_dst))?;
-        run(Command::new("chroot").arg(&tree).args(["/sbin/depmod", kernel_release]))?;
+        run(Command::new("chroot")
+            .arg(&tree)
+            .args(["/sbin/depmod", kernel_release]))?;
         std::fs::copy(boxd, tree.join("usr/local/bin/boxd"))?;
         for (rel, mode, content) in overlay_files() {
             let dst = tree.join(rel);
@@ -381,17 +494,21 @@ fn rootfs(tarball: &Path, modules: &Path, kernel_release: &str, boxd: &Path) -> 
         let _ = std::fs::remove_file(tree.join("var/lib/dbus/machine-id"));
         for entry in std::fs::read_dir(tree.join("etc/ssh"))? {
             let p = entry?.path();
-            if p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("ssh_host_")) {
+            if p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("ssh_host_"))
+            {
                 std::fs::remove_file(p)?;
             }
         }
-        run(Command::new("systemctl").arg(format!("--root={}", tree.display())).args([
-            "enable",
-            "--quiet",
-            "boxd-agent.service",
-            "boxd-ssh-hostkeys.service",
-            "systemd-networkd.service",
-        ]))?;
+        run(Command::new("systemctl")
+            .arg(format!("--root={}", tree.display()))
+            .args([
+                "enable",
+                "--quiet",
+                "boxd-agent.service",
+                "boxd-ssh-hostkeys.service",
+                "systemd-networkd.service",
+            ]))?;
         let tmp = path.with_extension("ext4.partial");
         let _ = std::fs::remove_file(&tmp);
         run(Command::new("mkfs.ext4")
@@ -413,10 +530,19 @@ pub fn prune(keep: &Images) -> Result<()> {
     let keep: BTreeSet<PathBuf> = [&keep.initrd, &keep.rootfs].into_iter().cloned().collect();
     for entry in std::fs::read_dir(images_dir())? {
         let path = entry?.path();
-        let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
-        let stale = (name.starts_with("initrd-") || name.starts_with("rootfs-")) && !keep.contains(&path);
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let stale =
+            (name.starts_with("initrd-") || name.starts_with("rootfs-")) && !keep.contains(&path);
         if stale {
-            let _ = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+            let _ = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
         }
     }
     Ok(())

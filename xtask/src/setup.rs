@@ -9,11 +9,20 @@ use std::process::Command;
 
 /// Debian packages boxd's build, images, test host and tests need, and why.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
-    ("qemu-system-x86", "the emulated KVM host and the QEMU peer in boot benchmarks"),
+    (
+        "qemu-system-x86",
+        "the emulated KVM host and the QEMU peer in boot benchmarks",
+    ),
     ("mmdebstrap", "builds the guest root filesystem"),
-    ("e2fsprogs", "packs the root filesystem as ext4 (mkfs.ext4 -d)"),
+    (
+        "e2fsprogs",
+        "packs the root filesystem as ext4 (mkfs.ext4 -d)",
+    ),
     ("busybox-static", "the project's initramfs"),
-    ("acpica-tools", "iasl, to check the VMM's ACPI tables in tests"),
+    (
+        "acpica-tools",
+        "iasl, to check the VMM's ACPI tables in tests",
+    ),
     ("iproute2", "network namespaces and links in tests"),
     ("openssh-client", "real SSH clients in end-to-end tests"),
 ];
@@ -21,10 +30,16 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
 pub fn setup() -> Result<()> {
     let missing = missing_packages()?;
     if missing.is_empty() {
-        eprintln!("setup: all {} Debian packages present", DEBIAN_PACKAGES.len());
+        eprintln!(
+            "setup: all {} Debian packages present",
+            DEBIAN_PACKAGES.len()
+        );
     } else {
         for name in &missing {
-            let why = DEBIAN_PACKAGES.iter().find(|(n, _)| n == name).map_or("", |(_, w)| w);
+            let why = DEBIAN_PACKAGES
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or("", |(_, w)| w);
             eprintln!("setup: installing {name} ({why})");
         }
         install_packages(&missing)?;
@@ -58,7 +73,8 @@ fn install_packages(names: &[&str]) -> Result<()> {
             c.arg(args[0]);
             c
         };
-        cmd.args(&args[1..]).env("DEBIAN_FRONTEND", "noninteractive");
+        cmd.args(&args[1..])
+            .env("DEBIAN_FRONTEND", "noninteractive");
         cmd
     };
     run(sudo(&["apt-get", "update", "-q"]).stdout(std::process::Stdio::null()))?;
@@ -67,7 +83,10 @@ fn install_packages(names: &[&str]) -> Result<()> {
     run(sudo(&args).stdout(std::process::Stdio::null()))?;
     let still = missing_packages()?;
     if !still.is_empty() {
-        bail!("apt-get install finished but {} still missing", still.join(", "));
+        bail!(
+            "apt-get install finished but {} still missing",
+            still.join(", ")
+        );
     }
     step.done();
     Ok(())

@@ -4,27 +4,11 @@ use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 use std::io::Read;
 use std::path::{Path, PathBuf};
+
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-/// The workspace root (the folder holding the top-level `Cargo.toml`).
-pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask lives one level below the workspace root")
-        .to_path_buf()
-}
-
-/// Cargo's target directory, honouring `CARGO_TARGET_DIR` the way cargo does.
-pub fn target_dir() -> PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(dir) => {
-            let dir = PathBuf::from(dir);
-            if dir.is_absolute() { dir } else { root().join(dir) }
-        }
-        None => root().join("target"),
-    }
-}
+pub use boxd_tests::target_dir;
 
 /// Where built guest images and their caches live.
 pub fn images_dir() -> PathBuf {
@@ -34,9 +18,9 @@ pub fn images_dir() -> PathBuf {
 /// Runs a command to completion, inheriting stdio; fails with the command line on error.
 pub fn run(cmd: &mut Command) -> Result<()> {
     let shown = show(cmd);
-    let status = cmd
-        .status()
-        .with_context(|| format!("could not start `{shown}`; is it installed? (cargo xtask setup)"))?;
+    let status = cmd.status().with_context(|| {
+        format!("could not start `{shown}`; is it installed? (cargo xtask setup)")
+    })?;
     if !status.success() {
         bail!("`{shown}` failed with {status}");
     }
@@ -46,10 +30,9 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 /// Runs a command quietly and returns its stdout; on failure shows its stderr.
 pub fn output(cmd: &mut Command) -> Result<String> {
     let shown = show(cmd);
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("could not start `{shown}`; is it installed? (cargo xtask setup)"))?;
+    let out = cmd.stdin(Stdio::null()).output().with_context(|| {
+        format!("could not start `{shown}`; is it installed? (cargo xtask setup)")
+    })?;
     if !out.status.success() {
         bail!(
             "`{shown}` failed with {}:\n{}",
@@ -110,11 +93,18 @@ impl Step {
     pub fn start(what: impl Into<String>) -> Self {
         let what = what.into();
         eprintln!("==> {what}");
-        Self { what, started: Instant::now() }
+        Self {
+            what,
+            started: Instant::now(),
+        }
     }
 
     pub fn done(self) {
-        eprintln!("    {} done in {:.1}s", self.what, self.started.elapsed().as_secs_f64());
+        eprintln!(
+            "    {} done in {:.1}s",
+            self.what,
+            self.started.elapsed().as_secs_f64()
+        );
     }
 }
 

@@ -1,0 +1,391 @@
+//! The emulated KVM host: QEMU with a software CPU that emulates AMD SVM, so that Debian's
+//! `kvm_amd` gives a `/dev/kvm` that runs guest kernels at a few ns per instruction on
+//! machines whose own KVM cannot (see ENVIRONMENT.md).
+//!
+//! The test host boots Debian's cloud kernel with the project's initramfs and mounts
+//! *this machine's* root file system read-only over virtiofs, so every binary, image and
+//! tool built or installed here is there at the same path, with no image to build. A
+//! per-run scratch folder is shared read-write at the same path too: the command's
+//! stdout, stderr and exit code come back through it, streamed live.
+
+use anyhow::{Context, Result, bail};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Paths of the guest images, as `cargo xtask images` records them.
+#[derive(Debug, Clone)]
+pub struct Images {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub rootfs: PathBuf,
+    pub modules: PathBuf,
+    pub kernel_release: String,
+}
+
+impl Images {
+    /// Reads `target/images/manifest.json`; says how to build it when it is missing.
+    pub fn load() -> Result<Self> {
+        let path = crate::target_dir().join("images/manifest.json");
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "no guest images at {}; build them with `cargo xtask images`",
+                path.display()
+            )
+        })?;
+        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is not valid JSON; rerun `cargo xtask images`",
+                path.display()
+            )
+        })?;
+        let field = |name: &str| -> Result<PathBuf> {
+            let p = PathBuf::from(v[name].as_str().with_context(|| {
+                format!(
+                    "{} lacks \"{name}\"; rerun `cargo xtask images`",
+                    path.display()
+                )
+            })?);
+            if !p.exists() {
+                bail!(
+                    "{} (from {}) is missing; rerun `cargo xtask images`",
+                    p.display(),
+                    path.display()
+                );
+            }
+            Ok(p)
+        };
+        Ok(Self {
+            kernel: field("kernel")?,
+            initrd: field("initrd")?,
+            rootfs: field("rootfs")?,
+            modules: field("modules")?,
+            kernel_release: v["kernel_release"].as_str().unwrap_or_default().to_string(),
+        })
+    }
+}
+
+/// How to start a test host.
+#[derive(Debug, Clone)]
+pub struct TestHost {
+    pub cpus: u32,
+    pub memory_mib: u64,
+    /// (port on this machine's loopback, port inside the test host), TCP.
+    pub forwards: Vec<(u16, u16)>,
+    /// Environment for the command, on top of a clean minimal one.
+    pub env: Vec<(String, String)>,
+    /// Whole-run limit, boot included; the test host is killed past it.
+    pub timeout: Duration,
+    /// Where the command runs inside (default: the current directory).
+    pub cwd: Option<PathBuf>,
+}
+
+impl Default for TestHost {
+    fn default() -> Self {
+        Self {
+            cpus: 2,
+            memory_mib: 6144,
+            forwards: Vec::new(),
+            env: Vec::new(),
+            timeout: Duration::from_secs(30 * 60),
+            cwd: None,
+        }
+    }
+}
+
+/// What a command run inside the test host did.
+#[derive(Debug)]
+pub struct Outcome {
+    pub exit_code: i32,
+    /// Seconds from starting QEMU until the command started inside.
+    pub boot_s: f64,
+    /// The test host's serial console (kernel and init messages).
+    pub console: String,
+}
+
+impl TestHost {
+    /// Runs `argv` inside a fresh test host. Its stdout and stderr are streamed to ours
+    /// as they are written; returns once the test host has powered off.
+    pub fn run(&self, argv: &[String]) -> Result<Outcome> {
+        if argv.is_empty() {
+            bail!("no command given to run in the test host");
+        }
+        let images = Images::load()?;
+        let qemu = which("qemu-system-x86_64")
+            .context("qemu-system-x86_64 is not installed; run `cargo xtask setup`")?;
+        let virtiofsd = Path::new("/usr/lib/qemu/virtiofsd");
+        if !virtiofsd.exists() {
+            bail!(
+                "{} is missing; run `cargo xtask setup` (package qemu-system-x86)",
+                virtiofsd.display()
+            );
+        }
+        let scratch = Scratch::new()?;
+        let dir = scratch.path.clone();
+        let cwd = match &self.cwd {
+            Some(cwd) => cwd.clone(),
+            None => std::env::current_dir()?,
+        };
+        std::fs::write(
+            dir.join("init.sh"),
+            self.init_script(&images, &dir, &cwd, argv),
+        )?;
+        set_mode(&dir.join("init.sh"), 0o755)?;
+
+        let started = Instant::now();
+        let mut daemons = Vec::new();
+        for (tag, source, cache) in [
+            ("root", Path::new("/"), "always"),
+            ("scratch", dir.as_path(), "none"),
+        ] {
+            let socket = dir.join(format!("{tag}.sock"));
+            let child = Command::new(virtiofsd)
+                .arg(format!("--socket-path={}", socket.display()))
+                .arg("-o")
+                .arg(format!(
+                    "source={},cache={cache},sandbox=chroot",
+                    source.display()
+                ))
+                .arg("--thread-pool-size=4")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(
+                    dir.join(format!("virtiofsd-{tag}.log")),
+                )?)
+                .spawn()
+                .context("start virtiofsd")?;
+            daemons.push(Reaped(child));
+            wait_for_path(&socket, Duration::from_secs(10))
+                .with_context(|| format!("virtiofsd did not create {}", socket.display()))?;
+        }
+
+        let mem = self.memory_mib;
+        let mut netdev = "user,id=n0,net=10.0.2.0/24".to_string();
+        for (host, guest) in &self.forwards {
+            netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
+        }
+        let console = dir.join("console.log");
+        let append = format!(
+            "console=ttyS0 quiet loglevel=4 panic=-1 mitigations=off boxd.testhost={}",
+            dir.display()
+        );
+        let mut qemu_cmd = Command::new(qemu);
+        qemu_cmd
+            .args(["-accel", "tcg,thread=multi,tb-size=1024", "-cpu", "max"])
+            .args(["-smp", &self.cpus.to_string(), "-m", &format!("{mem}M")])
+            .args([
+                "-object",
+                &format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+            ])
+            .args(["-numa", "node,memdev=mem"])
+            .args([
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-no-reboot",
+            ])
+            .args(["-serial", &format!("file:{}", console.display())])
+            .arg("-kernel")
+            .arg(&images.kernel)
+            .arg("-initrd")
+            .arg(&images.initrd)
+            .args(["-append", &append])
+            .args([
+                "-chardev",
+                &format!("socket,id=fs0,path={}", dir.join("root.sock").display()),
+            ])
+            .args(["-device", "vhost-user-fs-pci,chardev=fs0,tag=hostroot"])
+            .args([
+                "-chardev",
+                &format!("socket,id=fs1,path={}", dir.join("scratch.sock").display()),
+            ])
+            .args(["-device", "vhost-user-fs-pci,chardev=fs1,tag=scratch"])
+            .args(["-netdev", &netdev, "-device", "virtio-net-pci,netdev=n0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("qemu.log"))?);
+        let mut qemu = Reaped(qemu_cmd.spawn().context("start qemu-system-x86_64")?);
+
+        let mut out = Tail::new(dir.join("stdout"));
+        let mut err = Tail::new(dir.join("stderr"));
+        let deadline = started + self.timeout;
+        let mut boot_s = None;
+        let status = loop {
+            if boot_s.is_none() && dir.join("started").exists() {
+                boot_s = Some(started.elapsed().as_secs_f64());
+            }
+            out.pump(&mut std::io::stdout())?;
+            err.pump(&mut std::io::stderr())?;
+            if let Some(status) = qemu.0.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = qemu.0.kill();
+                let console = std::fs::read_to_string(&console).unwrap_or_default();
+                bail!(
+                    "the test host did not finish within {:?}; its console ends with:\n{}",
+                    self.timeout,
+                    last_lines(&console, 30)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        out.pump(&mut std::io::stdout())?;
+        err.pump(&mut std::io::stderr())?;
+        drop(daemons);
+        let console_text = std::fs::read_to_string(&console).unwrap_or_default();
+        let exit = std::fs::read_to_string(dir.join("exit")).ok();
+        let Some(exit) = exit else {
+            let qemu_log = std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
+            bail!(
+                "the test host stopped ({status}) before the command finished.\nQEMU: {}\nconsole:\n{}",
+                qemu_log.trim(),
+                last_lines(&console_text, 40)
+            );
+        };
+        Ok(Outcome {
+            exit_code: exit
+                .trim()
+                .parse()
+                .with_context(|| format!("bad exit code file: {exit:?}"))?,
+            boot_s: boot_s.unwrap_or(0.0),
+            console: console_text,
+        })
+    }
+
+    /// PID 1 inside the test host: prepare a usable system, run the command, power off.
+    fn init_script(&self, images: &Images, dir: &Path, cwd: &Path, argv: &[String]) -> String {
+        let q = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+        let mut env = String::new();
+        for (k, v) in &self.env {
+            env.push_str(&format!("export {k}={}\n", q(v)));
+        }
+        let command: Vec<String> = argv.iter().map(|a| q(a)).collect();
+        format!(
+            r#"#!/bin/sh
+# Generated by boxd's test-host launcher; runs as PID 1 in the emulated KVM host.
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export HOME=/root LANG=C.UTF-8 BOXD_IN_TESTHOST=1 BOXD_TESTHOST_MODULES={modules}
+mount -t tmpfs -o mode=1777 tmpfs /tmp
+mount -t tmpfs -o mode=755 tmpfs /run
+mount -t tmpfs -o mode=1777 tmpfs /var/tmp
+mkdir -p /dev/pts /dev/shm
+mount -t devpts -o ptmxmode=666 devpts /dev/pts
+mount -t tmpfs tmpfs /dev/shm
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
+mount -t bpf bpf /sys/fs/bpf 2>/dev/null
+ip link set lo up
+ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
+echo "boxd-testhost: running {shown}" >/dev/console
+touch {dir}/started
+{env}cd {cwd} && {command} >{dir}/stdout 2>{dir}/stderr </dev/null
+echo $? >{dir}/exit.tmp && mv {dir}/exit.tmp {dir}/exit
+sync
+echo o >/proc/sysrq-trigger
+sleep 10
+"#,
+            modules = q(&images.modules.display().to_string()),
+            shown = argv.join(" ").replace(['"', '`', '$'], "_"),
+            dir = q(&dir.display().to_string()),
+            cwd = q(&cwd.display().to_string()),
+            command = command.join(" "),
+        )
+    }
+}
+
+/// A per-run folder under target/testhost/, removed afterwards unless BOXD_KEEP_TESTHOST
+/// is set (then its console and QEMU logs stay for a post-mortem).
+struct Scratch {
+    path: PathBuf,
+}
+
+impl Scratch {
+    fn new() -> Result<Self> {
+        let base = crate::target_dir().join("testhost");
+        std::fs::create_dir_all(&base)?;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::SystemTime::UNIX_EPOCH)?
+            .subsec_nanos();
+        let path = base.join(format!("run-{}-{nanos:x}", std::process::id()));
+        std::fs::create_dir_all(&path)?;
+        Ok(Self { path })
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::env::var_os("BOXD_KEEP_TESTHOST").is_none() {
+            let _ = std::fs::remove_dir_all(&self.path);
+        } else {
+            eprintln!("test host scratch kept at {}", self.path.display());
+        }
+    }
+}
+
+/// A child process killed and reaped when dropped, so no QEMU or virtiofsd outlives us.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Follows a file that another machine appends to, copying new bytes out.
+struct Tail {
+    path: PathBuf,
+    offset: u64,
+}
+
+impl Tail {
+    fn new(path: PathBuf) -> Self {
+        Self { path, offset: 0 }
+    }
+
+    fn pump(&mut self, to: &mut dyn Write) -> Result<()> {
+        let Ok(mut file) = std::fs::File::open(&self.path) else {
+            return Ok(());
+        };
+        file.seek(SeekFrom::Start(self.offset))?;
+        let mut buf = Vec::new();
+        // Bounded per call so a chatty command cannot starve the timeout check.
+        file.take(4 << 20).read_to_end(&mut buf)?;
+        self.offset += buf.len() as u64;
+        to.write_all(&buf)?;
+        to.flush()?;
+        Ok(())
+    }
+}
+
+fn wait_for_path(path: &Path, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    while !path.exists() {
+        if Instant::now() > deadline {
+            bail!("{} did not appear within {limit:?}", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(())
+}
+
+pub fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_string_lossy()
+        .split(':')
+        .map(|dir| Path::new(dir).join(name))
+        .find(|p| p.is_file())
+}
+
+fn last_lines(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
