@@ -1,0 +1,316 @@
+//! virtio-blk (virtio 1.2, 5.2) over a [`Disk`].
+
+use super::disk::{BLOCK_SIZE, Disk};
+use crate::devices::virtio::worker::{AsRawFdExt, Handler, Registrar, Worker};
+use crate::devices::virtio::{
+    ActivateError, Activation, Interrupt, TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice, read_config_bytes,
+};
+use crate::memory::GuestMemory;
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+const F_SIZE_MAX: u64 = 1 << 1;
+const F_SEG_MAX: u64 = 1 << 2;
+const F_RO: u64 = 1 << 5;
+const F_BLK_SIZE: u64 = 1 << 6;
+const F_FLUSH: u64 = 1 << 9;
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const T_GET_ID: u32 = 8;
+
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const S_UNSUPP: u8 = 2;
+
+const SECTOR_SIZE: u64 = 512;
+const QUEUE_SIZE: u16 = 256;
+/// Largest data segment and segment count we tell the driver about; a request is
+/// therefore at most SEG_MAX * SIZE_MAX bytes, which bounds the bounce buffer.
+const SIZE_MAX: u32 = 1 << 20;
+const SEG_MAX: u32 = 128;
+const REQUEST_BYTES_MAX: usize = SIZE_MAX as usize * SEG_MAX as usize;
+const ID_BYTES: usize = 20;
+
+/// Counters for status.
+#[derive(Default, Debug)]
+pub struct BlockStats {
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub flushes: AtomicU64,
+    pub errors: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+}
+
+pub struct Block {
+    disk: Arc<Mutex<Disk>>,
+    config: Vec<u8>,
+    features: u64,
+    worker: Option<Worker>,
+    pub stats: Arc<BlockStats>,
+}
+
+impl Block {
+    pub fn new(disk: Disk) -> Self {
+        let mut features = VIRTIO_F_VERSION_1
+            | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_RING_F_INDIRECT_DESC
+            | F_SIZE_MAX
+            | F_SEG_MAX
+            | F_BLK_SIZE
+            | F_FLUSH;
+        if disk.read_only() {
+            features |= F_RO;
+        }
+        // struct virtio_blk_config up to blk_size (24 bytes) is all we fill.
+        let mut config = vec![0u8; 24];
+        config[0..8].copy_from_slice(&(disk.size() / SECTOR_SIZE).to_le_bytes());
+        config[8..12].copy_from_slice(&SIZE_MAX.to_le_bytes());
+        config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        config[20..24].copy_from_slice(&(BLOCK_SIZE as u32).to_le_bytes());
+        Self {
+            disk: Arc::new(Mutex::new(disk)),
+            config,
+            features,
+            worker: None,
+            stats: Arc::default(),
+        }
+    }
+}
+
+impl VirtioDevice for Block {
+    fn name(&self) -> &'static str {
+        "block"
+    }
+
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        let Some((_, queue, kick)) = a.queues.into_iter().next() else {
+            return Err(ActivateError::Bad {
+                device: "block",
+                reason: "the driver enabled no queue".into(),
+            });
+        };
+        let handler = BlockWorker {
+            disk: self.disk.clone(),
+            mem: a.mem,
+            queue,
+            kick,
+            interrupt: a.interrupt,
+            stats: self.stats.clone(),
+            buf: Vec::new(),
+        };
+        self.worker = Some(
+            Worker::spawn("virtio-blk".into(), handler).map_err(|source| ActivateError::Io {
+                device: "block",
+                source,
+            })?,
+        );
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.worker = None;
+    }
+}
+
+struct BlockWorker {
+    disk: Arc<Mutex<Disk>>,
+    mem: GuestMemory,
+    queue: Queue,
+    kick: EventFd,
+    interrupt: Arc<Interrupt>,
+    stats: Arc<BlockStats>,
+    /// Bounce buffer, reused across requests; never above REQUEST_BYTES_MAX.
+    buf: Vec<u8>,
+}
+
+const KICK: u64 = 0;
+
+impl Handler for BlockWorker {
+    fn init(&mut self, reg: &Registrar) -> std::io::Result<()> {
+        reg.add(self.kick.as_raw_fd_(), KICK, EventSet::IN)?;
+        // Requests queued before activation (or a kick that raced it) are served now.
+        self.process();
+        Ok(())
+    }
+
+    fn handle(&mut self, _reg: &Registrar, token: u64, _events: EventSet) {
+        if token == KICK {
+            let _ = self.kick.read();
+            self.process();
+        }
+    }
+}
+
+impl BlockWorker {
+    fn process(&mut self) {
+        let mem = self.mem.clone();
+        let mut used_any = false;
+        // Each round drains the available ring; bounded by the ring size per round and
+        // by the driver re-enabling notifications when nothing is left.
+        loop {
+            if let Err(e) = self.queue.disable_notification(&mem) {
+                tracing::error!("virtio-blk queue is broken: {e}");
+                return;
+            }
+            for _ in 0..QUEUE_SIZE {
+                let Some(chain) = self.queue.pop_descriptor_chain(&mem) else {
+                    break;
+                };
+                let head = chain.head_index();
+                let len = self.serve(&mem, chain);
+                if let Err(e) = self.queue.add_used(&mem, head, len) {
+                    tracing::error!("virtio-blk cannot return a buffer: {e}");
+                    return;
+                }
+                used_any = true;
+            }
+            match self.queue.enable_notification(&mem) {
+                Ok(true) => continue, // more arrived meanwhile
+                Ok(false) => break,
+                Err(e) => {
+                    tracing::error!("virtio-blk queue is broken: {e}");
+                    return;
+                }
+            }
+        }
+        if used_any && self.queue.needs_notification(&mem).unwrap_or(true) {
+            self.interrupt.signal_used();
+        }
+    }
+
+    /// Serves one request; returns how many bytes were written into the guest's buffers.
+    fn serve(
+        &mut self,
+        mem: &GuestMemory,
+        chain: virtio_queue::DescriptorChain<&GuestMemory>,
+    ) -> u32 {
+        let (mut reader, mut writer) = match (chain.clone().reader(mem), chain.writer(mem)) {
+            (Ok(r), Ok(w)) => (r, w),
+            _ => {
+                self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!("virtio-blk: malformed descriptor chain dropped");
+                return 0;
+            }
+        };
+        let mut header = [0u8; 16];
+        if reader.read_exact(&mut header).is_err() || writer.available_bytes() == 0 {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("virtio-blk: request without header or status byte");
+            return 0;
+        }
+        let kind = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
+        let sector = u64::from_le_bytes(header[8..16].try_into().expect("8 bytes"));
+        // The last writable byte is the status; everything writable before it is data.
+        let data_in = writer.available_bytes() - 1;
+        let Ok(mut status_writer) = writer.split_at(data_in) else {
+            return 0;
+        };
+        let offset = sector.checked_mul(SECTOR_SIZE);
+        let (status, written) = match (kind, offset) {
+            (T_IN, Some(offset)) => self.read(offset, data_in, &mut writer),
+            (T_OUT, Some(offset)) => self.write(offset, &mut reader),
+            (T_FLUSH, _) => {
+                self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+                match crate::devices::bus::lock(&self.disk).flush() {
+                    Ok(()) => (S_OK, 0),
+                    Err(e) => {
+                        tracing::error!("virtio-blk flush failed: {e}");
+                        (S_IOERR, 0)
+                    }
+                }
+            }
+            (T_GET_ID, _) => {
+                let mut id = crate::devices::bus::lock(&self.disk).id().into_bytes();
+                id.resize(ID_BYTES, 0);
+                let n = data_in.min(ID_BYTES);
+                match writer.write_all(&id[..n]) {
+                    Ok(()) => (S_OK, n),
+                    Err(_) => (S_IOERR, 0),
+                }
+            }
+            (T_IN | T_OUT, None) => (S_IOERR, 0),
+            _ => (S_UNSUPP, 0),
+        };
+        if status != S_OK {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        if status_writer.write_all(&[status]).is_err() {
+            return written as u32;
+        }
+        (written + 1) as u32
+    }
+
+    fn read(
+        &mut self,
+        offset: u64,
+        len: usize,
+        writer: &mut virtio_queue::Writer<'_>,
+    ) -> (u8, usize) {
+        if len > REQUEST_BYTES_MAX {
+            return (S_IOERR, 0);
+        }
+        self.buf.resize(len, 0);
+        let result = crate::devices::bus::lock(&self.disk).read_at(&mut self.buf, offset);
+        match result.and_then(|()| writer.write_all(&self.buf)) {
+            Ok(()) => {
+                self.stats.reads.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .bytes_read
+                    .fetch_add(len as u64, Ordering::Relaxed);
+                (S_OK, len)
+            }
+            Err(e) => {
+                tracing::warn!(offset, len, "virtio-blk read failed: {e}");
+                (S_IOERR, 0)
+            }
+        }
+    }
+
+    fn write(&mut self, offset: u64, reader: &mut virtio_queue::Reader<'_>) -> (u8, usize) {
+        let len = reader.available_bytes();
+        if len > REQUEST_BYTES_MAX {
+            return (S_IOERR, 0);
+        }
+        self.buf.resize(len, 0);
+        if reader.read_exact(&mut self.buf).is_err() {
+            return (S_IOERR, 0);
+        }
+        match crate::devices::bus::lock(&self.disk).write_at(&self.buf, offset) {
+            Ok(()) => {
+                self.stats.writes.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .bytes_written
+                    .fetch_add(len as u64, Ordering::Relaxed);
+                (S_OK, 0)
+            }
+            Err(e) => {
+                tracing::warn!(offset, len, "virtio-blk write failed: {e}");
+                (S_IOERR, 0)
+            }
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! KVM state: the VM, its vCPU threads, and how the VM's end is reported.
+
+pub mod exit;
+pub mod vcpu;
+pub mod vm;
