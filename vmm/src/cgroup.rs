@@ -140,6 +140,7 @@ impl Cgroup {
         Ok(me)
     }
 
+    #[cfg(test)]
     pub fn paths(&self) -> &[PathBuf] {
         &self.dirs
     }

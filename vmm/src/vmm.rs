@@ -336,18 +336,22 @@ impl Vmm {
         })
     }
 
-    /// Time from vCPU start to the guest's first debug-port milestone.
-    pub fn first_milestone(&self) -> Option<Duration> {
-        lock(&self.milestones)
-            .values
-            .first()
-            .map(|(_, at)| at.saturating_duration_since(self.started))
+    /// Time between the guest's first and second debug-port milestones.
+    pub fn milestone_span(&self) -> Option<Duration> {
+        let m = lock(&self.milestones);
+        let (first, second) = (m.values.first()?, m.values.get(1)?);
+        Some(second.1.saturating_duration_since(first.1))
     }
 
     /// The last `bytes` of console output.
     pub fn console_tail(&self, bytes: usize) -> String {
         let tail = lock(&self.console_tail);
         String::from_utf8_lossy(&tail[tail.len().saturating_sub(bytes)..]).into_owned()
+    }
+
+    /// A handle that ends the VM from another thread (signals, supervisors).
+    pub fn exit_handle(&self) -> Arc<VmExit> {
+        self.exit.clone()
     }
 
     pub fn agent(&self) -> Option<&AgentReady> {

@@ -194,10 +194,6 @@ impl Muxer {
         self.listener.as_raw_fd()
     }
 
-    pub fn connections(&self) -> usize {
-        self.conns.len()
-    }
-
     fn token(&mut self) -> u64 {
         let t = self.next_token;
         self.next_token += 1;

@@ -1,0 +1,341 @@
+//! `boxd vmm`: run one VM in this process, or talk to a running one's control socket.
+
+use crate::Exit;
+use anyhow::{Context, bail};
+use boxd_vmm::control::{Client, Request};
+use boxd_vmm::{BootSource, CgroupLimits, DiskSpec, ExitReason, VmConfig, Vmm, VsockConfig};
+use clap::{Args, Subcommand};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The guest command line boxd boots with (DESIGN.md: stock kernel, our initramfs).
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 8250.nr_uarts=1 root=/dev/vda rw panic=1 pci=off quiet loglevel=4";
+
+#[derive(Subcommand)]
+pub enum VmmCommand {
+    /// Boot a VM and serve its control socket until it powers off.
+    Run(RunArgs),
+    /// Print a running VM's status (JSON).
+    Status(Target),
+    /// Stop the VM's vCPUs (RAM kept; resume continues where it was).
+    Pause(Target),
+    Resume(Target),
+    /// Press the ACPI power button; stop hard after --timeout.
+    Shutdown {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
+    /// Stop the VM now (like pulling the plug; the disk keeps what the guest flushed).
+    Stop(Target),
+    /// Print the last part of the serial console.
+    Console {
+        #[command(flatten)]
+        target: Target,
+        #[arg(long, default_value_t = 4096)]
+        bytes: usize,
+    },
+}
+
+#[derive(Args)]
+pub struct Target {
+    /// The VM's control socket (`--control` or `<dir>/control.sock` of `vmm run`).
+    #[arg(long)]
+    control: PathBuf,
+}
+
+#[derive(Args, Clone)]
+pub struct RunArgs {
+    /// Names the VM (logs, cgroup).
+    #[arg(long, default_value = "vm")]
+    name: String,
+    #[arg(long, default_value_t = 2)]
+    cpus: u8,
+    /// Guest RAM, e.g. 512M, 8G.
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    memory: u64,
+    /// bzImage to boot.
+    #[arg(long)]
+    kernel: PathBuf,
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Replaces the whole kernel command line.
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
+    cmdline: String,
+    /// Appended to the kernel command line.
+    #[arg(long)]
+    append: Option<String>,
+    /// A folder for the VM's files: control.sock, vsock.sock, console.log, disk.img
+    /// (each overridable by its own flag).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// The VM's writable disk layer (created sparse if missing).
+    #[arg(long)]
+    disk: Option<PathBuf>,
+    /// Read-only base image under the disk (e.g. the Debian root file system).
+    #[arg(long)]
+    disk_base: Option<PathBuf>,
+    /// Frozen layers between base and disk, bottom first (fork chains).
+    #[arg(long = "disk-layer")]
+    disk_layers: Vec<PathBuf>,
+    /// Virtual disk size for a new disk, e.g. 100G.
+    #[arg(long, value_parser = parse_size)]
+    disk_size: Option<u64>,
+    #[arg(long)]
+    read_only: bool,
+    #[arg(long)]
+    vsock: Option<PathBuf>,
+    #[arg(long)]
+    console: Option<PathBuf>,
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Run without a cgroup (no cpu/memory/pids limits).
+    #[arg(long)]
+    no_cgroup: bool,
+    /// Boot even if this host's KVM measures as unable to run Linux guests.
+    #[arg(long)]
+    skip_kvm_check: bool,
+    /// Guest reboots allowed within a minute before boxd gives up (reboot loops).
+    #[arg(long, default_value_t = 10)]
+    reboots_per_minute: u32,
+}
+
+pub fn main(command: VmmCommand) -> Exit {
+    let (target, request) = match command {
+        VmmCommand::Run(args) => return run(args),
+        VmmCommand::Status(t) => (t, Request::Status {}),
+        VmmCommand::Pause(t) => (t, Request::Pause {}),
+        VmmCommand::Resume(t) => (t, Request::Resume {}),
+        VmmCommand::Shutdown { target, timeout } => (
+            target,
+            Request::Shutdown {
+                timeout_ms: timeout.as_millis() as u64,
+            },
+        ),
+        VmmCommand::Stop(t) => (t, Request::Stop {}),
+        VmmCommand::Console { target, bytes } => (target, Request::Console { bytes }),
+    };
+    let reply = Client::connect(&target.control)?.call(&request)?;
+    if !reply.ok {
+        bail!("{}", reply.error.unwrap_or_default());
+    }
+    if let Some(s) = reply.status {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+    }
+    if let Some(c) = reply.console {
+        print!("{c}");
+    }
+    Ok(0)
+}
+
+/// Parses sizes like `512M`, `8G`, `100GB` (K/M/G/T and KiB..TiB are powers of 1024;
+/// KB..TB powers of 1000); a bare number is bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 512M or 8G"))?;
+    let mult: u64 = match unit.to_ascii_uppercase().as_str() {
+        "" | "B" => 1,
+        "K" | "KIB" => 1 << 10,
+        "M" | "MIB" => 1 << 20,
+        "G" | "GIB" => 1 << 30,
+        "T" | "TIB" => 1 << 40,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        u => {
+            return Err(format!(
+                "unknown size unit {u:?} in {s:?}; use K, M, G or T"
+            ));
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30s or 500ms"))?;
+    Ok(match unit {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        u => return Err(format!("unknown duration unit {u:?}; use ms, s or m")),
+    })
+}
+
+fn config(args: &RunArgs) -> anyhow::Result<VmConfig> {
+    if args.memory % (1 << 20) != 0 {
+        bail!(
+            "--memory must be a whole number of MiB, got {} bytes",
+            args.memory
+        );
+    }
+    let in_dir = |flag: &Option<PathBuf>, name: &str| -> Option<PathBuf> {
+        flag.clone()
+            .or_else(|| args.dir.as_ref().map(|d| d.join(name)))
+    };
+    if let Some(d) = &args.dir {
+        std::fs::create_dir_all(d).with_context(|| format!("create --dir {}", d.display()))?;
+    }
+    let mut cmdline = args.cmdline.clone();
+    if let Some(extra) = &args.append {
+        cmdline.push(' ');
+        cmdline.push_str(extra);
+    }
+    let disk = in_dir(&args.disk, "disk.img").map(|top| DiskSpec {
+        base: args.disk_base.clone(),
+        frozen: args.disk_layers.clone(),
+        top,
+        size: args.disk_size.map(|s| s / 4096 * 4096),
+        read_only: args.read_only,
+    });
+    let limits = (!args.no_cgroup).then(|| CgroupLimits {
+        cpus: u32::from(args.cpus),
+        // The guest's RAM plus room for the VMM itself (page tables, device buffers).
+        memory_bytes: args.memory + args.memory / 50 + (128 << 20),
+        pids: 64 + 4 * u32::from(args.cpus),
+    });
+    Ok(VmConfig {
+        name: args.name.clone(),
+        vcpus: args.cpus,
+        memory_mib: args.memory >> 20,
+        boot: BootSource::Linux {
+            kernel: args.kernel.clone(),
+            initrd: args.initrd.clone(),
+            cmdline,
+        },
+        disk,
+        vsock: in_dir(&args.vsock, "vsock.sock").map(|uds| VsockConfig {
+            uds,
+            ready_port: Some(boxd_agent::READY_PORT),
+        }),
+        net: None,
+        console: in_dir(&args.console, "console.log"),
+        control: in_dir(&args.control, "control.sock"),
+        cgroup: limits,
+    })
+}
+
+/// Blocks SIGTERM/SIGINT here (threads started later inherit the mask) and turns them
+/// into a stop of whatever VM is current.
+fn handle_signals(
+    current: Arc<Mutex<Option<Arc<boxd_vmm::vstate::exit::VmExit>>>>,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<()> {
+    // SAFETY: sigset manipulation on a local set, then pthread_sigmask for this thread.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+            bail!("cannot block SIGTERM/SIGINT");
+        }
+        set
+    };
+    std::thread::spawn(move || {
+        loop {
+            let mut sig = 0;
+            // SAFETY: sigwait on a valid, initialised set; writes the signal number.
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                continue;
+            }
+            eprintln!("boxd vmm: signal {sig}, stopping the VM");
+            stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+            if let Some(exit) = current.lock().ok().and_then(|c| c.clone()) {
+                exit.request(ExitReason::Stopped);
+            }
+        }
+    });
+    Ok(())
+}
+
+fn run(args: RunArgs) -> Exit {
+    let config = config(&args)?;
+    if !args.skip_kvm_check {
+        let speed = boxd_vmm::probe::kvm_speed().map_err(|e| anyhow::anyhow!("KVM check: {e}"))?;
+        if !speed.hardware_speed {
+            bail!("{}", boxd_vmm::probe::refusal(&speed));
+        }
+    }
+    let current = Arc::new(Mutex::new(None));
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    handle_signals(current.clone(), stopping.clone())?;
+    let mut reboots: Vec<Instant> = Vec::new();
+    loop {
+        let started = Instant::now();
+        let mut vmm = Vmm::start(config.clone())?;
+        *current.lock().expect("not poisoned") = Some(vmm.exit_handle());
+        eprintln!(
+            "boxd vmm: {} running ({} vCPUs, {} MiB)",
+            config.name, config.vcpus, config.memory_mib
+        );
+        let reason = vmm.wait();
+        *current.lock().expect("not poisoned") = None;
+        let secs = started.elapsed().as_secs_f64();
+        match reason {
+            ExitReason::PowerOff => {
+                eprintln!("boxd vmm: {} powered off after {secs:.1}s", config.name);
+                return Ok(0);
+            }
+            ExitReason::Stopped => {
+                eprintln!("boxd vmm: {} stopped after {secs:.1}s", config.name);
+                return Ok(0);
+            }
+            ExitReason::Crashed(why) => {
+                bail!(
+                    "{} crashed after {secs:.1}s: {why}\nlast console output:\n{}",
+                    config.name,
+                    vmm.console_tail(2048)
+                );
+            }
+            ExitReason::Reboot => {
+                if stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Ok(0);
+                }
+                reboots.retain(|t| t.elapsed() < Duration::from_secs(60));
+                reboots.push(Instant::now());
+                if reboots.len() as u32 > args.reboots_per_minute {
+                    bail!(
+                        "{} rebooted {} times within a minute; giving up (last console output:\n{})",
+                        config.name,
+                        reboots.len(),
+                        vmm.console_tail(2048)
+                    );
+                }
+                eprintln!("boxd vmm: {} rebooting", config.name);
+            }
+        }
+        // The old VM (and its disk lock) is dropped before the next one starts.
+        drop(vmm);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations_parse_with_units() {
+        assert_eq!(parse_size("512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("8G").unwrap(), 8 << 30);
+        assert_eq!(parse_size("100GB").unwrap(), 100_000_000_000);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("12Q").unwrap_err().contains("unit"));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+    }
+}
