@@ -48,7 +48,7 @@ else
         [ "$tries" -gt 3000 ] && fail "root device $root did not appear"
         usleep 10000
     done
-    mount -t ext4 -o rw,noatime "$root" /newroot || fail "cannot mount $root"
+    mount -t ext4 -o rw,noatime,noinit_itable "$root" /newroot || fail "cannot mount $root"
 fi
 
 mount --move /dev /newroot/dev

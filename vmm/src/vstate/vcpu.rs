@@ -10,7 +10,6 @@ use crate::devices::bus::Bus;
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::cell::Cell;
-use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -94,8 +93,9 @@ impl RunControl {
 
     fn kick_all(&self) {
         for t in crate::devices::bus::lock(&self.threads).iter() {
-            // SAFETY: `t` is the pthread of a vCPU thread that is joined only after
-            // `threads` is cleared, so it is alive; the kick signal's handler is installed.
+            // SAFETY: a vCPU thread removes itself from `threads` (under this lock)
+            // before it ends, so every `t` here is a live thread; the kick signal's
+            // handler is installed.
             unsafe { libc::pthread_kill(*t, kick_signal()) };
         }
     }
@@ -183,16 +183,15 @@ pub struct Vcpu {
 impl Vcpu {
     /// Starts this vCPU's thread.
     pub fn spawn(self) -> std::io::Result<JoinHandle<()>> {
-        let control = self.control.clone();
-        let handle = std::thread::Builder::new()
-            .name(format!("vcpu{}", self.index))
-            .spawn(move || self.run())?;
-        crate::devices::bus::lock(&control.threads).push(handle.as_pthread_t());
-        Ok(handle)
+        std::thread::Builder::new().name(format!("vcpu{}", self.index)).spawn(move || self.run())
     }
 
     fn run(mut self) {
         KVM_RUN.with(|c| c.set(self.fd.get_kvm_run() as *mut kvm_run));
+        // Registered before the first may_run(): a stop or pause that comes earlier is
+        // seen there, one that comes later kicks this thread.
+        // SAFETY: pthread_self has no preconditions.
+        crate::devices::bus::lock(&self.control.threads).push(unsafe { libc::pthread_self() });
         while self.control.may_run() {
             let exit = self.fd.run();
             self.stats.exits.fetch_add(1, Ordering::Relaxed);
@@ -225,7 +224,7 @@ impl Vcpu {
                 }
                 Ok(VcpuExit::Shutdown) => {
                     // Triple fault: what a PC does next is reset.
-                    tracing::warn!(vcpu = self.index, "triple fault; resetting the VM");
+                    tracing::warn!(vcpu = self.index, state = %self.describe(), "triple fault; resetting the VM");
                     self.exit.request(ExitReason::Reboot);
                     break;
                 }
@@ -268,10 +267,29 @@ impl Vcpu {
                 }
             }
         }
+        // From here on no kick may reach this thread: leave the list kick_all walks
+        // (under its lock, so no signal is in flight) and forget kvm_run, which is
+        // unmapped when the VcpuFd drops at the end of this function.
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        crate::devices::bus::lock(&self.control.threads).retain(|t| *t != me);
+        KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
         // Count this thread as parked for good so pause() never waits on it.
         let mut s = self.control.lock();
         s.parked += 1;
         self.control.cond.notify_all();
+    }
+
+    /// The registers that say where a vCPU was (for crash reports).
+    fn describe(&self) -> String {
+        let r = self.fd.get_regs().unwrap_or_default();
+        let s = self.fd.get_sregs().unwrap_or_default();
+        let e = self.fd.get_vcpu_events().ok();
+        format!(
+            "rip={:#x} rsp={:#x} rflags={:#x} cs={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} idt={:#x}/{:#x} exception={:?}",
+            r.rip, r.rsp, r.rflags, s.cs.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.idt.base, s.idt.limit,
+            e.map(|e| (e.exception.injected, e.exception.nr, e.exception.has_error_code, e.exception.error_code))
+        )
     }
 
     /// Describes a KVM internal error, including the instruction KVM could not emulate

@@ -1,0 +1,174 @@
+//! Booting real Linux guests under `boxd vmm` for end-to-end tests, and finding the
+//! place where that is possible.
+
+use crate::testhost::{Images, TestHost};
+use anyhow::{Context, Result, bail};
+use boxd_agent::Agent;
+use boxd_vmm::control::{Client, Request};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The release `boxd` binary that `cargo xtask images` built (and put in the rootfs).
+pub fn boxd_binary() -> Result<PathBuf> {
+    let p = crate::target_dir().join("release/boxd");
+    if !p.exists() {
+        bail!("{} is missing; build it and the images with `cargo xtask images`", p.display());
+    }
+    Ok(p)
+}
+
+/// Where a test that boots Linux guests runs.
+pub enum Place {
+    /// Right here: this host has hardware-speed KVM, or this is the test host.
+    Here,
+    /// The test was run inside the emulated KVM host; it passed.
+    RanInTestHost,
+}
+
+/// Decides where `test` (its name as the test harness knows it) runs. On a host without
+/// hardware virtualization the test binary re-runs just that test inside the emulated
+/// KVM host and this returns `RanInTestHost` once it passed there (and fails if not).
+pub fn place(test: &str) -> Result<Place> {
+    if std::env::var_os("BOXD_IN_TESTHOST").is_some() {
+        return Ok(Place::Here);
+    }
+    let speed = boxd_vmm::probe::kvm_speed().map_err(|e| anyhow::anyhow!("KVM probe: {e}"))?;
+    if speed.hardware_speed {
+        return Ok(Place::Here);
+    }
+    eprintln!(
+        "this host's KVM runs ring 0 at {:.0} ns/instruction (emulated); running {test} inside the emulated KVM host",
+        speed.ns_per_instruction
+    );
+    let exe = std::env::current_exe()?;
+    let host = TestHost { timeout: Duration::from_secs(20 * 60), ..Default::default() };
+    let argv = vec![
+        exe.display().to_string(),
+        test.to_string(),
+        "--exact".into(),
+        "--nocapture".into(),
+        "--test-threads=1".into(),
+    ];
+    let outcome = host.run(&argv)?;
+    eprintln!("(test host booted in {:.1}s)", outcome.boot_s);
+    if outcome.exit_code != 0 {
+        bail!("{test} failed inside the emulated KVM host (exit {})", outcome.exit_code);
+    }
+    Ok(Place::RanInTestHost)
+}
+
+/// A `boxd vmm run` process with its own folder (sockets, console, disk layer).
+pub struct Machine {
+    pub dir: PathBuf,
+    pub name: String,
+    child: Option<Child>,
+    pub started: Instant,
+}
+
+/// What a test can vary about a machine.
+#[derive(Clone)]
+pub struct Spec {
+    pub cpus: u8,
+    pub memory: &'static str,
+    pub extra_args: Vec<String>,
+}
+
+impl Default for Spec {
+    fn default() -> Self {
+        Self { cpus: 2, memory: "1G", extra_args: Vec::new() }
+    }
+}
+
+impl Machine {
+    /// Starts a VM on the Debian base image; its disk layer lives in `dir` and persists
+    /// across `start`s with the same `dir`.
+    pub fn start(name: &str, dir: &Path, spec: &Spec) -> Result<Self> {
+        let images = Images::load()?;
+        std::fs::create_dir_all(dir)?;
+        let log = std::fs::File::create(dir.join("vmm.log"))?;
+        let mut cmd = Command::new(boxd_binary()?);
+        cmd.args(["vmm", "run", "--name", name])
+            .arg("--kernel")
+            .arg(&images.kernel)
+            .arg("--initrd")
+            .arg(&images.initrd)
+            .arg("--disk-base")
+            .arg(&images.rootfs)
+            .arg("--dir")
+            .arg(dir)
+            .args(["--cpus", &spec.cpus.to_string(), "--memory", spec.memory])
+            .args(&spec.extra_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let started = Instant::now();
+        let child = cmd.spawn().context("start boxd vmm")?;
+        Ok(Self { dir: dir.to_path_buf(), name: name.into(), child: Some(child), started })
+    }
+
+    pub fn agent(&self) -> Agent {
+        Agent::new(&self.dir.join("vsock.sock"))
+    }
+
+    pub fn control(&self) -> Result<Client> {
+        Ok(Client::connect(&self.dir.join("control.sock"))?)
+    }
+
+    /// Waits until the agent answers; returns the time since `boxd vmm run` started.
+    pub fn wait_ready(&mut self, limit: Duration) -> Result<Duration> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("boxd vmm exited ({status}) before the agent was ready:\n{}", self.log());
+            }
+            if self.agent().ping().is_ok() {
+                return Ok(self.started.elapsed());
+            }
+            if Instant::now() > deadline {
+                bail!("the agent was not ready within {limit:?}; console ends:\n{}", self.console_tail(3000));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The VMM's own status (JSON).
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let r = self.control()?.call(&Request::Status {})?;
+        r.status.context("status reply without status")
+    }
+
+    /// Waits for the VMM process to end; returns its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Result<i32> {
+        let deadline = Instant::now() + limit;
+        let child = self.child.as_mut().context("already waited for")?;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(status.code().unwrap_or(-1));
+            }
+            if Instant::now() > deadline {
+                bail!("boxd vmm did not exit within {limit:?}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("vmm.log")).unwrap_or_default()
+    }
+
+    pub fn console_tail(&self, bytes: usize) -> String {
+        let c = std::fs::read(self.dir.join("console.log")).unwrap_or_default();
+        String::from_utf8_lossy(&c[c.len().saturating_sub(bytes)..]).into_owned()
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
