@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 pub fn boxd_binary() -> Result<PathBuf> {
     let p = crate::target_dir().join("release/boxd");
     if !p.exists() {
-        bail!("{} is missing; build it and the images with `cargo xtask images`", p.display());
+        bail!(
+            "{} is missing; build it and the images with `cargo xtask images`",
+            p.display()
+        );
     }
     Ok(p)
 }
@@ -42,7 +45,10 @@ pub fn place(test: &str) -> Result<Place> {
         speed.ns_per_instruction
     );
     let exe = std::env::current_exe()?;
-    let host = TestHost { timeout: Duration::from_secs(20 * 60), ..Default::default() };
+    let host = TestHost {
+        timeout: Duration::from_secs(20 * 60),
+        ..Default::default()
+    };
     let argv = vec![
         exe.display().to_string(),
         test.to_string(),
@@ -53,7 +59,10 @@ pub fn place(test: &str) -> Result<Place> {
     let outcome = host.run(&argv)?;
     eprintln!("(test host booted in {:.1}s)", outcome.boot_s);
     if outcome.exit_code != 0 {
-        bail!("{test} failed inside the emulated KVM host (exit {})", outcome.exit_code);
+        bail!(
+            "{test} failed inside the emulated KVM host (exit {})",
+            outcome.exit_code
+        );
     }
     Ok(Place::RanInTestHost)
 }
@@ -76,7 +85,11 @@ pub struct Spec {
 
 impl Default for Spec {
     fn default() -> Self {
-        Self { cpus: 2, memory: "1G", extra_args: Vec::new() }
+        Self {
+            cpus: 2,
+            memory: "1G",
+            extra_args: Vec::new(),
+        }
     }
 }
 
@@ -104,7 +117,12 @@ impl Machine {
             .stderr(log);
         let started = Instant::now();
         let child = cmd.spawn().context("start boxd vmm")?;
-        Ok(Self { dir: dir.to_path_buf(), name: name.into(), child: Some(child), started })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            name: name.into(),
+            child: Some(child),
+            started,
+        })
     }
 
     pub fn agent(&self) -> Agent {
@@ -119,14 +137,24 @@ impl Machine {
     pub fn wait_ready(&mut self, limit: Duration) -> Result<Duration> {
         let deadline = Instant::now() + limit;
         loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("boxd vmm exited ({status}) before the agent was ready:\n{}", self.log());
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "boxd vmm exited ({status}) before the agent was ready:\n{}",
+                    self.log()
+                );
             }
             if self.agent().ping().is_ok() {
                 return Ok(self.started.elapsed());
             }
             if Instant::now() > deadline {
-                bail!("the agent was not ready within {limit:?}; console ends:\n{}", self.console_tail(3000));
+                bail!(
+                    "the agent was not ready within {limit:?}; console ends:\n{}",
+                    self.console_tail(3000)
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }

@@ -19,7 +19,8 @@ fn scratch(name: &str) -> std::path::PathBuf {
 
 #[test]
 fn debian_boots_answers_and_keeps_its_disk_across_a_restart() -> Result<()> {
-    if let Place::RanInTestHost = place("debian_boots_answers_and_keeps_its_disk_across_a_restart")? {
+    if let Place::RanInTestHost = place("debian_boots_answers_and_keeps_its_disk_across_a_restart")?
+    {
         return Ok(());
     }
     let images = Images::load()?;
@@ -30,7 +31,10 @@ fn debian_boots_answers_and_keeps_its_disk_across_a_restart() -> Result<()> {
     let ready = vm.wait_ready(BOOT_LIMIT)?;
     let status = vm.status()?;
     let agent_ms = status["agent"]["after_ms"].as_f64().unwrap_or(f64::NAN);
-    println!("BOOT vmm-start-to-agent-ready {:.0} ms (agent's own report: {agent_ms:.0} ms after vCPU start)", ready.as_secs_f64() * 1000.0);
+    println!(
+        "BOOT vmm-start-to-agent-ready {:.0} ms (agent's own report: {agent_ms:.0} ms after vCPU start)",
+        ready.as_secs_f64() * 1000.0
+    );
     assert_eq!(status["state"], "running");
     assert_eq!(status["devices"], serde_json::json!(["block", "vsock"]));
 
@@ -38,15 +42,29 @@ fn debian_boots_answers_and_keeps_its_disk_across_a_restart() -> Result<()> {
     let agent = vm.agent();
     let uname = agent.exec(&["uname", "-r"], None, 4096)?;
     assert_eq!(uname.status.code, 0);
-    assert_eq!(String::from_utf8_lossy(&uname.stdout).trim(), images.kernel_release);
-    assert!(images.kernel_release.ends_with("cloud-amd64"), "{}", images.kernel_release);
+    assert_eq!(
+        String::from_utf8_lossy(&uname.stdout).trim(),
+        images.kernel_release
+    );
+    assert!(
+        images.kernel_release.ends_with("cloud-amd64"),
+        "{}",
+        images.kernel_release
+    );
 
     // Exit codes, stderr and stdin pass through.
-    let out = agent.exec(&["sh", "-c", "cat; echo oops >&2; exit 7"], Some(b"from stdin\n"), 4096)?;
+    let out = agent.exec(
+        &["sh", "-c", "cat; echo oops >&2; exit 7"],
+        Some(b"from stdin\n"),
+        4096,
+    )?;
     assert_eq!(out.status.code, 7);
     assert_eq!(out.stdout, b"from stdin\n");
     assert_eq!(out.stderr, b"oops\n");
-    let missing = agent.exec(&["/no/such/command"], None, 4096).unwrap_err().to_string();
+    let missing = agent
+        .exec(&["/no/such/command"], None, 4096)
+        .unwrap_err()
+        .to_string();
     assert!(missing.contains("/no/such/command"), "{missing}");
 
     // A terminal when asked for one.
@@ -55,7 +73,11 @@ fn debian_boots_answers_and_keeps_its_disk_across_a_restart() -> Result<()> {
         env: vec![],
         cwd: None,
         user: None,
-        pty: Some(Pty { rows: 33, cols: 101, term: "xterm".into() }),
+        pty: Some(Pty {
+            rows: 33,
+            cols: 101,
+            term: "xterm".into(),
+        }),
         kill_on_disconnect: true,
     };
     let mut tty = Vec::new();
@@ -69,12 +91,22 @@ fn debian_boots_answers_and_keeps_its_disk_across_a_restart() -> Result<()> {
 
     // The root file system spans the 100 GB virtual disk.
     let df = agent.exec(&["df", "--output=size", "-B1", "/"], None, 4096)?;
-    let size: u64 = String::from_utf8_lossy(&df.stdout).lines().nth(1).unwrap_or("0").trim().parse()?;
-    assert!(size > 90_000_000_000, "root file system is only {size} bytes");
+    let size: u64 = String::from_utf8_lossy(&df.stdout)
+        .lines()
+        .nth(1)
+        .unwrap_or("0")
+        .trim()
+        .parse()?;
+    assert!(
+        size > 90_000_000_000,
+        "root file system is only {size} bytes"
+    );
 
     // Identity: host name and SSH keys.
     agent.set_hostname("e2e-box")?;
-    let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx0ZXN0a2V5dGVzdGtleXRlc3RrZXl0ZXN0a2V5 e2e@test".to_string();
+    let key =
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx0ZXN0a2V5dGVzdGtleXRlc3RrZXl0ZXN0a2V5 e2e@test"
+            .to_string();
     agent.install_keys("root", std::slice::from_ref(&key))?;
     assert!(agent.set_hostname("bad_name!").is_err());
     let ak = agent.read_file("/root/.ssh/authorized_keys", 1 << 20)?;
@@ -84,22 +116,37 @@ fn debian_boots_answers_and_keeps_its_disk_across_a_restart() -> Result<()> {
 
     // A file written through the agent...
     let content: Vec<u8> = (0..300_000u32).flat_map(|i| i.to_le_bytes()).collect();
-    assert_eq!(agent.write_file("/root/e2e/data.bin", &content, 0o600)?, content.len() as u64);
+    assert_eq!(
+        agent.write_file("/root/e2e/data.bin", &content, 0o600)?,
+        content.len() as u64
+    );
     let back = agent.read_file("/root/e2e/data.bin", 16 << 20)?;
     assert_eq!(back, content);
 
     // ...survives a clean power-off (ACPI power button) and a fresh VMM on the same disk.
-    let reply = vm.control()?.call(&boxd_vmm::control::Request::Shutdown { timeout_ms: 120_000 })?;
+    let reply = vm.control()?.call(&boxd_vmm::control::Request::Shutdown {
+        timeout_ms: 120_000,
+    })?;
     assert!(reply.ok, "{reply:?}");
     let code = vm.wait_exit(Duration::from_secs(150))?;
     assert_eq!(code, 0, "{}", vm.log());
-    assert!(vm.log().contains("powered off"), "the guest should power itself off:\n{}", vm.log());
-    assert!(!dir.join("control.sock").exists() && !dir.join("vsock.sock").exists(), "sockets are cleaned up");
+    assert!(
+        vm.log().contains("powered off"),
+        "the guest should power itself off:\n{}",
+        vm.log()
+    );
+    assert!(
+        !dir.join("control.sock").exists() && !dir.join("vsock.sock").exists(),
+        "sockets are cleaned up"
+    );
     drop(vm);
 
     let mut vm = Machine::start("e2e", &dir, &spec)?;
     let ready = vm.wait_ready(BOOT_LIMIT)?;
-    println!("BOOT restart-to-agent-ready {:.0} ms", ready.as_secs_f64() * 1000.0);
+    println!(
+        "BOOT restart-to-agent-ready {:.0} ms",
+        ready.as_secs_f64() * 1000.0
+    );
     let agent = vm.agent();
     assert_eq!(agent.read_file("/root/e2e/data.bin", 16 << 20)?, content);
     let host = agent.exec(&["cat", "/etc/hostname"], None, 256)?;
@@ -109,9 +156,19 @@ fn debian_boots_answers_and_keeps_its_disk_across_a_restart() -> Result<()> {
     use std::os::unix::fs::MetadataExt;
     let layer = std::fs::metadata(dir.join("disk.img"))?;
     let used = layer.blocks() * 512;
-    assert_eq!(layer.len(), 99_999_997_952, "the layer spans the virtual disk");
-    assert!(used > content.len() as u64 && used < 256 << 20, "layer holds {used} bytes");
-    println!("disk layer after two boots: {:.1} MB allocated", used as f64 / 1e6);
+    assert_eq!(
+        layer.len(),
+        99_999_997_952,
+        "the layer spans the virtual disk"
+    );
+    assert!(
+        used > content.len() as u64 && used < 256 << 20,
+        "layer holds {used} bytes"
+    );
+    println!(
+        "disk layer after two boots: {:.1} MB allocated",
+        used as f64 / 1e6
+    );
     let reply = vm.control()?.call(&boxd_vmm::control::Request::Stop {})?;
     assert!(reply.ok);
     assert_eq!(vm.wait_exit(Duration::from_secs(30))?, 0);

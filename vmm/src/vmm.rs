@@ -63,6 +63,9 @@ pub enum VmmError {
     Acpi(vm_memory::GuestMemoryError),
 }
 
+/// How often a pending shutdown presses the power button again.
+const POWER_BUTTON_REPEAT: Duration = Duration::from_secs(2);
+
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmmError {
     let what = what.into();
     move |source| VmmError::Io { what, source }
@@ -88,6 +91,7 @@ pub struct Vmm {
     vcpu_stats: Vec<Arc<VcpuStats>>,
     block_stats: Option<Arc<BlockStats>>,
     ged: EventFd,
+    last_press: Option<Instant>,
     control: Option<control::Server>,
     ready_listener: Option<(UnixListener, PathBuf)>,
     agent: Option<AgentReady>,
@@ -326,6 +330,7 @@ impl Vmm {
             vcpu_stats,
             block_stats,
             ged,
+            last_press: None,
             control,
             ready_listener,
             agent: None,
@@ -412,7 +417,20 @@ impl Vmm {
                 self.exit.request(ExitReason::Stopped);
                 continue;
             }
-            let wake = [deadline, shutdown_deadline].into_iter().flatten().min();
+            // A press that comes before the guest listens for the button (early boot,
+            // logind not up yet) is lost, so keep pressing, as a person would.
+            let mut next_press = None;
+            if let Some(d) = shutdown_deadline {
+                let press_at = self.last_press.map_or(now, |t| t + POWER_BUTTON_REPEAT);
+                if now >= press_at {
+                    self.press_power_button();
+                }
+                next_press = Some((press_at.max(now) + POWER_BUTTON_REPEAT).min(d));
+            }
+            let wake = [deadline, shutdown_deadline, next_press]
+                .into_iter()
+                .flatten()
+                .min();
             let timeout_ms = wake.map_or(-1, |w| {
                 w.saturating_duration_since(now).as_millis().min(60_000) as i32
             });
@@ -505,10 +523,9 @@ impl Vmm {
                 if self.run.state() == RunState::Paused {
                     let _ = self.run.resume();
                 }
-                // Press the ACPI power button; the guest powers off on its own.
-                if let Err(e) = self.ged.write(1) {
-                    return Response::error(format!("cannot press the power button: {e}"));
-                }
+                // The main loop presses the ACPI power button (now, and again until the
+                // guest powers off); a stop follows at the deadline.
+                self.last_press = None;
                 *shutdown_deadline = Some(Instant::now() + Duration::from_millis(timeout_ms));
                 Response::ok()
             }
@@ -518,6 +535,13 @@ impl Vmm {
                 ),
                 ..Response::ok()
             },
+        }
+    }
+
+    fn press_power_button(&mut self) {
+        self.last_press = Some(Instant::now());
+        if let Err(e) = self.ged.write(1) {
+            tracing::error!("cannot press the power button: {e}");
         }
     }
 

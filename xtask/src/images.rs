@@ -521,12 +521,14 @@ fn rootfs(tarball: &Path, modules: &Path, kernel_release: &str, boxd: &Path) -> 
         let _ = std::fs::remove_file(&tmp);
         // A 64 MiB journal instead of the 512 MiB mke2fs picks for 100 GB: every VM's
         // first write to it would otherwise cost that much disk in its own layer.
-        run_quiet(Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-b", "4096", "-J", "size=64", "-L", "boxd-root"])
-            .args(["-E", "root_owner=0:0", "-d"])
-            .arg(&tree)
-            .arg(&tmp)
-            .arg(ROOTFS_BLOCKS))?;
+        run_quiet(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-b", "4096", "-J", "size=64", "-L", "boxd-root"])
+                .args(["-E", "root_owner=0:0", "-d"])
+                .arg(&tree)
+                .arg(&tmp)
+                .arg(ROOTFS_BLOCKS),
+        )?;
         std::fs::rename(&tmp, &path)?;
         Ok(())
     })();

@@ -118,7 +118,11 @@ pub struct RunArgs {
 pub fn main(command: VmmCommand) -> Exit {
     let (target, request) = match command {
         VmmCommand::Run(args) => return run(args),
-        VmmCommand::Exec { vsock, tty, command } => return exec(&vsock, tty, command),
+        VmmCommand::Exec {
+            vsock,
+            tty,
+            command,
+        } => return exec(&vsock, tty, command),
         VmmCommand::Status(t) => (t, Request::Status {}),
         VmmCommand::Pause(t) => (t, Request::Pause {}),
         VmmCommand::Resume(t) => (t, Request::Resume {}),
@@ -148,14 +152,27 @@ fn exec(vsock: &std::path::Path, tty: bool, argv: Vec<String>) -> Exit {
     use boxd_agent::proto::{Kind, Pty, Request as AgentRequest};
     use std::io::Write;
     let agent = boxd_agent::Agent::new(vsock);
-    let pty = tty.then(|| Pty { rows: 24, cols: 80, term: std::env::var("TERM").unwrap_or_else(|_| "xterm".into()) });
-    let req = AgentRequest::Exec { argv, env: vec![], cwd: None, user: None, pty, kill_on_disconnect: true };
+    let pty = tty.then(|| Pty {
+        rows: 24,
+        cols: 80,
+        term: std::env::var("TERM").unwrap_or_else(|_| "xterm".into()),
+    });
+    let req = AgentRequest::Exec {
+        argv,
+        env: vec![],
+        cwd: None,
+        user: None,
+        pty,
+        kill_on_disconnect: true,
+    };
     let stdin: Box<dyn std::io::Read + Send> = Box::new(std::io::stdin());
     let status = agent.exec_stream(&req, Some(stdin), &mut |kind, data| {
         let _ = if kind == Kind::Stderr {
             std::io::stderr().write_all(data)
         } else {
-            std::io::stdout().write_all(data).and_then(|()| std::io::stdout().flush())
+            std::io::stdout()
+                .write_all(data)
+                .and_then(|()| std::io::stdout().flush())
         };
     })?;
     Ok(status.code)

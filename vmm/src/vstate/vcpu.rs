@@ -183,7 +183,9 @@ pub struct Vcpu {
 impl Vcpu {
     /// Starts this vCPU's thread.
     pub fn spawn(self) -> std::io::Result<JoinHandle<()>> {
-        std::thread::Builder::new().name(format!("vcpu{}", self.index)).spawn(move || self.run())
+        std::thread::Builder::new()
+            .name(format!("vcpu{}", self.index))
+            .spawn(move || self.run())
     }
 
     fn run(mut self) {
@@ -287,8 +289,23 @@ impl Vcpu {
         let e = self.fd.get_vcpu_events().ok();
         format!(
             "rip={:#x} rsp={:#x} rflags={:#x} cs={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} idt={:#x}/{:#x} exception={:?}",
-            r.rip, r.rsp, r.rflags, s.cs.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.idt.base, s.idt.limit,
-            e.map(|e| (e.exception.injected, e.exception.nr, e.exception.has_error_code, e.exception.error_code))
+            r.rip,
+            r.rsp,
+            r.rflags,
+            s.cs.selector,
+            s.cr0,
+            s.cr2,
+            s.cr3,
+            s.cr4,
+            s.efer,
+            s.idt.base,
+            s.idt.limit,
+            e.map(|e| (
+                e.exception.injected,
+                e.exception.nr,
+                e.exception.has_error_code,
+                e.exception.error_code
+            ))
         )
     }
 
