@@ -29,26 +29,48 @@ pub enum Place {
     RanInTestHost,
 }
 
+/// Whether Linux guests can boot right here: this is the test host, or this host's KVM
+/// runs ring 0 at hardware speed. Says why not when it cannot.
+pub fn guests_boot_here() -> Result<bool> {
+    if std::env::var_os("BOXD_IN_TESTHOST").is_some() {
+        return Ok(true);
+    }
+    let speed = boxd_vmm::probe::kvm_speed().map_err(|e| anyhow::anyhow!("KVM probe: {e}"))?;
+    if !speed.hardware_speed {
+        eprintln!(
+            "this host's KVM runs ring 0 at {:.0} ns/instruction (emulated, no VT-x/AMD-V): using the emulated KVM host",
+            speed.ns_per_instruction
+        );
+    }
+    Ok(speed.hardware_speed)
+}
+
+/// Runs `argv` inside the emulated KVM host, failing unless it exits 0.
+pub fn run_in_testhost(argv: Vec<String>, timeout: Duration) -> Result<()> {
+    let host = TestHost {
+        timeout,
+        ..Default::default()
+    };
+    let outcome = host.run(&argv)?;
+    eprintln!("(the emulated KVM host booted in {:.1}s)", outcome.boot_s);
+    if outcome.exit_code != 0 {
+        bail!(
+            "{} failed inside the emulated KVM host (exit {})",
+            argv.join(" "),
+            outcome.exit_code
+        );
+    }
+    Ok(())
+}
+
 /// Decides where `test` (its name as the test harness knows it) runs. On a host without
 /// hardware virtualization the test binary re-runs just that test inside the emulated
 /// KVM host and this returns `RanInTestHost` once it passed there (and fails if not).
 pub fn place(test: &str) -> Result<Place> {
-    if std::env::var_os("BOXD_IN_TESTHOST").is_some() {
+    if guests_boot_here()? {
         return Ok(Place::Here);
     }
-    let speed = boxd_vmm::probe::kvm_speed().map_err(|e| anyhow::anyhow!("KVM probe: {e}"))?;
-    if speed.hardware_speed {
-        return Ok(Place::Here);
-    }
-    eprintln!(
-        "this host's KVM runs ring 0 at {:.0} ns/instruction (emulated); running {test} inside the emulated KVM host",
-        speed.ns_per_instruction
-    );
     let exe = std::env::current_exe()?;
-    let host = TestHost {
-        timeout: Duration::from_secs(20 * 60),
-        ..Default::default()
-    };
     let argv = vec![
         exe.display().to_string(),
         test.to_string(),
@@ -56,14 +78,7 @@ pub fn place(test: &str) -> Result<Place> {
         "--nocapture".into(),
         "--test-threads=1".into(),
     ];
-    let outcome = host.run(&argv)?;
-    eprintln!("(test host booted in {:.1}s)", outcome.boot_s);
-    if outcome.exit_code != 0 {
-        bail!(
-            "{test} failed inside the emulated KVM host (exit {})",
-            outcome.exit_code
-        );
-    }
+    run_in_testhost(argv, Duration::from_secs(20 * 60))?;
     Ok(Place::RanInTestHost)
 }
 

@@ -97,6 +97,8 @@ pub struct Vmm {
     agent: Option<AgentReady>,
     /// When the vCPUs were started.
     started: Instant,
+    /// How long building the VM took, up to its vCPUs starting.
+    setup: Duration,
     memory: Memory,
     _vm: Vm,
     _cgroup: Option<Cgroup>,
@@ -105,6 +107,7 @@ pub struct Vmm {
 impl Vmm {
     /// Builds the VM and starts its vCPUs.
     pub fn start(config: VmConfig) -> Result<Self, VmmError> {
+        let begun = Instant::now();
         if config.vcpus == 0 || config.vcpus > VCPUS_MAX {
             return Err(VmmError::Config(format!(
                 "{} vCPUs requested; use 1 to {VCPUS_MAX}",
@@ -296,6 +299,7 @@ impl Vmm {
         };
         let vcpu_stats = vcpus.iter().map(|v| v.stats.clone()).collect();
         let started = Instant::now();
+        let setup = started - begun;
         let mut handles = Vec::new();
         for vcpu in vcpus {
             match vcpu.spawn() {
@@ -335,6 +339,7 @@ impl Vmm {
             ready_listener,
             agent: None,
             started,
+            setup,
             memory,
             _vm: vm,
             _cgroup: cgroup,
@@ -578,6 +583,7 @@ impl Vmm {
             "vcpus": self.config.vcpus,
             "memory_mib": self.config.memory_mib,
             "uptime_ms": self.started.elapsed().as_millis() as u64,
+            "setup_ms": self.setup.as_secs_f64() * 1000.0,
             "vcpu_exits": exits,
             "unhandled_io": unhandled,
             "devices": self.transports.iter().map(|t| lock(t).name()).collect::<Vec<_>>(),

@@ -1,6 +1,8 @@
 //! boxd's development tasks: `cargo xtask <task>`.
 
+mod bench;
 mod cpio;
+mod demo;
 mod images;
 mod setup;
 mod util;
@@ -27,6 +29,30 @@ enum Task {
     Setup,
     /// Build the guest kernel, initramfs and root file system (cached by content).
     Images,
+    /// The test suite, as CI runs it: setup, format and lint checks, images, every test
+    /// (the ones that boot Linux run in the emulated KVM host where needed).
+    Test,
+    /// End-to-end scenarios with real Linux guests.
+    E2e {
+        #[arg(value_enum)]
+        scenario: Scenario,
+    },
+    /// Benchmarks that print boxd's figure beside a peer's from the same run.
+    Bench {
+        #[arg(value_enum)]
+        what: BenchKind,
+        /// Boots per VMM (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Already inside the place where guests boot (set by the task itself).
+        #[arg(long, hide = true)]
+        inside: bool,
+    },
+    /// Build what is missing, boot a demo machine and drive it, with timings.
+    Demo {
+        #[arg(long, hide = true)]
+        inside: bool,
+    },
     /// Run a command inside the emulated KVM host (QEMU, software CPU with SVM).
     Testhost {
         /// Forward a TCP port from this machine's loopback into the test host: HOST:GUEST.
@@ -40,6 +66,18 @@ enum Task {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Scenario {
+    /// Boot Debian under boxd vmm, drive the agent, restart, check the disk kept its data.
+    Boot,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BenchKind {
+    /// VMM start to kernel entry and to agent ready, boxd vs QEMU.
+    Boot,
 }
 
 fn parse_forward(s: &str) -> Result<(u16, u16), String> {
@@ -68,6 +106,56 @@ fn main() -> Result<()> {
             println!("rootfs  {}", images.rootfs.display());
             Ok(())
         }
+        Task::Test => test(),
+        Task::E2e {
+            scenario: Scenario::Boot,
+        } => {
+            let boxd = build_boxd()?;
+            images::build(&boxd)?;
+            run(Command::new(env!("CARGO")).args([
+                "test",
+                "-p",
+                "boxd-tests",
+                "--test",
+                "boot",
+                "--",
+                "--nocapture",
+            ]))
+        }
+        Task::Bench {
+            what: BenchKind::Boot,
+            runs,
+            inside,
+        } => {
+            if !inside && !prepare_guests()? {
+                let argv = vec![
+                    self_exe()?,
+                    "bench".into(),
+                    "boot".into(),
+                    "--runs".into(),
+                    runs.to_string(),
+                    "--inside".into(),
+                ];
+                return boxd_tests::guest::run_in_testhost(
+                    argv,
+                    std::time::Duration::from_secs(60 * 60),
+                );
+            }
+            bench::boot(runs)
+        }
+        Task::Demo { inside } => {
+            if !inside {
+                setup::setup()?;
+                if !prepare_guests()? {
+                    let argv = vec![self_exe()?, "demo".into(), "--inside".into()];
+                    return boxd_tests::guest::run_in_testhost(
+                        argv,
+                        std::time::Duration::from_secs(30 * 60),
+                    );
+                }
+            }
+            demo::run()
+        }
         Task::Testhost {
             forwards,
             cpus,
@@ -88,6 +176,44 @@ fn main() -> Result<()> {
             std::process::exit(outcome.exit_code);
         }
     }
+}
+
+/// Builds boxd and the images; returns whether Linux guests boot on this host directly.
+fn prepare_guests() -> Result<bool> {
+    let boxd = build_boxd()?;
+    images::build(&boxd)?;
+    boxd_tests::guest::guests_boot_here()
+}
+
+fn self_exe() -> Result<String> {
+    Ok(std::env::current_exe()?.display().to_string())
+}
+
+/// The README's test command (and CI's).
+fn test() -> Result<()> {
+    setup::setup()?;
+    let cargo = env!("CARGO");
+    let step = Step::start("cargo fmt --check");
+    run(Command::new(cargo).args(["fmt", "--all", "--", "--check"]))?;
+    step.done();
+    let step = Step::start("cargo clippy -D warnings");
+    run(Command::new(cargo).args([
+        "clippy",
+        "--quiet",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    step.done();
+    let boxd = build_boxd()?;
+    let images = images::build(&boxd)?;
+    images::prune(&images)?;
+    let step = Step::start("cargo test --workspace");
+    run(Command::new(cargo).args(["test", "--workspace"]))?;
+    step.done();
+    Ok(())
 }
 
 /// Builds the release `boxd` binary that guests and the test host run.

@@ -8,7 +8,7 @@
 pub mod client;
 pub mod proto;
 pub mod server;
-mod vsock;
+pub mod vsock;
 
 pub use client::{Agent, AgentError, Output};
 pub use proto::{AGENT_PORT, READY_PORT};

@@ -100,6 +100,10 @@ pub struct RunArgs {
     read_only: bool,
     #[arg(long)]
     vsock: Option<PathBuf>,
+    /// Host vsock port on which the VMM takes the agent's ready message (0: leave it to
+    /// whoever listens on `<vsock>_<port>`).
+    #[arg(long, default_value_t = boxd_agent::READY_PORT)]
+    ready_port: u32,
     #[arg(long)]
     console: Option<PathBuf>,
     #[arg(long)]
@@ -265,7 +269,7 @@ fn config(args: &RunArgs) -> anyhow::Result<VmConfig> {
         disk,
         vsock: in_dir(&args.vsock, "vsock.sock").map(|uds| VsockConfig {
             uds,
-            ready_port: Some(boxd_agent::READY_PORT),
+            ready_port: (args.ready_port != 0).then_some(args.ready_port),
         }),
         net: None,
         console: in_dir(&args.console, "console.log"),
