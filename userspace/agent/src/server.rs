@@ -296,13 +296,12 @@ fn exec(conn: File, spec: ExecSpec) -> io::Result<()> {
             if slave_fd.is_some() && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                 return Err(io::Error::last_os_error());
             }
-            if uid != 0 {
-                if libc::initgroups(user_c.as_ptr(), gid) != 0
+            if uid != 0
+                && (libc::initgroups(user_c.as_ptr(), gid) != 0
                     || libc::setgid(gid) != 0
-                    || libc::setuid(uid) != 0
-                {
-                    return Err(io::Error::last_os_error());
-                }
+                    || libc::setuid(uid) != 0)
+            {
+                return Err(io::Error::last_os_error());
             }
             Ok(())
         });

@@ -16,7 +16,7 @@ pub const DEFAULT_CMDLINE: &str =
 #[derive(Subcommand)]
 pub enum VmmCommand {
     /// Boot a VM and serve its control socket until it powers off.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print a running VM's status (JSON).
     Status(Target),
     /// Stop the VM's vCPUs (RAM kept; resume continues where it was).
@@ -121,7 +121,7 @@ pub struct RunArgs {
 
 pub fn main(command: VmmCommand) -> Exit {
     let (target, request) = match command {
-        VmmCommand::Run(args) => return run(args),
+        VmmCommand::Run(args) => return run(*args),
         VmmCommand::Exec {
             vsock,
             tty,
@@ -226,7 +226,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn config(args: &RunArgs) -> anyhow::Result<VmConfig> {
-    if args.memory % (1 << 20) != 0 {
+    if !args.memory.is_multiple_of(1 << 20) {
         bail!(
             "--memory must be a whole number of MiB, got {} bytes",
             args.memory

@@ -215,7 +215,7 @@ impl VsockWorker {
                 let head = chain.head_index();
                 if let Some(hdr) = read_packet(&mem, chain, &mut self.payload) {
                     let payload = std::mem::take(&mut self.payload);
-                    self.muxer().from_guest(reg, &hdr, &payload);
+                    self.muxer().on_guest_packet(reg, &hdr, &payload);
                     self.payload = payload;
                 }
                 if self.tx.add_used(&mem, head, 0).is_err() {

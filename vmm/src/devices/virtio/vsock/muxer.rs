@@ -418,7 +418,7 @@ impl Muxer {
     }
 
     /// A packet the guest put on its tx queue.
-    pub fn from_guest(&mut self, reg: &Registrar, hdr: &Header, payload: &[u8]) {
+    pub fn on_guest_packet(&mut self, reg: &Registrar, hdr: &Header, payload: &[u8]) {
         if hdr.src_cid != self.guest_cid || hdr.dst_cid != HOST_CID {
             tracing::debug!(
                 src = hdr.src_cid,
