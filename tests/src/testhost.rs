@@ -166,8 +166,10 @@ impl TestHost {
             netdev.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
         }
         let console = dir.join("console.log");
+        // BOXD_TESTHOST_LOGLEVEL=7 shows the test host's kernel messages in full.
+        let loglevel = std::env::var("BOXD_TESTHOST_LOGLEVEL").unwrap_or_else(|_| "4".into());
         let append = format!(
-            "console=ttyS0 quiet loglevel=4 panic=-1 mitigations=off boxd.testhost={}",
+            "console=ttyS0 loglevel={loglevel} panic=-1 mitigations=off boxd.testhost={}",
             dir.display()
         );
         let mut qemu_cmd = Command::new(qemu);

@@ -49,6 +49,8 @@ pub enum VmmError {
     Disk(#[from] DiskError),
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    #[error(transparent)]
+    Net(#[from] crate::devices::virtio::net::NetError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -199,10 +201,12 @@ impl Vmm {
             }
             devices.push(Box::new(device));
         }
-        if config.net.is_some() {
-            return Err(VmmError::Config(
-                "network devices need the vhost-user backend (not built yet)".into(),
-            ));
+        if let Some(net) = &config.net {
+            devices.push(Box::new(crate::devices::virtio::net::Net::new(
+                &net.vhost_user,
+                net.mac,
+                &memory.guest,
+            )?));
         }
         if devices.len() as u32 > IRQ_MAX - VIRTIO_IRQ_START + 1 {
             return Err(VmmError::Config(

@@ -100,6 +100,14 @@ pub struct RunArgs {
     read_only: bool,
     #[arg(long)]
     vsock: Option<PathBuf>,
+    /// A network device served by the vhost-user backend on this socket
+    /// (`boxd net port --socket ...`).
+    #[arg(long)]
+    net: Option<PathBuf>,
+    /// The guest's MAC address. Every VM sees the same link (DESIGN.md), so the
+    /// default is the same for all.
+    #[arg(long, default_value = "06:b0:c5:00:00:02", value_parser = parse_mac)]
+    mac: [u8; 6],
     /// Host vsock port on which the VMM takes the agent's ready message (0: leave it to
     /// whoever listens on `<vsock>_<port>`).
     #[arg(long, default_value_t = boxd_agent::READY_PORT)]
@@ -180,6 +188,24 @@ fn exec(vsock: &std::path::Path, tty: bool, argv: Vec<String>) -> Exit {
         };
     })?;
     Ok(status.code)
+}
+
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let bad = || format!("{s:?} is not a MAC address like 06:b0:c5:00:00:02");
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(parts) {
+        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!(
+            "{s} is a multicast address; a NIC needs a unicast one"
+        ));
+    }
+    Ok(mac)
 }
 
 /// Parses sizes like `512M`, `8G`, `100GB` (K/M/G/T and KiB..TiB are powers of 1024;
@@ -271,7 +297,10 @@ fn config(args: &RunArgs) -> anyhow::Result<VmConfig> {
             uds,
             ready_port: (args.ready_port != 0).then_some(args.ready_port),
         }),
-        net: None,
+        net: args.net.clone().map(|vhost_user| boxd_vmm::NetConfig {
+            vhost_user,
+            mac: args.mac,
+        }),
         console: in_dir(&args.console, "console.log"),
         control: in_dir(&args.control, "control.sock"),
         cgroup: limits,

@@ -354,7 +354,7 @@ mod tests {
             dsl.contains("Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive"),
             "{dsl}"
         );
-        assert!(dsl.contains("Name (_S5, Package"), "{dsl}");
+        assert!(dsl.contains("_S5, Package (0x02)"), "{dsl}");
         assert!(dsl.contains("\"ACPI0013\""), "{dsl}");
         assert!(
             dsl.contains("Notify (PWRB, 0x80)") || dsl.contains("Notify (\\_SB.PWRB, 0x80)"),
