@@ -121,8 +121,6 @@ impl Machine {
             .arg(&images.kernel)
             .arg("--initrd")
             .arg(&images.initrd)
-            .arg("--disk-base")
-            .arg(&images.rootfs)
             .arg("--dir")
             .arg(dir)
             .args(["--cpus", &spec.cpus.to_string(), "--memory", spec.memory])
@@ -130,6 +128,9 @@ impl Machine {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        if !spec.extra_args.iter().any(|a| a == "--disk-base") {
+            cmd.arg("--disk-base").arg(&images.rootfs);
+        }
         let started = Instant::now();
         let child = cmd.spawn().context("start boxd vmm")?;
         Ok(Self {

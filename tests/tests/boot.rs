@@ -175,3 +175,31 @@ fn debian_boots_answers_and_keeps_its_disk_across_a_restart() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+#[test]
+fn a_corrupt_root_image_fails_the_boot_with_a_reason() -> Result<()> {
+    if let Place::RanInTestHost = place("a_corrupt_root_image_fails_the_boot_with_a_reason")? {
+        return Ok(());
+    }
+    let dir = scratch("corrupt");
+    std::fs::create_dir_all(&dir)?;
+    let junk = dir.join("junk.img");
+    std::fs::write(&junk, vec![0xa5u8; 16 << 20])?;
+    // Instead of the Debian base image: 16 MB of junk.
+    let spec = Spec {
+        extra_args: vec!["--disk-base".into(), junk.display().to_string()],
+        ..Spec::default()
+    };
+    let mut vm = Machine::start("corrupt", &dir.join("vm"), &spec)?;
+    let code = vm.wait_exit(Duration::from_secs(240))?;
+    let log = vm.log();
+    assert_ne!(code, 0, "{log}");
+    assert!(
+        log.contains("could not boot its root file system")
+            && log.contains("cannot mount /dev/vda"),
+        "{log}"
+    );
+    assert!(!dir.join("vm/control.sock").exists() && !dir.join("vm/vsock.sock").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

@@ -8,7 +8,7 @@ use crate::arch::regs::{self, RegsError};
 use crate::cgroup::{Cgroup, CgroupError};
 use crate::control::{self, Request, Response};
 use crate::devices::bus::{Bus, BusDevice, lock};
-use crate::devices::legacy::{Console, DebugPort, Milestones, PowerPort, Serial};
+use crate::devices::legacy::{Console, DebugPort, INITRAMFS_FAILED, Milestones, PowerPort, Serial};
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::block::{Block, BlockStats, Disk, DiskError};
 use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
@@ -387,6 +387,22 @@ impl Vmm {
             ))),
         };
         self.shutdown_vcpus();
+        // A poweroff by the initramfs after it failed is a failed boot, and says why.
+        let failed_boot = lock(&self.milestones)
+            .values
+            .iter()
+            .any(|(v, _)| *v == INITRAMFS_FAILED);
+        if failed_boot && reason == Some(ExitReason::PowerOff) {
+            let tail = self.console_tail(4096);
+            let why = tail
+                .lines()
+                .rev()
+                .find_map(|l| l.split_once("boxd-init: ").map(|(_, why)| why.trim()))
+                .unwrap_or("see the console");
+            return Some(ExitReason::Crashed(format!(
+                "the guest could not boot its root file system: {why}"
+            )));
+        }
         reason
     }
 

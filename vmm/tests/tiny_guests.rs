@@ -256,6 +256,42 @@ fn bad_configurations_are_refused_with_the_reason() {
         e.contains("/nonexistent/vmlinuz") && e.contains("cargo xtask images"),
         "{e}"
     );
+
+    // A file that is not a kernel is named as such.
+    let dir = TempDir::new("corrupt-kernel");
+    let junk = dir.0.join("vmlinuz");
+    std::fs::write(&junk, vec![0x5a; 64 << 10]).unwrap();
+    let mut c = VmConfig::raw(vec![]);
+    c.boot = boxd_vmm::BootSource::Linux {
+        kernel: junk.clone(),
+        initrd: None,
+        cmdline: String::new(),
+    };
+    let e = Vmm::start(c).err().unwrap().to_string();
+    assert!(
+        e.contains(&junk.display().to_string()) && e.contains("bzImage"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_failed_boot_reported_by_the_initramfs_is_a_crash_that_says_why() {
+    if !kvm_available() {
+        return;
+    }
+    // What boxd's initramfs does when it cannot mount the root: a line on the
+    // console, 0xE1 on the debug port, poweroff.
+    let code = Asm::default()
+        .text(0x3f8, "boxd-init: cannot mount /dev/vda\n")
+        .out(0x510, 0xe1)
+        .poweroff();
+    let (reason, _) = run(VmConfig::raw(code.0));
+    assert_eq!(
+        reason,
+        ExitReason::Crashed(
+            "the guest could not boot its root file system: cannot mount /dev/vda".into()
+        )
+    );
 }
 
 #[test]

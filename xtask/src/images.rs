@@ -340,6 +340,8 @@ fn initramfs(modules: &Path) -> Result<PathBuf> {
     w.char_dev("dev/null", 0o666, 1, 3)?;
     w.file("bin/busybox", 0o755, &busybox_bytes)?;
     for applet in [
+        "printf",
+        "dd",
         "sh",
         "mount",
         "insmod",
@@ -353,6 +355,7 @@ fn initramfs(modules: &Path) -> Result<PathBuf> {
         w.symlink(&format!("bin/{applet}"), "busybox")?;
     }
     w.file("init", 0o755, INIT_SCRIPT.as_bytes())?;
+    w.file("bin/boxd-boot-failed", 0o755, &boot_failed_elf())?;
     for name in &all {
         w.file(
             &format!("lib/modules/{name}.ko"),
@@ -374,6 +377,52 @@ fn initramfs(modules: &Path) -> Result<PathBuf> {
     write_atomic(&path, &bytes)?;
     step.done();
     Ok(path)
+}
+
+/// A complete static x86-64 program, a few instructions long, that tells boxd's VMM the
+/// boot failed: `ioperm(0x510, 1, 1); outb(0xE1, 0x510); exit(0)`. Busybox cannot do
+/// port I/O and Debian's kernel has no /dev/port, and a compiler is not needed for
+/// 25 bytes of code.
+fn boot_failed_elf() -> Vec<u8> {
+    const BASE: u64 = 0x40_0000;
+    const HEADERS: u64 = 64 + 56;
+    let code: &[u8] = &[
+        0xb8, 0xad, 0x00, 0x00, 0x00, // mov eax, 173 (ioperm)
+        0xbf, 0x10, 0x05, 0x00, 0x00, // mov edi, 0x510
+        0xbe, 0x01, 0x00, 0x00, 0x00, // mov esi, 1
+        0xba, 0x01, 0x00, 0x00, 0x00, // mov edx, 1
+        0x0f, 0x05, // syscall
+        0xb0, 0xe1, // mov al, 0xE1
+        0x66, 0xba, 0x10, 0x05, // mov dx, 0x510
+        0xee, // out dx, al
+        0xb8, 0x3c, 0x00, 0x00, 0x00, // mov eax, 60 (exit)
+        0x31, 0xff, // xor edi, edi
+        0x0f, 0x05, // syscall
+    ];
+    let total = HEADERS + code.len() as u64;
+    let mut e = Vec::with_capacity(total as usize);
+    e.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    e.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    e.extend_from_slice(&0x3eu16.to_le_bytes()); // x86-64
+    e.extend_from_slice(&1u32.to_le_bytes());
+    e.extend_from_slice(&(BASE + HEADERS).to_le_bytes()); // entry
+    e.extend_from_slice(&64u64.to_le_bytes()); // program headers
+    e.extend_from_slice(&0u64.to_le_bytes()); // no section headers
+    e.extend_from_slice(&0u32.to_le_bytes());
+    for v in [64u16, 56, 1, 64, 0, 0] {
+        e.extend_from_slice(&v.to_le_bytes());
+    }
+    e.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    e.extend_from_slice(&5u32.to_le_bytes()); // R+X
+    e.extend_from_slice(&0u64.to_le_bytes());
+    e.extend_from_slice(&BASE.to_le_bytes());
+    e.extend_from_slice(&BASE.to_le_bytes());
+    e.extend_from_slice(&total.to_le_bytes());
+    e.extend_from_slice(&total.to_le_bytes());
+    e.extend_from_slice(&0x1000u64.to_le_bytes());
+    e.extend_from_slice(code);
+    assert_eq!(e.len() as u64, total);
+    e
 }
 
 fn is_static_elf(bytes: &[u8]) -> bool {
@@ -564,6 +613,28 @@ pub fn prune(keep: &Images) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_boot_failure_program_is_a_well_formed_elf() {
+        let e = boot_failed_elf();
+        assert_eq!(&e[..4], b"\x7fELF");
+        let entry = u64::from_le_bytes(e[24..32].try_into().unwrap());
+        assert_eq!(entry, 0x40_0000 + 120);
+        // The code at the entry point starts with `mov eax, 173` (ioperm).
+        assert_eq!(&e[120..125], &[0xb8, 0xad, 0, 0, 0]);
+        // readelf, when present, agrees it is an executable with one loadable segment.
+        let path = std::env::temp_dir().join(format!("boxd-boot-failed-{}", std::process::id()));
+        std::fs::write(&path, &e).unwrap();
+        if let Ok(out) = std::process::Command::new("readelf")
+            .arg("-lh")
+            .arg(&path)
+            .output()
+        {
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(text.contains("EXEC") && text.contains("LOAD"), "{text}");
+        }
+        let _ = std::fs::remove_file(path);
+    }
 
     #[test]
     fn finds_the_modinfo_section_of_a_real_elf() {

@@ -14,7 +14,12 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 
 fail() {
+    # Through the kernel log too: its console writes are synchronous, a tty write
+    # could still sit in a buffer when the power goes.
+    echo "<2>boxd-init: $*" >/dev/kmsg
     echo "boxd-init: $*" >/dev/console
+    # Tell boxd's VMM this was a failed boot, not a poweroff (0xE1 on its debug port).
+    /bin/boxd-boot-failed
     echo o >/proc/sysrq-trigger
     sleep 5
 }

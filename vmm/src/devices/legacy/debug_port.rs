@@ -5,6 +5,9 @@ use crate::devices::bus::BusDevice;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+/// The value boxd's initramfs writes when it cannot boot the root file system.
+pub const INITRAMFS_FAILED: u8 = 0xe1;
+
 /// At most this many milestones are kept; later ones are counted, not stored.
 pub const MILESTONES_MAX: usize = 1024;
 

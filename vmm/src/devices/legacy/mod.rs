@@ -4,6 +4,6 @@ mod debug_port;
 mod power;
 mod serial;
 
-pub use debug_port::{DebugPort, Milestones};
+pub use debug_port::{DebugPort, INITRAMFS_FAILED, Milestones};
 pub use power::PowerPort;
 pub use serial::{CONSOLE_TAIL_MAX, Console, Serial};
