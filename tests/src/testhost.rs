@@ -102,7 +102,13 @@ pub struct Outcome {
     pub boot_s: f64,
     /// The test host's serial console (kernel and init messages).
     pub console: String,
+    /// What the command wrote (also streamed live), the first OUTPUT_KEPT bytes.
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
 }
+
+/// How much of a command's output an [`Outcome`] keeps (all of it is streamed).
+pub const OUTPUT_KEPT: usize = 1 << 20;
 
 impl TestHost {
     /// Runs `argv` inside a fresh test host. Its stdout and stderr are streamed to ours
@@ -254,6 +260,8 @@ impl TestHost {
                 .with_context(|| format!("bad exit code file: {exit:?}"))?,
             boot_s: boot_s.unwrap_or(0.0),
             console: console_text,
+            stdout: out.kept,
+            stderr: err.kept,
         })
     }
 
@@ -340,11 +348,16 @@ impl Drop for Reaped {
 struct Tail {
     path: PathBuf,
     offset: u64,
+    kept: Vec<u8>,
 }
 
 impl Tail {
     fn new(path: PathBuf) -> Self {
-        Self { path, offset: 0 }
+        Self {
+            path,
+            offset: 0,
+            kept: Vec::new(),
+        }
     }
 
     fn pump(&mut self, to: &mut dyn Write) -> Result<()> {
@@ -356,6 +369,8 @@ impl Tail {
         // Bounded per call so a chatty command cannot starve the timeout check.
         file.take(4 << 20).read_to_end(&mut buf)?;
         self.offset += buf.len() as u64;
+        let room = OUTPUT_KEPT.saturating_sub(self.kept.len());
+        self.kept.extend_from_slice(&buf[..buf.len().min(room)]);
         to.write_all(&buf)?;
         to.flush()?;
         Ok(())
