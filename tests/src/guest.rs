@@ -51,7 +51,15 @@ pub fn run_in_testhost(argv: Vec<String>, timeout: Duration) -> Result<()> {
         timeout,
         ..Default::default()
     };
-    let outcome = host.run(&argv)?;
+    // A wedged emulated host says nothing about the code under test; one retry in a
+    // fresh host, loudly, and a second wedge is a failure.
+    let outcome = match host.run(&argv) {
+        Err(e) if e.downcast_ref::<crate::testhost::Wedged>().is_some() => {
+            eprintln!("WARNING: {e}\nretrying once in a fresh emulated KVM host");
+            host.run(&argv)?
+        }
+        other => other?,
+    };
     eprintln!("(the emulated KVM host booted in {:.1}s)", outcome.boot_s);
     if outcome.exit_code != 0 {
         bail!(

@@ -84,7 +84,9 @@ pub struct TestHost {
 impl Default for TestHost {
     fn default() -> Self {
         Self {
-            cpus: 2,
+            // One more than the guests in tests use (2 vCPUs): a test host whose every
+            // CPU sits inside a nested guest can wedge (docs/testing.md).
+            cpus: 3,
             memory_mib: 6144,
             forwards: Vec::new(),
             env: Vec::new(),
@@ -127,6 +129,9 @@ impl TestHost {
                 virtiofsd.display()
             );
         }
+        // One emulated host at a time: each wants every core of the machine, and two
+        // starve each other (tests run in parallel threads and processes).
+        let _exclusive = HostLock::take()?;
         let scratch = Scratch::new()?;
         let dir = scratch.path.clone();
         let cwd = match &self.cwd {
@@ -220,9 +225,24 @@ impl TestHost {
         let mut err = Tail::new(dir.join("stderr"));
         let deadline = started + self.timeout;
         let mut boot_s = None;
+        let mut heartbeat = (String::new(), Instant::now());
         let status = loop {
             if boot_s.is_none() && dir.join("started").exists() {
                 boot_s = Some(started.elapsed().as_secs_f64());
+            }
+            // The init script rewrites `heartbeat` every few seconds. When it stops,
+            // the emulated host is wedged (a flaw of nested SVM under TCG, seen rarely
+            // and under load), and waiting longer is pointless.
+            let beat = std::fs::read_to_string(dir.join("heartbeat")).unwrap_or_default();
+            if beat != heartbeat.0 {
+                heartbeat = (beat, Instant::now());
+            } else if heartbeat.1.elapsed() > HEARTBEAT_LIMIT {
+                let _ = qemu.0.kill();
+                let console = std::fs::read_to_string(&console).unwrap_or_default();
+                return Err(anyhow::Error::new(Wedged(format!(
+                    "no heartbeat for {HEARTBEAT_LIMIT:?}; console ends with:\n{}",
+                    last_lines(&console, 20)
+                ))));
             }
             out.pump(&mut std::io::stdout())?;
             err.pump(&mut std::io::stderr())?;
@@ -290,6 +310,7 @@ ip link set lo up
 ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
 echo "boxd-testhost: running {shown}" >/dev/console
 touch {dir}/started
+( while :; do cat /proc/uptime >{dir}/heartbeat.tmp && mv {dir}/heartbeat.tmp {dir}/heartbeat; sleep 3; done ) &
 {env}cd {cwd} && {command} >{dir}/stdout 2>{dir}/stderr </dev/null
 echo $? >{dir}/exit.tmp && mv {dir}/exit.tmp {dir}/exit
 sync
@@ -302,6 +323,48 @@ sleep 10
             cwd = q(&cwd.display().to_string()),
             command = command.join(" "),
         )
+    }
+}
+
+/// A test host that stopped making progress (see [`TestHost::run`]).
+#[derive(Debug)]
+pub struct Wedged(pub String);
+
+impl std::fmt::Display for Wedged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the emulated KVM host stopped responding: {}", self.0)
+    }
+}
+
+impl std::error::Error for Wedged {}
+
+/// How long the test host may go without a heartbeat before it counts as wedged
+/// (boot included: the first beat comes within seconds of the command starting).
+const HEARTBEAT_LIMIT: Duration = Duration::from_secs(90);
+
+/// An exclusive lock on target/testhost/.lock for the life of one test host.
+struct HostLock {
+    _file: std::fs::File,
+}
+
+impl HostLock {
+    fn take() -> Result<Self> {
+        let base = crate::target_dir().join("testhost");
+        std::fs::create_dir_all(&base)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(base.join(".lock"))?;
+        // SAFETY: flock on a descriptor we own; it blocks until the other host is done.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&file), libc::LOCK_EX) } != 0 {
+            bail!(
+                "cannot lock {}: {}",
+                base.join(".lock").display(),
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(Self { _file: file })
     }
 }
 

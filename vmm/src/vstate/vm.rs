@@ -9,7 +9,7 @@ use vm_memory::{GuestMemoryBackend as _, GuestMemoryRegion};
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
     #[error(
-        "cannot open /dev/kvm: {0}; is KVM available and are you allowed to use it (root or the kvm group)?"
+        "cannot open /dev/kvm: {0}. This host needs KVM (VT-x/AMD-V, the kvm module, and root or the kvm group); without it, run boxd inside the emulated KVM host: `cargo xtask testhost -- boxd vmm ...`"
     )]
     OpenKvm(kvm_ioctls::Error),
     #[error("KVM API version {0} is not the stable version 12")]
