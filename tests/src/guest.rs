@@ -149,6 +149,11 @@ impl Machine {
         })
     }
 
+    /// The VMM's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn agent(&self) -> Agent {
         Agent::new(&self.dir.join("vsock.sock"))
     }

@@ -38,6 +38,28 @@ fn debian_boots_answers_and_keeps_its_disk_across_a_restart() -> Result<()> {
     assert_eq!(status["state"], "running");
     assert_eq!(status["devices"], serde_json::json!(["block", "vsock"]));
 
+    // The VMM runs in its own cgroup, limited to its vCPUs and its memory.
+    let pid = vm.pid().expect("running");
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+    let rel = own
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .unwrap_or("")
+        .to_string();
+    assert!(rel.ends_with("/boxd/e2e"), "VMM cgroup: {own}");
+    let cgroup = std::path::Path::new("/sys/fs/cgroup").join(rel.trim_start_matches('/'));
+    assert_eq!(
+        std::fs::read_to_string(cgroup.join("cpu.max"))?.trim(),
+        "200000 100000"
+    );
+    let memory_max: u64 = std::fs::read_to_string(cgroup.join("memory.max"))?
+        .trim()
+        .parse()?;
+    assert!(
+        memory_max > 1 << 30 && memory_max < 2 << 30,
+        "memory.max {memory_max}"
+    );
+
     // The kernel is Debian's cloud kernel, as the images recorded it.
     let agent = vm.agent();
     let uname = agent.exec(&["uname", "-r"], None, 4096)?;
@@ -139,6 +161,7 @@ fn debian_boots_answers_and_keeps_its_disk_across_a_restart() -> Result<()> {
         !dir.join("control.sock").exists() && !dir.join("vsock.sock").exists(),
         "sockets are cleaned up"
     );
+    assert!(!cgroup.exists(), "the VM's cgroup is removed when it ends");
     drop(vm);
 
     let mut vm = Machine::start("e2e", &dir, &spec)?;

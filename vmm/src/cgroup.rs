@@ -31,6 +31,10 @@ pub enum CgroupError {
     NoHierarchy,
     #[error("VM name {0:?} cannot name a cgroup: use letters, digits, '-', '_' and '.' only")]
     BadName(String),
+    #[error(
+        "a VM named {name:?} is already running on this host (pid {pids}); stop it or pick another name"
+    )]
+    InUse { name: String, pids: String },
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
@@ -84,7 +88,7 @@ impl Cgroup {
         let _ = std::fs::write(root.join("cgroup.subtree_control"), "+cpu +memory +pids");
         write(&parent.join("cgroup.subtree_control"), "+cpu +memory +pids")?;
         let dir = parent.join(name);
-        std::fs::create_dir(&dir).map_err(io(&dir))?;
+        claim(&dir, name)?;
         let me = Self {
             dirs: vec![dir.clone()],
             origins: vec![origin.join("cgroup.procs")],
@@ -129,7 +133,8 @@ impl Cgroup {
             let hierarchy = root.join(controller);
             let origin = own_v1_cgroup(&hierarchy, controller)?;
             let dir = hierarchy.join(GROUP).join(name);
-            std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+            std::fs::create_dir_all(hierarchy.join(GROUP)).map_err(io(&dir))?;
+            claim(&dir, name)?;
             me.dirs.push(dir.clone());
             me.origins.push(origin.join("cgroup.procs"));
             for (file, value) in files {
@@ -164,6 +169,32 @@ impl Drop for Cgroup {
     }
 }
 
+/// Creates the VM's group. One left by a VMM that was killed (no processes in it) is
+/// replaced; one with processes belongs to a running VM of the same name.
+fn claim(dir: &Path, name: &str) -> Result<(), CgroupError> {
+    match std::fs::create_dir(dir) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            return Err(CgroupError::Io {
+                path: dir.to_path_buf(),
+                source: e,
+            });
+        }
+        Err(_) => {}
+    }
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+    let pids: Vec<&str> = procs.split_whitespace().collect();
+    if !pids.is_empty() {
+        return Err(CgroupError::InUse {
+            name: name.to_string(),
+            pids: pids.join(", "),
+        });
+    }
+    tracing::info!(cgroup = %dir.display(), "replacing the cgroup a killed VMM left behind");
+    std::fs::remove_dir(dir).map_err(io(dir))?;
+    std::fs::create_dir(dir).map_err(io(dir))
+}
+
 /// This process's cgroup in the v2 hierarchy.
 fn own_v2_cgroup(root: &Path) -> Result<PathBuf, CgroupError> {
     let path = Path::new("/proc/self/cgroup");
@@ -196,11 +227,53 @@ fn own_v1_cgroup(hierarchy: &Path, controller: &str) -> Result<PathBuf, CgroupEr
 mod tests {
     use super::*;
 
+    /// Entering a cgroup moves the whole test process, so these tests take turns.
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     fn limits() -> CgroupLimits {
         CgroupLimits {
             cpus: 1,
             memory_bytes: 256 << 20,
             pids: 4096,
+        }
+    }
+
+    /// A group left behind by a killed VMM is taken over; a live one is refused.
+    #[test]
+    fn leftover_groups_are_replaced_and_live_ones_refused() {
+        let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        if unsafe_is_not_root() {
+            eprintln!("SKIP: cgroup test needs root");
+            return;
+        }
+        let root = Path::new(ROOT);
+        let name = format!("test-left-{}", std::process::id());
+        // What SIGKILL leaves: the VM's group(s), empty.
+        let leftovers: Vec<PathBuf> = if root.join("cgroup.controllers").exists() {
+            vec![root.join(GROUP).join(&name)]
+        } else if root.join("memory").is_dir() {
+            ["cpu", "memory", "pids"]
+                .iter()
+                .map(|c| root.join(c).join(GROUP).join(&name))
+                .collect()
+        } else {
+            eprintln!("SKIP: no cgroup hierarchy here");
+            return;
+        };
+        for d in &leftovers {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let cg = Cgroup::enter(&name, &limits()).expect("a leftover group is replaced");
+        // While this process is inside, a second VMM of the same name is refused.
+        let e = Cgroup::enter(&name, &limits()).err().expect("refused");
+        assert!(matches!(e, CgroupError::InUse { .. }), "{e}");
+        assert!(
+            e.to_string().contains(&std::process::id().to_string()),
+            "{e}"
+        );
+        drop(cg);
+        for d in leftovers {
+            assert!(!d.exists(), "{} left behind", d.display());
         }
     }
 
@@ -218,6 +291,7 @@ mod tests {
     /// Needs root and a writable cgroup hierarchy; says so when it has neither.
     #[test]
     fn entering_applies_limits_and_leaving_removes_the_group() {
+        let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         if unsafe_is_not_root() {
             eprintln!("SKIP: cgroup test needs root");
             return;

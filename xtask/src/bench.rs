@@ -68,9 +68,20 @@ fn mkfifo(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// A VMM process, stopped when dropped: SIGTERM (it cleans up its cgroup and
+/// sockets), SIGKILL if it has not gone within 10 s.
 struct Killed(Child);
 impl Drop for Killed {
     fn drop(&mut self) {
+        // SAFETY: signalling our own child process by its pid.
+        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
