@@ -1,6 +1,8 @@
 //! Helpers for boxd's end-to-end tests: the emulated KVM host and the paths tests share.
 
 pub mod guest;
+pub mod net;
+pub mod pkt;
 pub mod testhost;
 
 use std::path::{Path, PathBuf};

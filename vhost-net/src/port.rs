@@ -1,22 +1,34 @@
 //! One VM's port: the vhost-user virtio-net device behind one socket, moving frames
-//! between the guest's virtqueues and a [`HostPort`].
+//! between the guest's virtqueues and a [`HostPort`], one worker thread per queue pair.
 //!
-//! First version: one queue pair, frames copied through a bounce buffer. Offloads
-//! (checksum, TSO both ways, mergeable rx buffers, event index) are negotiated, so the
-//! guest and the host kernel exchange 64 KiB segments, not 1500-byte packets.
+//! A port outlives its frontends. While no frontend is attached (VMM paused, suspended,
+//! restarting) or a receive queue has no buffers, the port's keeper thread moves
+//! inbound frames from the host port into the bounded [`Hold`]; a receive queue
+//! delivers held frames before anything newer, so they arrive in order. Guest frames
+//! pass the identity [`filter`](crate::filter) before they reach the host.
+//!
+//! Offloads (checksum, TSO both ways, mergeable rx buffers, event index) are
+//! negotiated, so the guest and the host kernel exchange 64 KiB segments, not
+//! 1500-byte packets.
 
+use crate::chain;
+use crate::filter::{self, Identity};
+use crate::hold::{Hold, HoldLimits};
 use crate::tap::{HostPort, TUN_F_CSUM, TUN_F_TSO_ECN, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
-use std::io::{self, Read, Write};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackendMut, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
 };
+use vmm_sys_util::eventfd::EventFd;
 
 pub const F_CSUM: u64 = 1 << 0;
 pub const F_GUEST_CSUM: u64 = 1 << 1;
@@ -27,11 +39,13 @@ pub const F_HOST_TSO4: u64 = 1 << 11;
 pub const F_HOST_TSO6: u64 = 1 << 12;
 pub const F_HOST_ECN: u64 = 1 << 13;
 pub const F_MRG_RXBUF: u64 = 1 << 15;
+pub const F_MQ: u64 = 1 << 22;
 pub const F_EVENT_IDX: u64 = 1 << 29;
 pub const F_VERSION_1: u64 = 1 << 32;
 
 /// The virtio-net features this backend implements (the frontend adds the ones it
-/// serves itself, such as MAC and STATUS).
+/// serves itself, such as MAC, STATUS and the control queue; MQ tells it the backend
+/// has more than one queue pair).
 pub const FEATURES: u64 = F_CSUM
     | F_GUEST_CSUM
     | F_GUEST_TSO4
@@ -44,256 +58,573 @@ pub const FEATURES: u64 = F_CSUM
     | F_EVENT_IDX
     | F_VERSION_1;
 
-const RXQ: u16 = 0;
-const TXQ: u16 = 1;
-const QUEUE_SIZE: usize = 256;
-/// Event token of the host port's fd (0..=2 are the queues and the exit event),
-/// registered edge-triggered: it fires when frames arrive, and rx drains the port.
-pub const HOST_PORT_EVENT: u64 = 3;
-/// A direction that stopped at BATCH_MAX with work left reschedules itself here.
-pub const RX_AGAIN_EVENT: u64 = 4;
-pub const TX_AGAIN_EVENT: u64 = 5;
+/// Most queue pairs a port serves (one worker thread each).
+pub const MAX_QUEUE_PAIRS: usize = 16;
+pub const QUEUE_SIZE: usize = 256;
 /// Largest frame either way: a 64 KiB GSO segment, its headers, the virtio-net header.
-const FRAME_MAX: usize = 65_562 + VNET_HDR_LEN;
+pub const FRAME_MAX: usize = 65_562 + VNET_HDR_LEN;
 /// Frames handled per event before yielding, so one busy direction cannot starve
 /// the other.
 const BATCH_MAX: usize = 256;
+/// How often the keeper looks again when nothing woke it.
+const KEEPER_TICK: Duration = Duration::from_millis(200);
 
-#[derive(Default, Debug)]
-pub struct PortStats {
-    pub rx_packets: AtomicU64,
-    pub rx_bytes: AtomicU64,
-    pub tx_packets: AtomicU64,
-    pub tx_bytes: AtomicU64,
-    pub rx_dropped_too_big: AtomicU64,
-    pub tx_dropped_malformed: AtomicU64,
-    pub tx_errors: AtomicU64,
+/// A port's configuration: who the VM is and how much the port may hold for it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PortConfig {
+    pub name: String,
+    pub identity: Identity,
+    pub queue_pairs: usize,
+    pub hold: HoldLimits,
 }
 
-pub struct Port<H: HostPort> {
+/// Live counters of one port.
+#[derive(Default, Debug)]
+struct Counters {
+    rx_packets: AtomicU64,
+    rx_bytes: AtomicU64,
+    tx_packets: AtomicU64,
+    tx_bytes: AtomicU64,
+    rx_held: AtomicU64,
+    rx_drop_hold_full: AtomicU64,
+    rx_drop_too_big: AtomicU64,
+    tx_drop_runt: AtomicU64,
+    tx_drop_spoofed_mac: AtomicU64,
+    tx_drop_spoofed_ip: AtomicU64,
+    tx_drop_spoofed_arp: AtomicU64,
+    tx_drop_ethertype: AtomicU64,
+    tx_drop_malformed: AtomicU64,
+    rx_drop_malformed: AtomicU64,
+    tx_errors: AtomicU64,
+    ring_errors: AtomicU64,
+    connections: AtomicU64,
+}
+
+/// A snapshot of a port's counters (`boxd net stats`). Drops are by reason; `held_*`
+/// is what waits right now, `rx_held` how many frames ever went through the hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PortStats {
+    pub name: String,
+    pub attached: bool,
+    pub connections: u64,
+    pub queue_pairs: usize,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub held_frames: usize,
+    pub held_bytes: usize,
+    pub rx_held: u64,
+    pub rx_drop_hold_full: u64,
+    pub rx_drop_too_big: u64,
+    pub rx_drop_malformed: u64,
+    pub tx_drop_runt: u64,
+    pub tx_drop_spoofed_mac: u64,
+    pub tx_drop_spoofed_ip: u64,
+    pub tx_drop_spoofed_arp: u64,
+    pub tx_drop_ethertype: u64,
+    pub tx_drop_malformed: u64,
+    pub tx_errors: u64,
+    pub ring_errors: u64,
+}
+
+/// Where a queue pair's receive side stands; the keeper reads the host port of any
+/// pair that is not `FLOWING`.
+const DETACHED: u8 = 0;
+const FLOWING: u8 = 1;
+const STALLED: u8 = 2;
+
+struct Pair<H> {
     host: H,
+    buf: Vec<u8>,
+}
+
+struct PairEvents {
+    rx_again: EventFd,
+    tx_again: EventFd,
+}
+
+/// What one frontend connection negotiated.
+#[derive(Default)]
+struct Conn {
     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
     acked: u64,
-    event_idx: bool,
-    exit: (EventConsumer, EventNotifier),
-    /// A frame read from the host port that did not fit the guest's buffers yet.
-    pending: Option<Vec<u8>>,
-    buf: Vec<u8>,
-    rx_again: vmm_sys_util::eventfd::EventFd,
-    tx_again: vmm_sys_util::eventfd::EventFd,
-    pub stats: Arc<PortStats>,
+    exits: Vec<(EventConsumer, EventNotifier)>,
 }
 
-impl<H: HostPort> Port<H> {
-    pub fn new(host: H) -> io::Result<Self> {
-        let exit = new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
-        Ok(Self {
-            host,
-            mem: None,
-            acked: 0,
-            event_idx: false,
-            exit,
-            pending: None,
-            buf: vec![0; FRAME_MAX],
-            rx_again: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)?,
-            tx_again: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)?,
-            stats: Arc::default(),
-        })
+struct Shared<H> {
+    cfg: PortConfig,
+    pairs: Vec<Mutex<Pair<H>>>,
+    events: Vec<PairEvents>,
+    rx_state: Vec<AtomicU8>,
+    host_fds: Vec<RawFd>,
+    hold: Mutex<Hold>,
+    counters: Counters,
+    conn: RwLock<Conn>,
+    keeper_wake: EventFd,
+    closing: AtomicBool,
+}
+
+/// A VM's port; cheap to clone (all clones are the same port).
+pub struct Port<H: HostPort> {
+    shared: Arc<Shared<H>>,
+}
+
+impl<H: HostPort> Clone for Port<H> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A worker that panicked mid-frame leaves nothing half-done that matters more than
+    // keeping the port up: frames are whole or not sent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl<H: HostPort + 'static> Port<H> {
+    /// A port over `hosts`, one host-port queue per queue pair, with its keeper thread
+    /// started (it ends when the port is [closed](Self::close)).
+    pub fn new(cfg: PortConfig, hosts: Vec<H>) -> io::Result<Self> {
+        assert_eq!(
+            cfg.queue_pairs,
+            hosts.len(),
+            "one host queue per queue pair"
+        );
+        let host_fds = hosts.iter().map(|h| h.fd()).collect();
+        let events = (0..hosts.len())
+            .map(|_| {
+                Ok(PairEvents {
+                    rx_again: EventFd::new(libc::EFD_NONBLOCK)?,
+                    tx_again: EventFd::new(libc::EFD_NONBLOCK)?,
+                })
+            })
+            .collect::<io::Result<_>>()?;
+        let shared = Arc::new(Shared {
+            hold: Mutex::new(Hold::new(cfg.hold)),
+            rx_state: (0..hosts.len()).map(|_| AtomicU8::new(DETACHED)).collect(),
+            pairs: hosts
+                .into_iter()
+                .map(|host| {
+                    Mutex::new(Pair {
+                        host,
+                        buf: vec![0; FRAME_MAX],
+                    })
+                })
+                .collect(),
+            events,
+            host_fds,
+            counters: Counters::default(),
+            conn: RwLock::default(),
+            keeper_wake: EventFd::new(libc::EFD_NONBLOCK)?,
+            closing: AtomicBool::new(false),
+            cfg,
+        });
+        let keeper = shared.clone();
+        std::thread::Builder::new()
+            .name(format!("net-keep-{}", keeper.cfg.name))
+            .spawn(move || keeper.keep())?;
+        Ok(Self { shared })
     }
 
-    /// Forgets the previous frontend: a new connection starts with fresh negotiation,
-    /// memory and a fresh exit event (the old one was signalled when the old
-    /// connection's worker threads were told to stop, and would stop the new ones too).
-    pub fn new_connection(&mut self) -> io::Result<()> {
-        self.exit = new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
-        self.mem = None;
-        self.acked = 0;
-        self.event_idx = false;
+    pub fn config(&self) -> &PortConfig {
+        &self.shared.cfg
+    }
+
+    /// Stops the keeper; the host port closes when the last clone is dropped.
+    pub fn close(&self) {
+        self.shared.closing.store(true, Ordering::Release);
+        let _ = self.shared.keeper_wake.write(1);
+    }
+
+    /// Starts afresh for a new frontend connection: new negotiation, no memory, and new
+    /// exit events for the new connection's worker threads (the old ones were
+    /// signalled when the old connection ended).
+    pub fn new_connection(&self) -> io::Result<()> {
+        let exits = (0..self.shared.cfg.queue_pairs)
+            .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC))
+            .collect::<io::Result<_>>()?;
+        *self.shared.conn.write().unwrap_or_else(|e| e.into_inner()) = Conn {
+            exits,
+            ..Conn::default()
+        };
         Ok(())
     }
 
-    /// The fds the daemon's event loop must watch besides the queues, with their tokens
-    /// and whether they are edge-triggered.
-    pub fn listeners(&self) -> [(std::os::fd::RawFd, u64, EventSet); 3] {
-        use std::os::fd::AsRawFd;
+    /// The frontend went away: every receive queue is detached, so the keeper holds
+    /// what arrives until the next one.
+    pub fn disconnected(&self) {
+        for s in &self.shared.rx_state {
+            s.store(DETACHED, Ordering::Release);
+        }
+        self.shared
+            .conn
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .mem = None;
+        let _ = self.shared.keeper_wake.write(1);
+    }
+
+    pub fn connected(&self) {
+        bump(&self.shared.counters.connections);
+    }
+
+    /// The fds worker thread `pair` must watch besides its queues, with their tokens
+    /// and trigger modes. Tokens 0..=2N are the queues and the exit event.
+    pub fn listeners(&self, pair: usize) -> [(RawFd, u64, EventSet); 3] {
+        let base = self.tokens_base();
+        let ev = &self.shared.events[pair];
         [
             (
-                self.host.fd(),
-                HOST_PORT_EVENT,
+                self.shared.host_fds[pair],
+                base,
                 EventSet::IN | EventSet::EDGE_TRIGGERED,
             ),
-            (self.rx_again.as_raw_fd(), RX_AGAIN_EVENT, EventSet::IN),
-            (self.tx_again.as_raw_fd(), TX_AGAIN_EVENT, EventSet::IN),
+            (ev.rx_again.as_raw_fd(), base + 1, EventSet::IN),
+            (ev.tx_again.as_raw_fd(), base + 2, EventSet::IN),
         ]
     }
 
-    fn mrg_rxbuf(&self) -> bool {
-        self.acked & F_MRG_RXBUF != 0
+    fn tokens_base(&self) -> u64 {
+        2 * self.shared.cfg.queue_pairs as u64 + 1
     }
 
-    /// Guest transmit: every chain is one frame with its virtio-net header.
-    fn process_tx(&mut self, vring: &VringRwLock) -> io::Result<()> {
-        let Some(mem) = self.mem.as_ref().map(|m| m.memory()) else {
-            return Ok(());
-        };
+    pub fn stats(&self) -> PortStats {
+        let s = &self.shared;
+        let c = &s.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let hold = lock(&s.hold);
+        PortStats {
+            name: s.cfg.name.clone(),
+            attached: s
+                .rx_state
+                .iter()
+                .any(|r| r.load(Ordering::Acquire) != DETACHED),
+            connections: get(&c.connections),
+            queue_pairs: s.cfg.queue_pairs,
+            rx_packets: get(&c.rx_packets),
+            rx_bytes: get(&c.rx_bytes),
+            tx_packets: get(&c.tx_packets),
+            tx_bytes: get(&c.tx_bytes),
+            held_frames: hold.len(),
+            held_bytes: hold.bytes(),
+            rx_held: get(&c.rx_held),
+            rx_drop_hold_full: get(&c.rx_drop_hold_full),
+            rx_drop_too_big: get(&c.rx_drop_too_big),
+            rx_drop_malformed: get(&c.rx_drop_malformed),
+            tx_drop_runt: get(&c.tx_drop_runt),
+            tx_drop_spoofed_mac: get(&c.tx_drop_spoofed_mac),
+            tx_drop_spoofed_ip: get(&c.tx_drop_spoofed_ip),
+            tx_drop_spoofed_arp: get(&c.tx_drop_spoofed_arp),
+            tx_drop_ethertype: get(&c.tx_drop_ethertype),
+            tx_drop_malformed: get(&c.tx_drop_malformed),
+            tx_errors: get(&c.tx_errors),
+            ring_errors: get(&c.ring_errors),
+        }
+    }
+}
+
+impl<H: HostPort> Shared<H> {
+    fn mem(&self) -> Option<GuestMemoryAtomic<GuestMemoryMmap>> {
+        self.conn
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .mem
+            .clone()
+    }
+
+    fn acked(&self) -> u64 {
+        self.conn.read().unwrap_or_else(|e| e.into_inner()).acked
+    }
+
+    /// The keeper: while a receive queue cannot take frames, reads its host port into
+    /// the hold (dropping and counting past the bound), and nudges a flowing queue to
+    /// deliver what is held.
+    fn keep(&self) {
+        let mut fds = Vec::with_capacity(self.pairs.len() + 1);
+        while !self.closing.load(Ordering::Acquire) {
+            fds.clear();
+            fds.push(libc::pollfd {
+                fd: self.keeper_wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+            for (i, fd) in self.host_fds.iter().enumerate() {
+                if self.rx_state[i].load(Ordering::Acquire) != FLOWING {
+                    fds.push(libc::pollfd {
+                        fd: *fd,
+                        events: libc::POLLIN,
+                        revents: 0,
+                    });
+                }
+            }
+            // SAFETY: `fds` is a valid array of pollfd for the duration of the call.
+            let n = unsafe {
+                libc::poll(
+                    fds.as_mut_ptr(),
+                    fds.len() as libc::nfds_t,
+                    KEEPER_TICK.as_millis() as i32,
+                )
+            };
+            if n <= 0 {
+                continue;
+            }
+            if fds[0].revents != 0 {
+                let _ = self.keeper_wake.read();
+            }
+            for p in &fds[1..] {
+                if p.revents == 0 {
+                    continue;
+                }
+                let Some(i) = self.host_fds.iter().position(|fd| *fd == p.fd) else {
+                    continue;
+                };
+                self.hold_from(i);
+            }
+            if !lock(&self.hold).is_empty() {
+                for (i, s) in self.rx_state.iter().enumerate() {
+                    if s.load(Ordering::Acquire) == FLOWING {
+                        let _ = self.events[i].rx_again.write(1);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads what waits on pair `i`'s host port into the hold.
+    fn hold_from(&self, i: usize) {
+        let mut pair = lock(&self.pairs[i]);
+        if self.rx_state[i].load(Ordering::Acquire) == FLOWING {
+            return;
+        }
+        let Pair { host, buf } = &mut *pair;
+        for _ in 0..BATCH_MAX {
+            match host.recv(buf) {
+                Ok(n) if n >= VNET_HDR_LEN => {
+                    if lock(&self.hold).push(buf[..n].to_vec()) {
+                        bump(&self.counters.rx_held);
+                    } else {
+                        bump(&self.counters.rx_drop_hold_full);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn ring_error(&self, what: &str, e: impl std::fmt::Display) {
+        if self.counters.ring_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::warn!(port = %self.cfg.name, "{what}: {e} (the guest's ring is broken; counted from now on)");
+        }
+    }
+
+    /// Guest transmit on pair `i`: every chain is one frame with its virtio-net header,
+    /// checked against the port's identity before it reaches the host.
+    fn process_tx(&self, i: usize, vring: &VringRwLock) {
+        let Some(mem) = self.mem() else { return };
+        let mem = mem.memory();
+        let c = &self.counters;
+        let mut pair = lock(&self.pairs[i]);
+        let Pair { host, buf } = &mut *pair;
         let mut used = false;
         let mut done = false;
-        vring.disable_notification().map_err(io::Error::other)?;
+        if let Err(e) = vring.disable_notification() {
+            return self.ring_error("tx: disable notification", e);
+        }
         for _ in 0..BATCH_MAX {
             let chain = vring
                 .get_mut()
                 .get_queue_mut()
                 .pop_descriptor_chain(mem.clone());
             let Some(chain) = chain else {
-                if vring.enable_notification().map_err(io::Error::other)? {
-                    continue; // the driver added more meanwhile
+                match vring.enable_notification() {
+                    Ok(true) => continue, // the driver added more meanwhile
+                    Ok(false) => {}
+                    Err(e) => self.ring_error("tx: enable notification", e),
                 }
                 done = true;
                 break;
             };
             let head = chain.head_index();
-            let len = match chain.clone().reader(&mem) {
-                Ok(mut r)
-                    if r.available_bytes() >= VNET_HDR_LEN && r.available_bytes() <= FRAME_MAX =>
-                {
-                    let n = r.available_bytes();
-                    r.read_exact(&mut self.buf[..n]).map(|()| n).ok()
-                }
-                _ => None,
-            };
-            match len {
-                Some(n) => match self.host.send(&self.buf[..n]) {
-                    Ok(()) => {
-                        self.stats.tx_packets.fetch_add(1, Ordering::Relaxed);
-                        self.stats
-                            .tx_bytes
-                            .fetch_add((n - VNET_HDR_LEN) as u64, Ordering::Relaxed);
-                    }
-                    Err(_) => {
-                        self.stats.tx_errors.fetch_add(1, Ordering::Relaxed);
-                    }
+            match chain::read_tx(chain, buf) {
+                Ok(n) => match filter::check(&buf[..n], &self.cfg.identity) {
+                    Ok(()) => match host.send(&buf[..n]) {
+                        Ok(()) => {
+                            bump(&c.tx_packets);
+                            c.tx_bytes
+                                .fetch_add((n - VNET_HDR_LEN) as u64, Ordering::Relaxed);
+                        }
+                        Err(_) => bump(&c.tx_errors),
+                    },
+                    Err(filter::Drop::Runt) => bump(&c.tx_drop_runt),
+                    Err(filter::Drop::SpoofedMac) => bump(&c.tx_drop_spoofed_mac),
+                    Err(filter::Drop::SpoofedIp) => bump(&c.tx_drop_spoofed_ip),
+                    Err(filter::Drop::SpoofedArp) => bump(&c.tx_drop_spoofed_arp),
+                    Err(filter::Drop::Ethertype) => bump(&c.tx_drop_ethertype),
                 },
-                None => {
-                    self.stats
-                        .tx_dropped_malformed
-                        .fetch_add(1, Ordering::Relaxed);
-                }
+                Err(_) => bump(&c.tx_drop_malformed),
             }
-            vring.add_used(head, 0).map_err(io::Error::other)?;
+            if let Err(e) = vring.add_used(head, 0) {
+                return self.ring_error("tx: used ring", e);
+            }
             used = true;
         }
         if !done {
             // Work left and notifications off: come back after the others had a turn.
-            self.tx_again.write(1)?;
+            let _ = self.events[i].tx_again.write(1);
         }
-        if used && vring.needs_notification().map_err(io::Error::other)? {
-            vring.signal_used_queue()?;
+        if used && vring.needs_notification().unwrap_or(true) {
+            let _ = vring.signal_used_queue();
         }
-        Ok(())
     }
 
-    /// Guest receive: frames from the host port into the guest's rx buffers, spread
-    /// over several buffers when mergeable rx buffers were negotiated.
-    fn process_rx(&mut self, vring: &VringRwLock) -> io::Result<()> {
-        let Some(mem) = self.mem.as_ref().map(|m| m.memory()) else {
-            return Ok(());
-        };
+    /// Guest receive on pair `i`: held frames first, then the host port's, into the
+    /// guest's rx buffers, spread over several buffers when mergeable rx buffers were
+    /// negotiated. A frame that does not fit yet goes to the hold, and the pair stalls
+    /// until the guest adds buffers.
+    fn process_rx(&self, i: usize, vring: &VringRwLock) {
+        let Some(mem) = self.mem() else { return };
+        let mem = mem.memory();
+        if !vring.get_ref().get_queue().ready() {
+            return; // stopped (GET_VRING_BASE) or not set up yet
+        }
+        let mrg = self.acked() & F_MRG_RXBUF != 0;
+        let c = &self.counters;
+        let mut pair = lock(&self.pairs[i]);
+        self.rx_state[i].store(FLOWING, Ordering::Release);
+        let Pair { host, buf } = &mut *pair;
         let mut used = false;
         let mut done = false;
         for _ in 0..BATCH_MAX {
-            let mut frame = match self.pending.take() {
+            let held = lock(&self.hold).pop();
+            let from_hold = held.is_some();
+            let mut frame = match held {
                 Some(f) => f,
-                None => match self.host.recv(&mut self.buf) {
-                    Ok(n) if n >= VNET_HDR_LEN => self.buf[..n].to_vec(),
+                None => match host.recv(buf) {
+                    Ok(n) if n >= VNET_HDR_LEN => buf[..n].to_vec(),
                     Ok(_) => continue,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         done = true;
                         break;
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(port = %self.cfg.name, "host port read: {e}");
+                        done = true;
+                        break;
+                    }
                 },
             };
             // Collect enough buffers for the whole frame before writing any of it.
             let mut chains = Vec::new();
             let mut room = 0usize;
-            let mut queue = vring.get_mut();
-            while room < frame.len()
-                && (chains.is_empty() || self.mrg_rxbuf())
-                && chains.len() < QUEUE_SIZE
-            {
-                let Some(chain) = queue.get_queue_mut().pop_descriptor_chain(mem.clone()) else {
+            let mut broken = false;
+            let mut state = vring.get_mut();
+            while room < frame.len() && (chains.is_empty() || mrg) && chains.len() < QUEUE_SIZE {
+                let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) else {
                     break;
                 };
-                let cap = chain
-                    .clone()
-                    .writer(&mem)
-                    .map(|w| w.available_bytes())
-                    .unwrap_or(0);
-                room += cap;
-                chains.push((chain, cap));
-            }
-            if room < frame.len() {
-                let exhausted =
-                    chains.len() == QUEUE_SIZE || (!self.mrg_rxbuf() && !chains.is_empty());
-                for _ in 0..chains.len() {
-                    queue.get_queue_mut().go_to_previous_position();
+                match chain::rx_room(chain.clone()) {
+                    Ok(cap) => {
+                        room += cap;
+                        chains.push((chain, cap));
+                    }
+                    Err(_) => {
+                        // Hand the bad buffer back empty and count it.
+                        bump(&c.rx_drop_malformed);
+                        if let Err(e) = state.add_used(chain.head_index(), 0) {
+                            broken = true;
+                            self.ring_error("rx: used ring", e);
+                            break;
+                        }
+                        used = true;
+                    }
                 }
-                drop(queue);
+            }
+            if room < frame.len() || broken {
+                let exhausted =
+                    !broken && (chains.len() == QUEUE_SIZE || (!mrg && !chains.is_empty()));
+                for _ in 0..chains.len() {
+                    state.get_queue_mut().go_to_previous_position();
+                }
+                drop(state);
                 if exhausted {
                     // It can never fit (no mergeable buffers and a small buffer).
-                    self.stats
-                        .rx_dropped_too_big
-                        .fetch_add(1, Ordering::Relaxed);
+                    bump(&c.rx_drop_too_big);
                     continue;
                 }
-                // Out of buffers: keep the frame and wait for the guest's next kick.
-                self.pending = Some(frame);
-                if vring.enable_notification().map_err(io::Error::other)? {
-                    continue;
+                // Out of buffers: the frame waits in the hold, in its place.
+                let mut hold = lock(&self.hold);
+                if from_hold {
+                    hold.unpop(frame);
+                } else if hold.push(frame) {
+                    bump(&c.rx_held);
+                } else {
+                    bump(&c.rx_drop_hold_full);
                 }
+                drop(hold);
+                if broken {
+                    done = true;
+                    break;
+                }
+                match vring.enable_notification() {
+                    Ok(true) => continue,
+                    Ok(false) => {}
+                    Err(e) => self.ring_error("rx: enable notification", e),
+                }
+                self.rx_state[i].store(STALLED, Ordering::Release);
+                let _ = self.keeper_wake.write(1);
                 done = true;
                 break;
             }
-            drop(queue);
+            drop(state);
             // num_buffers (bytes 10..12 of the header) says how many buffers follow.
-            frame[10..12].copy_from_slice(&(chains.len() as u16).to_le_bytes());
+            let buffers = chains.len() as u16;
+            frame[10..12].copy_from_slice(&buffers.to_le_bytes());
             let mut offset = 0;
             for (chain, cap) in chains {
                 let head = chain.head_index();
                 let n = cap.min(frame.len() - offset);
-                let mut w = chain.writer(&mem).map_err(io::Error::other)?;
-                w.write_all(&frame[offset..offset + n])?;
+                let written = chain::write_rx(chain, &frame[offset..offset + n]).unwrap_or(0);
                 offset += n;
-                vring.add_used(head, n as u32).map_err(io::Error::other)?;
+                if let Err(e) = vring.add_used(head, written as u32) {
+                    self.ring_error("rx: used ring", e);
+                    break;
+                }
                 if offset == frame.len() {
                     break;
                 }
             }
             used = true;
-            self.stats.rx_packets.fetch_add(1, Ordering::Relaxed);
-            self.stats
-                .rx_bytes
+            bump(&c.rx_packets);
+            c.rx_bytes
                 .fetch_add((frame.len() - VNET_HDR_LEN) as u64, Ordering::Relaxed);
         }
         if !done {
-            // The port is edge-triggered: frames left unread would wait for the next
-            // arrival, so come back for them after the others had a turn.
-            self.rx_again.write(1)?;
+            // The host port is edge-triggered: frames left unread would wait for the
+            // next arrival, so come back for them after the others had a turn.
+            let _ = self.events[i].rx_again.write(1);
         }
-        if used && vring.needs_notification().map_err(io::Error::other)? {
-            vring.signal_used_queue()?;
+        if used && vring.needs_notification().unwrap_or(true) {
+            let _ = vring.signal_used_queue();
         }
-        Ok(())
     }
 }
 
-impl<H: HostPort + Sync + 'static> VhostUserBackendMut for Port<H> {
+impl<H: HostPort + 'static> VhostUserBackend for Port<H> {
     type Bitmap = ();
     type Vring = VringRwLock;
 
     fn num_queues(&self) -> usize {
-        2
+        2 * self.shared.cfg.queue_pairs
     }
 
     fn max_queue_size(&self) -> usize {
@@ -301,11 +632,20 @@ impl<H: HostPort + Sync + 'static> VhostUserBackendMut for Port<H> {
     }
 
     fn features(&self) -> u64 {
-        FEATURES | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        let mq = if self.shared.cfg.queue_pairs > 1 {
+            F_MQ
+        } else {
+            0
+        };
+        FEATURES | mq | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
-    fn acked_features(&mut self, features: u64) {
-        self.acked = features;
+    fn acked_features(&self, features: u64) {
+        self.shared
+            .conn
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .acked = features;
         let mut tun = 0;
         if features & F_GUEST_CSUM != 0 {
             tun |= TUN_F_CSUM;
@@ -319,48 +659,83 @@ impl<H: HostPort + Sync + 'static> VhostUserBackendMut for Port<H> {
                 tun |= TUN_F_TSO_ECN;
             }
         }
-        if let Err(e) = self.host.set_offloads(tun) {
-            tracing::warn!("cannot set the host port's offloads to {tun:#x}: {e}");
+        for pair in &self.shared.pairs {
+            if let Err(e) = lock(pair).host.set_offloads(tun) {
+                tracing::warn!(port = %self.shared.cfg.name, "cannot set the host port's offloads to {tun:#x}: {e}");
+            }
         }
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::REPLY_ACK
+        VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::MQ
     }
 
-    fn set_event_idx(&mut self, enabled: bool) {
-        self.event_idx = enabled;
-    }
+    fn set_event_idx(&self, _enabled: bool) {}
 
-    fn update_memory(&mut self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        self.mem = Some(mem);
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        self.shared
+            .conn
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .mem = Some(mem);
         Ok(())
     }
 
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        Some((self.exit.0.try_clone().ok()?, self.exit.1.try_clone().ok()?))
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.shared.cfg.queue_pairs)
+            .map(|p| 0b11u64 << (2 * p))
+            .collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let conn = self.shared.conn.read().unwrap_or_else(|e| e.into_inner());
+        let (c, n) = conn.exits.get(thread_index)?;
+        Some((c.try_clone().ok()?, n.try_clone().ok()?))
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE: the frontend is stopping (pause, snapshot, reset); frames
+        // for a stopped receive queue wait in the hold.
+        let pair = queue_index as usize / 2;
+        if queue_index.is_multiple_of(2)
+            && let Some(s) = self.shared.rx_state.get(pair)
+        {
+            // Wait out a worker mid-delivery before declaring the queue detached.
+            let _guard = lock(&self.shared.pairs[pair]);
+            s.store(DETACHED, Ordering::Release);
+            let _ = self.shared.keeper_wake.write(1);
+        }
+        Ok(())
     }
 
     fn handle_event(
-        &mut self,
+        &self,
         device_event: u16,
         _evset: EventSet,
         vrings: &[VringRwLock],
-        _thread: usize,
+        thread: usize,
     ) -> io::Result<()> {
-        let (rx, tx) = (&vrings[RXQ as usize], &vrings[TXQ as usize]);
+        // Each worker thread serves one pair: its vrings are [rx, tx] and its events
+        // are numbered within the thread.
+        let (Some(rx), Some(tx)) = (vrings.first(), vrings.get(1)) else {
+            return Ok(());
+        };
+        let base = self.tokens_base();
+        let ev = &self.shared.events[thread];
         match u64::from(device_event) {
-            RX_AGAIN_EVENT => {
-                let _ = self.rx_again.read();
-                self.process_rx(rx)
+            0 => self.shared.process_rx(thread, rx),
+            1 => self.shared.process_tx(thread, tx),
+            e if e == base => self.shared.process_rx(thread, rx),
+            e if e == base + 1 => {
+                let _ = ev.rx_again.read();
+                self.shared.process_rx(thread, rx)
             }
-            TX_AGAIN_EVENT => {
-                let _ = self.tx_again.read();
-                self.process_tx(tx)
+            e if e == base + 2 => {
+                let _ = ev.tx_again.read();
+                self.shared.process_tx(thread, tx)
             }
-            e if e == u64::from(RXQ) || e == HOST_PORT_EVENT => self.process_rx(rx),
-            e if e == u64::from(TXQ) => self.process_tx(tx),
-            _ => Ok(()),
+            _ => {}
         }
+        Ok(())
     }
 }

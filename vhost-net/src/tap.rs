@@ -12,6 +12,7 @@ pub const VNET_HDR_LEN: usize = 12;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
+const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
@@ -69,9 +70,10 @@ fn ioctl_err(name: &str, what: &'static str) -> TapError {
 }
 
 impl Tap {
-    /// Creates (or attaches to) the TAP device `name`, non-blocking, with the 12-byte
-    /// virtio-net header.
-    pub fn open(name: &str) -> Result<Self, TapError> {
+    /// Creates (or attaches to) the TAP device `name` with `queues` queues (one fd
+    /// each, so each vring thread has its own), non-blocking, with the 12-byte
+    /// virtio-net header, and brings the link up.
+    pub fn open(name: &str, queues: usize) -> Result<Vec<Self>, TapError> {
         if name.is_empty()
             || name.len() > 15
             || !name
@@ -80,6 +82,19 @@ impl Tap {
         {
             return Err(TapError::BadName(name.into()));
         }
+        assert!(queues >= 1, "a TAP has at least one queue");
+        let mut taps = Vec::with_capacity(queues);
+        for _ in 0..queues {
+            taps.push(Self::open_queue(name)?);
+        }
+        // The VM's link is IPv4 (the filter drops guest IPv6), so the host side keeps
+        // its IPv6 chatter (router solicitations, MLD) off it, and out of the hold.
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+        taps[0].set_up()?;
+        Ok(taps)
+    }
+
+    fn open_queue(name: &str) -> Result<Self, TapError> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -88,7 +103,7 @@ impl Tap {
             .map_err(TapError::Open)?;
         let mut req = IfReq {
             name: [0; 16],
-            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
+            flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE,
             _pad: [0; 22],
         };
         req.name[..name.len()].copy_from_slice(name.as_bytes());
@@ -101,12 +116,10 @@ impl Tap {
         if unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &hdr_len) } < 0 {
             return Err(ioctl_err(name, "TUNSETVNETHDRSZ"));
         }
-        let tap = Self {
+        Ok(Self {
             file,
             name: name.to_string(),
-        };
-        tap.set_up()?;
-        Ok(tap)
+        })
     }
 
     pub fn name(&self) -> &str {

@@ -1,5 +1,6 @@
 //! `boxd`: every role of a boxd host in one binary, chosen by subcommand.
 
+mod net;
 mod vmm;
 
 use clap::{Parser, Subcommand};
@@ -25,26 +26,10 @@ enum Command {
     /// The vhost-user network backend.
     Net {
         #[command(subcommand)]
-        command: NetCommand,
+        command: net::NetCommand,
     },
     /// The in-guest agent (started by systemd inside every VM).
     Agent,
-}
-
-#[derive(Subcommand)]
-enum NetCommand {
-    /// Serve one VM port: a vhost-user socket for the VMM, a TAP device for the host.
-    Port {
-        /// The vhost-user socket the VMM connects to (`boxd vmm run --net`).
-        #[arg(long)]
-        socket: std::path::PathBuf,
-        /// The TAP device to create (or attach to) for the host side.
-        #[arg(long)]
-        tap: String,
-        /// Stop after this many VMM connections have come and gone (default: never).
-        #[arg(long)]
-        connections: Option<u64>,
-    },
 }
 
 fn main() {
@@ -57,16 +42,7 @@ fn main() {
         .init();
     let result = match Cli::parse().command {
         Command::Vmm { command } => vmm::main(command),
-        Command::Net {
-            command:
-                NetCommand::Port {
-                    socket,
-                    tap,
-                    connections,
-                },
-        } => boxd_vhost_net::serve_port(&socket, &tap, connections)
-            .map(|()| 0)
-            .map_err(Into::into),
+        Command::Net { command } => net::main(command),
         Command::Agent => boxd_agent::server::run()
             .map(|()| 0)
             .map_err(|e| anyhow::anyhow!("agent: {e}")),

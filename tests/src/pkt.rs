@@ -1,0 +1,489 @@
+//! Frames for driving the network backend without a guest: Ethernet/IPv4/UDP/TCP
+//! builders and parsers, with virtio-net headers (checksum and segmentation offload
+//! requests) in front, as a guest's driver would write them.
+
+/// virtio-net header flags and GSO types.
+pub const NEEDS_CSUM: u8 = 1;
+pub const DATA_VALID: u8 = 2;
+pub const GSO_NONE: u8 = 0;
+pub const GSO_TCPV4: u8 = 1;
+pub const VNET_HDR_LEN: usize = 12;
+pub const ETH: usize = 14;
+
+pub const GUEST_MAC: [u8; 6] = [0x06, 0xb0, 0xc5, 0, 0, 2];
+pub const GUEST_IP: [u8; 4] = [10, 0, 0, 2];
+pub const HOST_IP: [u8; 4] = [10, 0, 0, 1];
+
+/// The virtio-net header a frame starts with.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VnetHdr {
+    pub flags: u8,
+    pub gso_type: u8,
+    pub hdr_len: u16,
+    pub gso_size: u16,
+    pub csum_start: u16,
+    pub csum_offset: u16,
+}
+
+impl VnetHdr {
+    pub fn bytes(&self) -> [u8; VNET_HDR_LEN] {
+        let mut b = [0u8; VNET_HDR_LEN];
+        b[0] = self.flags;
+        b[1] = self.gso_type;
+        b[2..4].copy_from_slice(&self.hdr_len.to_le_bytes());
+        b[4..6].copy_from_slice(&self.gso_size.to_le_bytes());
+        b[6..8].copy_from_slice(&self.csum_start.to_le_bytes());
+        b[8..10].copy_from_slice(&self.csum_offset.to_le_bytes());
+        b
+    }
+
+    pub fn parse(b: &[u8]) -> Self {
+        Self {
+            flags: b[0],
+            gso_type: b[1],
+            hdr_len: u16::from_le_bytes([b[2], b[3]]),
+            gso_size: u16::from_le_bytes([b[4], b[5]]),
+            csum_start: u16::from_le_bytes([b[6], b[7]]),
+            csum_offset: u16::from_le_bytes([b[8], b[9]]),
+        }
+    }
+}
+
+/// The Internet checksum of `data`, folded, starting from `sum`.
+pub fn csum(mut sum: u32, data: &[u8]) -> u16 {
+    for c in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn pseudo(src: [u8; 4], dst: [u8; 4], proto: u8, len: usize) -> u32 {
+    let mut s = 0u32;
+    for c in src.chunks(2).chain(dst.chunks(2)) {
+        s += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    s + u32::from(proto) + len as u32
+}
+
+/// An Ethernet + IPv4 frame around `l4` (protocol `proto`), IPv4 checksum filled in.
+pub fn ipv4_frame(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    proto: u8,
+    l4: &[u8],
+) -> Vec<u8> {
+    let mut f = Vec::with_capacity(ETH + 20 + l4.len());
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    let total = (20 + l4.len()) as u16;
+    let mut ip = [0u8; 20];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&total.to_be_bytes());
+    ip[6] = 0x40; // don't fragment
+    ip[8] = 64;
+    ip[9] = proto;
+    ip[12..16].copy_from_slice(&src);
+    ip[16..20].copy_from_slice(&dst);
+    let c = csum(0, &ip);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(l4);
+    f
+}
+
+/// A UDP datagram frame with a full checksum.
+pub fn udp_frame(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: ([u8; 4], u16),
+    dst: ([u8; 4], u16),
+    payload: &[u8],
+) -> Vec<u8> {
+    let len = 8 + payload.len();
+    let mut u = Vec::with_capacity(len);
+    u.extend_from_slice(&src.1.to_be_bytes());
+    u.extend_from_slice(&dst.1.to_be_bytes());
+    u.extend_from_slice(&(len as u16).to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(payload);
+    let c = csum(pseudo(src.0, dst.0, 17, len), &u);
+    u[6..8].copy_from_slice(&c.to_be_bytes());
+    ipv4_frame(src_mac, dst_mac, src.0, dst.0, 17, &u)
+}
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_PSH: u8 = 0x08;
+pub const TCP_ACK: u8 = 0x10;
+
+/// A TCP segment as the guest sends it: the checksum is left to the host (virtio-net
+/// NEEDS_CSUM, the pseudo-header sum in place), and a payload longer than `mss` asks
+/// the host to segment it (GSO TCPv4).
+#[allow(clippy::too_many_arguments)]
+pub fn tcp_guest_frame(
+    dst_mac: [u8; 6],
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    window: u16,
+    opts: &[u8],
+    payload: &[u8],
+    mss: u16,
+) -> Vec<u8> {
+    assert!(
+        opts.len().is_multiple_of(4) && opts.len() <= 40,
+        "TCP options come in words"
+    );
+    let thl = 20 + opts.len();
+    let mut t = vec![0u8; 20];
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&dport.to_be_bytes());
+    t[4..8].copy_from_slice(&seq.to_be_bytes());
+    t[8..12].copy_from_slice(&ack.to_be_bytes());
+    t[12] = ((thl / 4) as u8) << 4;
+    t[13] = flags;
+    t[14..16].copy_from_slice(&window.to_be_bytes());
+    t.extend_from_slice(opts);
+    t.extend_from_slice(payload);
+    // NEEDS_CSUM: the checksum field carries the folded pseudo-header sum.
+    let p = pseudo(GUEST_IP, HOST_IP, 6, t.len());
+    let folded = !csum(p, &[]);
+    t[16..18].copy_from_slice(&folded.to_be_bytes());
+    let gso = payload.len() > usize::from(mss);
+    let hdr = VnetHdr {
+        flags: NEEDS_CSUM,
+        gso_type: if gso { GSO_TCPV4 } else { GSO_NONE },
+        hdr_len: if gso { (ETH + 20 + thl) as u16 } else { 0 },
+        gso_size: if gso { mss } else { 0 },
+        csum_start: (ETH + 20) as u16,
+        csum_offset: 16,
+    };
+    let mut f = hdr.bytes().to_vec();
+    f.extend_from_slice(&ipv4_frame(GUEST_MAC, dst_mac, GUEST_IP, HOST_IP, 6, &t));
+    f
+}
+
+/// The parts of a received TCP/IPv4 frame (virtio-net header first) a test needs.
+#[derive(Debug, Clone)]
+pub struct TcpSeg {
+    pub hdr: VnetHdr,
+    pub src_mac: [u8; 6],
+    pub sport: u16,
+    pub dport: u16,
+    pub seq: u32,
+    pub ack: u32,
+    pub flags: u8,
+    pub window: u16,
+    /// The window scale option (SYN segments only).
+    pub wscale: Option<u8>,
+    pub payload: Vec<u8>,
+}
+
+pub fn parse_tcp(frame: &[u8]) -> Option<TcpSeg> {
+    let hdr = VnetHdr::parse(frame.get(..VNET_HDR_LEN)?);
+    let eth = &frame[VNET_HDR_LEN..];
+    if eth.get(12..14)? != [8, 0] {
+        return None;
+    }
+    let ip = &eth[ETH..];
+    let ihl = usize::from(ip.first()? & 0xf) * 4;
+    if *ip.get(9)? != 6 {
+        return None;
+    }
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let t = ip.get(ihl..total)?;
+    let off = usize::from(t.get(12)? >> 4) * 4;
+    let mut wscale = None;
+    let mut o = t.get(20..off)?;
+    while let Some(&kind) = o.first() {
+        match kind {
+            0 => break,
+            1 => o = &o[1..],
+            _ => {
+                let len = usize::from(*o.get(1)?).max(2);
+                if kind == 3 {
+                    wscale = o.get(2).copied();
+                }
+                o = o.get(len..)?;
+            }
+        }
+    }
+    Some(TcpSeg {
+        wscale,
+        hdr,
+        src_mac: eth[6..12].try_into().ok()?,
+        sport: u16::from_be_bytes([t[0], t[1]]),
+        dport: u16::from_be_bytes([t[2], t[3]]),
+        seq: u32::from_be_bytes([t[4], t[5], t[6], t[7]]),
+        ack: u32::from_be_bytes([t[8], t[9], t[10], t[11]]),
+        flags: t[13],
+        window: u16::from_be_bytes([t[14], t[15]]),
+        payload: t.get(off..)?.to_vec(),
+    })
+}
+
+/// An ARP reply from the guest telling the host where `GUEST_IP` is.
+pub fn arp_reply(dst_mac: [u8; 6], dst_ip: [u8; 4]) -> Vec<u8> {
+    let mut f = vec![0u8; VNET_HDR_LEN];
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&GUEST_MAC);
+    f.extend_from_slice(&0x0806u16.to_be_bytes());
+    f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 2]);
+    f.extend_from_slice(&GUEST_MAC);
+    f.extend_from_slice(&GUEST_IP);
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&dst_ip);
+    f
+}
+
+/// If `frame` is an ARP request for `GUEST_IP`, the asker's MAC and address.
+pub fn arp_request_for_guest(frame: &[u8]) -> Option<([u8; 6], [u8; 4])> {
+    let eth = frame.get(VNET_HDR_LEN..)?;
+    if eth.get(12..14)? != [8, 6] || eth.get(20..22)? != [0, 1] || eth.get(38..42)? != GUEST_IP {
+        return None;
+    }
+    Some((eth[22..28].try_into().ok()?, eth[28..32].try_into().ok()?))
+}
+
+/// TCP options of our SYNs: MSS 1460, window scale 7 (so windows can exceed 64 KiB).
+pub const SYN_OPTS: [u8; 8] = [2, 4, 0x05, 0xb4, 1, 3, 3, 7];
+
+/// Sequence-space comparison: a is before b.
+fn before(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) < 0
+}
+
+/// A minimal TCP endpoint on the guest side of a test frontend: just enough to
+/// exchange a bulk stream with the host's real TCP stack through the backend, with
+/// checksums left to the host (NEEDS_CSUM) and TSO segments both ways.
+pub struct GuestTcp<'a> {
+    pub fe: &'a mut boxd_vhost_net::frontend::Frontend,
+    pub pair: usize,
+    pub host_mac: [u8; 6],
+    pub deadline: std::time::Instant,
+    /// Frames received with a GSO type (host-side TSO reaching the guest whole).
+    pub gso_frames: usize,
+    /// Largest frame received.
+    pub largest: usize,
+}
+
+impl GuestTcp<'_> {
+    fn expired(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            std::time::Instant::now() < self.deadline,
+            "TCP exchange timed out"
+        );
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn send(
+        &mut self,
+        sport: u16,
+        dport: u16,
+        seq: u32,
+        ack: u32,
+        flags: u8,
+        opts: &[u8],
+        payload: &[u8],
+        flush: bool,
+    ) -> anyhow::Result<bool> {
+        let f = tcp_guest_frame(
+            self.host_mac,
+            sport,
+            dport,
+            seq,
+            ack,
+            flags,
+            u16::MAX,
+            opts,
+            payload,
+            1448,
+        );
+        let q = self.fe.queue_tx(self.pair, &f)?;
+        if flush || !q {
+            self.fe.flush(2 * self.pair + 1)?;
+        }
+        Ok(q)
+    }
+
+    /// The next TCP segment from the host, answering ARP on the way.
+    fn next(&mut self, wait: std::time::Duration) -> anyhow::Result<Option<TcpSeg>> {
+        let until = std::time::Instant::now() + wait;
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            let Some(f) = self.fe.recv(self.pair, left)? else {
+                return Ok(None);
+            };
+            if let Some((mac, ip)) = arp_request_for_guest(&f) {
+                self.fe.send(self.pair, &arp_reply(mac, ip))?;
+                continue;
+            }
+            if let Some(seg) = parse_tcp(&f) {
+                self.largest = self.largest.max(f.len());
+                if seg.hdr.gso_type != GSO_NONE {
+                    self.gso_frames += 1;
+                }
+                return Ok(Some(seg));
+            }
+        }
+    }
+
+    /// Connects to the host's listener on `dport` and sends `data` in segments of up to
+    /// `seg` bytes (TSO), within the host's window; returns when all is acknowledged.
+    pub fn send_stream(
+        &mut self,
+        sport: u16,
+        dport: u16,
+        data: &[u8],
+        seg: usize,
+    ) -> anyhow::Result<()> {
+        let isn = 1000u32;
+        let (host_isn, mut window, host_ws) = loop {
+            self.expired()?;
+            self.send(sport, dport, isn, 0, TCP_SYN, &SYN_OPTS, &[], true)?;
+            if let Some(s) = self.next(std::time::Duration::from_millis(500))?
+                && s.sport == dport
+                && s.flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK
+                && s.ack == isn + 1
+            {
+                break (s.seq, u32::from(s.window), u32::from(s.wscale.unwrap_or(0)));
+            }
+        };
+        let ack = host_isn.wrapping_add(1);
+        self.send(sport, dport, isn + 1, ack, TCP_ACK, &[], &[], true)?;
+        let base = isn + 1;
+        let end = base.wrapping_add(data.len() as u32);
+        let (mut acked, mut next) = (base, base);
+        let mut last_progress = std::time::Instant::now();
+        while before(acked, end) {
+            self.expired()?;
+            let mut sent = false;
+            while before(next, end) {
+                let off = next.wrapping_sub(base) as usize;
+                let n = seg.min(data.len() - off);
+                if next.wrapping_sub(acked) as usize + n > window as usize {
+                    break;
+                }
+                if !self.send(
+                    sport,
+                    dport,
+                    next,
+                    ack,
+                    TCP_ACK | TCP_PSH,
+                    &[],
+                    &data[off..off + n],
+                    false,
+                )? {
+                    break; // ring full: let the backend drain it
+                }
+                next = next.wrapping_add(n as u32);
+                sent = true;
+            }
+            if sent {
+                self.fe.flush(2 * self.pair + 1)?;
+            }
+            self.fe.reclaim_tx(self.pair);
+            while let Some(s) =
+                self.next(std::time::Duration::from_millis(if sent { 0 } else { 5 }))?
+            {
+                if s.sport == dport && s.flags & TCP_ACK != 0 {
+                    if before(acked, s.ack) {
+                        acked = s.ack;
+                        last_progress = std::time::Instant::now();
+                    }
+                    window = u32::from(s.window) << host_ws;
+                }
+                if self.fe.used_pending(2 * self.pair) == 0 {
+                    break;
+                }
+            }
+            if last_progress.elapsed() > std::time::Duration::from_millis(300) {
+                next = acked; // go back: something was lost
+                last_progress = std::time::Instant::now();
+            }
+        }
+        self.send(sport, dport, end, ack, TCP_ACK | TCP_FIN, &[], &[], true)?;
+        Ok(())
+    }
+
+    /// Accepts the host's connection to `port` and reads until the host closes it;
+    /// returns what arrived.
+    pub fn accept_stream(&mut self, port: u16, limit: usize) -> anyhow::Result<Vec<u8>> {
+        let isn = 5000u32;
+        let (peer, host_isn) = loop {
+            self.expired()?;
+            if let Some(s) = self.next(std::time::Duration::from_millis(200))?
+                && s.dport == port
+                && s.flags & TCP_SYN != 0
+            {
+                break (s.sport, s.seq);
+            }
+        };
+        let mut expected = host_isn.wrapping_add(1);
+        // Our window: 65535 scaled by 2^7 (SYN_OPTS), 8 MiB.
+        self.send(
+            port,
+            peer,
+            isn,
+            expected,
+            TCP_SYN | TCP_ACK,
+            &SYN_OPTS,
+            &[],
+            true,
+        )?;
+        let mut data = Vec::new();
+        loop {
+            self.expired()?;
+            let Some(s) = self.next(std::time::Duration::from_millis(500))? else {
+                // Nothing new: repeat the last acknowledgement.
+                self.send(port, peer, isn + 1, expected, TCP_ACK, &[], &[], true)?;
+                continue;
+            };
+            if s.dport != port || s.sport != peer {
+                continue;
+            }
+            if s.flags & TCP_SYN != 0 {
+                // Our SYN-ACK was lost: send it again.
+                self.send(
+                    port,
+                    peer,
+                    isn,
+                    expected,
+                    TCP_SYN | TCP_ACK,
+                    &SYN_OPTS,
+                    &[],
+                    true,
+                )?;
+                continue;
+            }
+            if s.seq == expected && !s.payload.is_empty() {
+                anyhow::ensure!(
+                    data.len() + s.payload.len() <= limit,
+                    "more than {limit} bytes"
+                );
+                data.extend_from_slice(&s.payload);
+                expected = expected.wrapping_add(s.payload.len() as u32);
+            }
+            let fin =
+                s.flags & TCP_FIN != 0 && s.seq.wrapping_add(s.payload.len() as u32) == expected;
+            if fin {
+                expected = expected.wrapping_add(1);
+            }
+            let flags = if fin { TCP_ACK | TCP_FIN } else { TCP_ACK };
+            self.send(port, peer, isn + 1, expected, flags, &[], &[], true)?;
+            if fin {
+                return Ok(data);
+            }
+        }
+    }
+}
