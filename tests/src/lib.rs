@@ -3,6 +3,7 @@
 pub mod guest;
 pub mod net;
 pub mod pkt;
+pub mod qemu;
 pub mod testhost;
 
 use std::path::{Path, PathBuf};

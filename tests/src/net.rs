@@ -102,7 +102,10 @@ impl Drop for NetDaemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // BOXD_KEEP=1 keeps the daemon's log, sockets and guest consoles for a look.
+        if std::env::var_os("BOXD_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -299,4 +302,56 @@ impl PacketSocket {
             return Ok(Some(buf[..n as usize].to_vec()));
         }
     }
+}
+
+/// A tiny HTTP/1.1 server for guests: `GET /blob` answers `blob`, `PUT /...` stores the
+/// body. Serves `conns` connections (one request each) and returns the uploaded bodies.
+pub fn http_serve(
+    listener: std::net::TcpListener,
+    blob: &[u8],
+    conns: usize,
+) -> Result<Vec<Vec<u8>>> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut uploads = Vec::new();
+    for _ in 0..conns {
+        let (s, _) = listener.accept()?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let mut out = s.try_clone()?;
+        let mut r = BufReader::new(s);
+        let mut request = String::new();
+        r.read_line(&mut request)?;
+        let (mut length, mut expect) = (0usize, false);
+        for _ in 0..100 {
+            let mut h = String::new();
+            if r.read_line(&mut h)? == 0 || h == "\r\n" {
+                break;
+            }
+            let lower = h.to_ascii_lowercase();
+            if let Some(v) = lower.strip_prefix("content-length:") {
+                length = v.trim().parse()?;
+            }
+            expect |= lower.starts_with("expect: 100-continue");
+        }
+        if request.starts_with("GET /blob ") {
+            write!(
+                out,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                blob.len()
+            )?;
+            out.write_all(blob)?;
+        } else if request.starts_with("PUT ") {
+            if expect {
+                out.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+            }
+            let mut body = vec![0u8; length];
+            r.read_exact(&mut body)?;
+            uploads.push(body);
+            out.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+        } else {
+            out.write_all(
+                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            )?;
+        }
+    }
+    Ok(uploads)
 }

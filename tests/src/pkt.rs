@@ -262,12 +262,123 @@ fn before(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) < 0
 }
 
-/// A minimal TCP endpoint on the guest side of a test frontend: just enough to
-/// exchange a bulk stream with the host's real TCP stack through the backend, with
-/// checksums left to the host (NEEDS_CSUM) and TSO segments both ways.
-pub struct GuestTcp<'a> {
+/// Where a test guest's frames go: through our backend (a test frontend's queue pair)
+/// or, as the benchmark's peer, straight into a TAP (what any TAP-backed backend costs
+/// at the very least).
+pub trait Link {
+    /// Queues a frame (virtio-net header first); false when the link is full.
+    fn queue(&mut self, frame: &[u8]) -> anyhow::Result<bool>;
+    /// Makes queued frames go.
+    fn flush(&mut self) -> anyhow::Result<()>;
+    /// The next received frame (virtio-net header first), or None after `timeout`.
+    fn recv(&mut self, timeout: std::time::Duration) -> anyhow::Result<Option<Vec<u8>>>;
+    /// True when a received frame is waiting.
+    fn rx_ready(&mut self) -> bool;
+    /// Sends one frame, waiting (bounded) for room.
+    fn send(&mut self, frame: &[u8]) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !self.queue(frame)? {
+            anyhow::ensure!(std::time::Instant::now() < deadline, "link stayed full");
+            self.flush()?;
+            std::thread::yield_now();
+        }
+        self.flush()
+    }
+}
+
+/// One queue pair of a test frontend as a [`Link`].
+pub struct FrontendLink<'a> {
     pub fe: &'a mut boxd_vhost_net::frontend::Frontend,
     pub pair: usize,
+}
+
+impl Link for FrontendLink<'_> {
+    fn queue(&mut self, frame: &[u8]) -> anyhow::Result<bool> {
+        Ok(self.fe.queue_tx(self.pair, frame)?)
+    }
+    fn flush(&mut self) -> anyhow::Result<()> {
+        self.fe.flush(2 * self.pair + 1)?;
+        Ok(())
+    }
+    fn recv(&mut self, timeout: std::time::Duration) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(self.fe.recv(self.pair, timeout)?)
+    }
+    fn rx_ready(&mut self) -> bool {
+        self.fe.used_pending(2 * self.pair) > 0
+    }
+}
+
+/// A TAP opened directly, with the virtio-net header, as a [`Link`].
+pub struct TapLink {
+    pub tap: boxd_vhost_net::Tap,
+    buf: Vec<u8>,
+}
+
+impl TapLink {
+    /// Opens TAP `name` with the offloads a guest accepting TSO and checksums has.
+    pub fn open(name: &str) -> anyhow::Result<Self> {
+        use boxd_vhost_net::HostPort;
+        use boxd_vhost_net::tap::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6};
+        let mut tap = boxd_vhost_net::Tap::open(name, 1)?.remove(0);
+        tap.set_offloads(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)?;
+        Ok(Self {
+            tap,
+            buf: vec![0; 70_000],
+        })
+    }
+}
+
+impl Link for TapLink {
+    fn queue(&mut self, frame: &[u8]) -> anyhow::Result<bool> {
+        use boxd_vhost_net::HostPort;
+        match self.tap.send(frame) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+    fn flush(&mut self) -> anyhow::Result<()> {
+        Ok(())
+    }
+    fn recv(&mut self, timeout: std::time::Duration) -> anyhow::Result<Option<Vec<u8>>> {
+        use boxd_vhost_net::HostPort;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            match self.tap.recv(&mut self.buf) {
+                Ok(n) => return Ok(Some(self.buf[..n].to_vec())),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e.into()),
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            let mut p = libc::pollfd {
+                fd: self.tap.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            unsafe { libc::poll(&mut p, 1, left.as_millis().clamp(1, 10) as i32) };
+        }
+    }
+    fn rx_ready(&mut self) -> bool {
+        use boxd_vhost_net::HostPort;
+        let mut p = libc::pollfd {
+            fd: self.tap.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut p, 1, 0) > 0 }
+    }
+}
+
+/// A minimal TCP endpoint on the guest side of a [`Link`]: just enough to exchange a
+/// bulk stream with the host's real TCP stack, with checksums left to the host
+/// (NEEDS_CSUM) and TSO segments both ways.
+pub struct GuestTcp<'a> {
+    pub link: &'a mut dyn Link,
     pub host_mac: [u8; 6],
     pub deadline: std::time::Instant,
     /// Frames received with a GSO type (host-side TSO reaching the guest whole).
@@ -309,9 +420,9 @@ impl GuestTcp<'_> {
             payload,
             1448,
         );
-        let q = self.fe.queue_tx(self.pair, &f)?;
+        let q = self.link.queue(&f)?;
         if flush || !q {
-            self.fe.flush(2 * self.pair + 1)?;
+            self.link.flush()?;
         }
         Ok(q)
     }
@@ -321,11 +432,11 @@ impl GuestTcp<'_> {
         let until = std::time::Instant::now() + wait;
         loop {
             let left = until.saturating_duration_since(std::time::Instant::now());
-            let Some(f) = self.fe.recv(self.pair, left)? else {
+            let Some(f) = self.link.recv(left)? else {
                 return Ok(None);
             };
             if let Some((mac, ip)) = arp_request_for_guest(&f) {
-                self.fe.send(self.pair, &arp_reply(mac, ip))?;
+                self.link.send(&arp_reply(mac, ip))?;
                 continue;
             }
             if let Some(seg) = parse_tcp(&f) {
@@ -347,6 +458,20 @@ impl GuestTcp<'_> {
         data: &[u8],
         seg: usize,
     ) -> anyhow::Result<()> {
+        self.send_repeated(sport, dport, data, data.len(), seg)
+    }
+
+    /// Like [`Self::send_stream`], with `pattern` repeated up to `len` bytes (under
+    /// 2 GiB: one sequence-space half).
+    pub fn send_repeated(
+        &mut self,
+        sport: u16,
+        dport: u16,
+        pattern: &[u8],
+        len: usize,
+        seg: usize,
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(len < 1 << 31, "stream too long for one sequence-space half");
         let isn = 1000u32;
         let (host_isn, mut window, host_ws) = loop {
             self.expired()?;
@@ -362,7 +487,7 @@ impl GuestTcp<'_> {
         let ack = host_isn.wrapping_add(1);
         self.send(sport, dport, isn + 1, ack, TCP_ACK, &[], &[], true)?;
         let base = isn + 1;
-        let end = base.wrapping_add(data.len() as u32);
+        let end = base.wrapping_add(len as u32);
         let (mut acked, mut next) = (base, base);
         let mut last_progress = std::time::Instant::now();
         while before(acked, end) {
@@ -370,7 +495,8 @@ impl GuestTcp<'_> {
             let mut sent = false;
             while before(next, end) {
                 let off = next.wrapping_sub(base) as usize;
-                let n = seg.min(data.len() - off);
+                let at = off % pattern.len();
+                let n = seg.min(pattern.len() - at).min(len - off);
                 if next.wrapping_sub(acked) as usize + n > window as usize {
                     break;
                 }
@@ -381,7 +507,7 @@ impl GuestTcp<'_> {
                     ack,
                     TCP_ACK | TCP_PSH,
                     &[],
-                    &data[off..off + n],
+                    &pattern[at..at + n],
                     false,
                 )? {
                     break; // ring full: let the backend drain it
@@ -390,9 +516,8 @@ impl GuestTcp<'_> {
                 sent = true;
             }
             if sent {
-                self.fe.flush(2 * self.pair + 1)?;
+                self.link.flush()?;
             }
-            self.fe.reclaim_tx(self.pair);
             while let Some(s) =
                 self.next(std::time::Duration::from_millis(if sent { 0 } else { 5 }))?
             {
@@ -403,7 +528,7 @@ impl GuestTcp<'_> {
                     }
                     window = u32::from(s.window) << host_ws;
                 }
-                if self.fe.used_pending(2 * self.pair) == 0 {
+                if !self.link.rx_ready() {
                     break;
                 }
             }

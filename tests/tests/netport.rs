@@ -4,7 +4,7 @@
 
 use anyhow::{Context, Result, ensure};
 use boxd_tests::net::{NetDaemon, Netns, PacketSocket, wait_link};
-use boxd_tests::pkt::{self, GUEST_IP, GUEST_MAC, GuestTcp, HOST_IP, VNET_HDR_LEN};
+use boxd_tests::pkt::{self, FrontendLink, GUEST_IP, GUEST_MAC, GuestTcp, HOST_IP, VNET_HDR_LEN};
 use boxd_vhost_net::control::{Client, Request};
 use boxd_vhost_net::frontend::{Frontend, Options, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use sha2::{Digest, Sha256};
@@ -169,9 +169,12 @@ fn tcp_streams_with_checksum_and_segmentation_offload_both_ways() -> Result<()> 
         Ok(got)
     });
     std::thread::sleep(Duration::from_millis(100));
-    let mut tcp = GuestTcp {
+    let mut link = FrontendLink {
         fe: &mut fe,
         pair: 0,
+    };
+    let mut tcp = GuestTcp {
+        link: &mut link,
         host_mac,
         deadline: Instant::now() + Duration::from_secs(30),
         gso_frames: 0,

@@ -19,7 +19,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// Longest request line accepted.
@@ -282,8 +282,15 @@ fn client(registry: &Registry, stream: UnixStream) -> std::io::Result<()> {
     }
 }
 
-/// Serves the control socket at `path` until the process ends.
-pub fn serve(path: &Path, registry: Arc<Registry>) -> Result<(), NetError> {
+/// Serves the control socket at `path` until `stop` is set (checked every 200 ms).
+pub fn serve(path: &Path, registry: Arc<Registry>, stop: &AtomicBool) -> Result<(), NetError> {
+    if path.exists() && UnixStream::connect(path).is_ok() {
+        return Err(NetError::Socket {
+            socket: path.to_path_buf(),
+            message: "another net daemon answers there; stop it first or choose another --control"
+                .into(),
+        });
+    }
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path).map_err(|e| NetError::Socket {
         socket: path.to_path_buf(),
@@ -291,8 +298,19 @@ pub fn serve(path: &Path, registry: Arc<Registry>) -> Result<(), NetError> {
     })?;
     let clients = Arc::new(AtomicUsize::new(0));
     tracing::info!(control = %path.display(), "net backend ready");
-    for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
+    while !stop.load(Ordering::Acquire) {
+        let mut p = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&listener),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the duration of the call.
+        if unsafe { libc::poll(&mut p, 1, 200) } <= 0 {
+            continue;
+        }
+        let Ok((stream, _)) = listener.accept() else {
+            continue;
+        };
         if clients.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
             clients.fetch_sub(1, Ordering::AcqRel);
             let mut s = stream;
@@ -308,6 +326,7 @@ pub fn serve(path: &Path, registry: Arc<Registry>) -> Result<(), NetError> {
             clients.fetch_sub(1, Ordering::AcqRel);
         });
     }
+    let _ = std::fs::remove_file(path);
     Ok(())
 }
 

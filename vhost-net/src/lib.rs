@@ -10,6 +10,7 @@
 
 pub mod chain;
 pub mod control;
+mod device;
 pub mod filter;
 pub mod frontend;
 pub mod hold;
@@ -18,7 +19,9 @@ pub mod server;
 pub mod tap;
 
 pub use control::{Client, PortSpec, Request, Response};
-pub use port::{FEATURES, FRAME_MAX, MAX_QUEUE_PAIRS, Port, PortConfig, PortStats, QUEUE_SIZE};
+pub use port::{
+    FEATURES, FRAME_MAX, MAX_QUEUE_PAIRS, MAX_QUEUE_SIZE, Port, PortConfig, PortStats, QUEUE_SIZE,
+};
 pub use server::{Registry, Running};
 pub use tap::{HostPort, Tap, TapError, VNET_HDR_LEN};
 

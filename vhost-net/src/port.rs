@@ -20,14 +20,10 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost::vhost_user::message::VhostUserVirtioFeatures;
+use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    EventConsumer, EventFlag, EventNotifier, new_event_consumer_and_notifier,
-};
 use vmm_sys_util::eventfd::EventFd;
 
 pub const F_CSUM: u64 = 1 << 0;
@@ -60,6 +56,9 @@ pub const FEATURES: u64 = F_CSUM
 
 /// Most queue pairs a port serves (one worker thread each).
 pub const MAX_QUEUE_PAIRS: usize = 16;
+/// Largest ring a frontend may set up (QEMU's virtqueue limit).
+pub const MAX_QUEUE_SIZE: usize = 1024;
+/// The ring size boxd's own frontends use.
 pub const QUEUE_SIZE: usize = 256;
 /// Largest frame either way: a 64 KiB GSO segment, its headers, the virtio-net header.
 pub const FRAME_MAX: usize = 65_562 + VNET_HDR_LEN;
@@ -144,12 +143,11 @@ struct PairEvents {
     tx_again: EventFd,
 }
 
-/// What one frontend connection negotiated.
+/// What the current frontend connection negotiated.
 #[derive(Default)]
 struct Conn {
     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
     acked: u64,
-    exits: Vec<(EventConsumer, EventNotifier)>,
 }
 
 struct Shared<H> {
@@ -182,6 +180,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A worker that panicked mid-frame leaves nothing half-done that matters more than
     // keeping the port up: frames are whole or not sent.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A ring the backend may touch: started (kick received, not stopped) and enabled.
+fn serviceable(vring: &VringRwLock) -> bool {
+    let s = vring.get_ref();
+    s.get_queue().ready() && s.is_enabled()
 }
 
 fn bump(c: &AtomicU64) {
@@ -243,24 +247,21 @@ impl<H: HostPort + 'static> Port<H> {
         let _ = self.shared.keeper_wake.write(1);
     }
 
-    /// Starts afresh for a new frontend connection: new negotiation, no memory, and new
-    /// exit events for the new connection's worker threads (the old ones were
-    /// signalled when the old connection ended).
-    pub fn new_connection(&self) -> io::Result<()> {
-        let exits = (0..self.shared.cfg.queue_pairs)
-            .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC))
-            .collect::<io::Result<_>>()?;
+    /// A frontend connected: its guest memory (filled in by SET_MEM_TABLE) is what the
+    /// rings are read from until it goes.
+    pub(crate) fn connected(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) {
         *self.shared.conn.write().unwrap_or_else(|e| e.into_inner()) = Conn {
-            exits,
-            ..Conn::default()
+            mem: Some(mem),
+            acked: 0,
         };
-        Ok(())
+        bump(&self.shared.counters.connections);
     }
 
     /// The frontend went away: every receive queue is detached, so the keeper holds
     /// what arrives until the next one.
-    pub fn disconnected(&self) {
-        for s in &self.shared.rx_state {
+    pub(crate) fn disconnected(&self) {
+        for (i, s) in self.shared.rx_state.iter().enumerate() {
+            let _guard = lock(&self.shared.pairs[i]);
             s.store(DETACHED, Ordering::Release);
         }
         self.shared
@@ -271,28 +272,92 @@ impl<H: HostPort + 'static> Port<H> {
         let _ = self.shared.keeper_wake.write(1);
     }
 
-    pub fn connected(&self) {
-        bump(&self.shared.counters.connections);
+    /// The virtio features this port offers (MQ with more than one queue pair).
+    pub(crate) fn features(&self) -> u64 {
+        let mq = if self.shared.cfg.queue_pairs > 1 {
+            F_MQ
+        } else {
+            0
+        };
+        FEATURES | mq | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
-    /// The fds worker thread `pair` must watch besides its queues, with their tokens
-    /// and trigger modes. Tokens 0..=2N are the queues and the exit event.
-    pub fn listeners(&self, pair: usize) -> [(RawFd, u64, EventSet); 3] {
-        let base = self.tokens_base();
-        let ev = &self.shared.events[pair];
-        [
-            (
-                self.shared.host_fds[pair],
-                base,
-                EventSet::IN | EventSet::EDGE_TRIGGERED,
-            ),
-            (ev.rx_again.as_raw_fd(), base + 1, EventSet::IN),
-            (ev.tx_again.as_raw_fd(), base + 2, EventSet::IN),
-        ]
+    /// The frontend's feature choice: remembered for the rings, and the host port's
+    /// offloads narrowed to what the guest accepts.
+    pub(crate) fn set_acked(&self, features: u64) {
+        self.shared
+            .conn
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .acked = features;
+        let mut tun = 0;
+        if features & F_GUEST_CSUM != 0 {
+            tun |= TUN_F_CSUM;
+            if features & F_GUEST_TSO4 != 0 {
+                tun |= TUN_F_TSO4;
+            }
+            if features & F_GUEST_TSO6 != 0 {
+                tun |= TUN_F_TSO6;
+            }
+            if features & F_GUEST_ECN != 0 {
+                tun |= TUN_F_TSO_ECN;
+            }
+        }
+        for pair in &self.shared.pairs {
+            if let Err(e) = lock(pair).host.set_offloads(tun) {
+                tracing::warn!(port = %self.shared.cfg.name, "cannot set the host port's offloads to {tun:#x}: {e}");
+            }
+        }
     }
 
-    fn tokens_base(&self) -> u64 {
-        2 * self.shared.cfg.queue_pairs as u64 + 1
+    /// GET_VRING_BASE on `queue`: the frontend is stopping it (pause, snapshot,
+    /// reset). A stopped receive queue's frames wait in the hold.
+    pub(crate) fn stop_queue(&self, queue: usize) {
+        let pair = queue / 2;
+        if queue.is_multiple_of(2)
+            && let Some(s) = self.shared.rx_state.get(pair)
+        {
+            // Wait out a worker mid-delivery before declaring the queue detached.
+            let _guard = lock(&self.shared.pairs[pair]);
+            s.store(DETACHED, Ordering::Release);
+            let _ = self.shared.keeper_wake.write(1);
+        }
+    }
+
+    /// Pair `i`'s host port fd (edge-triggered readable when frames arrive) and its
+    /// "come back" events (rx, tx), for the pair's worker to watch.
+    pub(crate) fn pair_fds(&self, i: usize) -> (RawFd, RawFd, RawFd) {
+        let ev = &self.shared.events[i];
+        (
+            self.shared.host_fds[i],
+            ev.rx_again.as_raw_fd(),
+            ev.tx_again.as_raw_fd(),
+        )
+    }
+
+    /// Asks pair `i`'s worker to look at both rings (a ring just started or was
+    /// enabled: buffers may be waiting without a kick).
+    pub(crate) fn nudge(&self, i: usize) {
+        if let Some(ev) = self.shared.events.get(i) {
+            let _ = ev.rx_again.write(1);
+            let _ = ev.tx_again.write(1);
+        }
+    }
+
+    /// Pair `i`'s receive side: held frames, then the host port's, into `vring`.
+    pub(crate) fn rx(&self, i: usize, vring: &VringRwLock, again: bool) {
+        if again {
+            let _ = self.shared.events[i].rx_again.read();
+        }
+        self.shared.process_rx(i, vring);
+    }
+
+    /// Pair `i`'s transmit side: guest frames from `vring` to the host port.
+    pub(crate) fn tx(&self, i: usize, vring: &VringRwLock, again: bool) {
+        if again {
+            let _ = self.shared.events[i].tx_again.read();
+        }
+        self.shared.process_tx(i, vring);
     }
 
     pub fn stats(&self) -> PortStats {
@@ -429,6 +494,9 @@ impl<H: HostPort> Shared<H> {
     /// Guest transmit on pair `i`: every chain is one frame with its virtio-net header,
     /// checked against the port's identity before it reaches the host.
     fn process_tx(&self, i: usize, vring: &VringRwLock) {
+        if !serviceable(vring) {
+            return;
+        }
         let Some(mem) = self.mem() else { return };
         let mem = mem.memory();
         let c = &self.counters;
@@ -493,8 +561,8 @@ impl<H: HostPort> Shared<H> {
     fn process_rx(&self, i: usize, vring: &VringRwLock) {
         let Some(mem) = self.mem() else { return };
         let mem = mem.memory();
-        if !vring.get_ref().get_queue().ready() {
-            return; // stopped (GET_VRING_BASE) or not set up yet
+        if !serviceable(vring) {
+            return; // stopped (GET_VRING_BASE), disabled or not set up yet
         }
         let mrg = self.acked() & F_MRG_RXBUF != 0;
         let c = &self.counters;
@@ -528,7 +596,8 @@ impl<H: HostPort> Shared<H> {
             let mut room = 0usize;
             let mut broken = false;
             let mut state = vring.get_mut();
-            while room < frame.len() && (chains.is_empty() || mrg) && chains.len() < QUEUE_SIZE {
+            let ring_size = usize::from(state.get_queue().size());
+            while room < frame.len() && (chains.is_empty() || mrg) && chains.len() < ring_size {
                 let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) else {
                     break;
                 };
@@ -551,7 +620,7 @@ impl<H: HostPort> Shared<H> {
             }
             if room < frame.len() || broken {
                 let exhausted =
-                    !broken && (chains.len() == QUEUE_SIZE || (!mrg && !chains.is_empty()));
+                    !broken && (chains.len() == ring_size || (!mrg && !chains.is_empty()));
                 for _ in 0..chains.len() {
                     state.get_queue_mut().go_to_previous_position();
                 }
@@ -616,126 +685,5 @@ impl<H: HostPort> Shared<H> {
         if used && vring.needs_notification().unwrap_or(true) {
             let _ = vring.signal_used_queue();
         }
-    }
-}
-
-impl<H: HostPort + 'static> VhostUserBackend for Port<H> {
-    type Bitmap = ();
-    type Vring = VringRwLock;
-
-    fn num_queues(&self) -> usize {
-        2 * self.shared.cfg.queue_pairs
-    }
-
-    fn max_queue_size(&self) -> usize {
-        QUEUE_SIZE
-    }
-
-    fn features(&self) -> u64 {
-        let mq = if self.shared.cfg.queue_pairs > 1 {
-            F_MQ
-        } else {
-            0
-        };
-        FEATURES | mq | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
-    }
-
-    fn acked_features(&self, features: u64) {
-        self.shared
-            .conn
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .acked = features;
-        let mut tun = 0;
-        if features & F_GUEST_CSUM != 0 {
-            tun |= TUN_F_CSUM;
-            if features & F_GUEST_TSO4 != 0 {
-                tun |= TUN_F_TSO4;
-            }
-            if features & F_GUEST_TSO6 != 0 {
-                tun |= TUN_F_TSO6;
-            }
-            if features & F_GUEST_ECN != 0 {
-                tun |= TUN_F_TSO_ECN;
-            }
-        }
-        for pair in &self.shared.pairs {
-            if let Err(e) = lock(pair).host.set_offloads(tun) {
-                tracing::warn!(port = %self.shared.cfg.name, "cannot set the host port's offloads to {tun:#x}: {e}");
-            }
-        }
-    }
-
-    fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::MQ
-    }
-
-    fn set_event_idx(&self, _enabled: bool) {}
-
-    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
-        self.shared
-            .conn
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .mem = Some(mem);
-        Ok(())
-    }
-
-    fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.shared.cfg.queue_pairs)
-            .map(|p| 0b11u64 << (2 * p))
-            .collect()
-    }
-
-    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let conn = self.shared.conn.read().unwrap_or_else(|e| e.into_inner());
-        let (c, n) = conn.exits.get(thread_index)?;
-        Some((c.try_clone().ok()?, n.try_clone().ok()?))
-    }
-
-    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        // GET_VRING_BASE: the frontend is stopping (pause, snapshot, reset); frames
-        // for a stopped receive queue wait in the hold.
-        let pair = queue_index as usize / 2;
-        if queue_index.is_multiple_of(2)
-            && let Some(s) = self.shared.rx_state.get(pair)
-        {
-            // Wait out a worker mid-delivery before declaring the queue detached.
-            let _guard = lock(&self.shared.pairs[pair]);
-            s.store(DETACHED, Ordering::Release);
-            let _ = self.shared.keeper_wake.write(1);
-        }
-        Ok(())
-    }
-
-    fn handle_event(
-        &self,
-        device_event: u16,
-        _evset: EventSet,
-        vrings: &[VringRwLock],
-        thread: usize,
-    ) -> io::Result<()> {
-        // Each worker thread serves one pair: its vrings are [rx, tx] and its events
-        // are numbered within the thread.
-        let (Some(rx), Some(tx)) = (vrings.first(), vrings.get(1)) else {
-            return Ok(());
-        };
-        let base = self.tokens_base();
-        let ev = &self.shared.events[thread];
-        match u64::from(device_event) {
-            0 => self.shared.process_rx(thread, rx),
-            1 => self.shared.process_tx(thread, tx),
-            e if e == base => self.shared.process_rx(thread, rx),
-            e if e == base + 1 => {
-                let _ = ev.rx_again.read();
-                self.shared.process_rx(thread, rx)
-            }
-            e if e == base + 2 => {
-                let _ = ev.tx_again.read();
-                self.shared.process_tx(thread, tx)
-            }
-            _ => {}
-        }
-        Ok(())
     }
 }

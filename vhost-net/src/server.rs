@@ -4,18 +4,18 @@
 
 use crate::NetError;
 use crate::control::PortSpec;
+use crate::device::Device;
 use crate::port::{Port, PortStats};
 use crate::tap::Tap;
 use std::collections::BTreeMap;
 use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
-use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vhost::vhost_user::{BackendReqHandler, Error as VhostUserError, Listener};
 
 /// Most ports one daemon serves (each has a TAP, a keeper and a thread per queue pair).
 pub const MAX_PORTS: usize = 4096;
@@ -27,7 +27,7 @@ pub struct Running {
     pub spec: PortSpec,
     pub port: Port<Tap>,
     stop: Arc<AtomicBool>,
-    live: Arc<Mutex<Option<ShutdownHandle>>>,
+    live: Arc<Mutex<Option<UnixStream>>>,
     thread: Option<JoinHandle<Result<(), NetError>>>,
 }
 
@@ -82,8 +82,8 @@ impl Running {
     /// the socket.
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::Release);
-        if let Some(h) = self.live.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            h.shutdown();
+        if let Some(s) = self.live.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
         }
         if let Err(e) = self.join() {
             tracing::warn!(port = %self.spec.name, "stopping: {e}");
@@ -98,48 +98,53 @@ fn serve(
     listener: Listener,
     socket: &Path,
     stop: &AtomicBool,
-    live: &Mutex<Option<ShutdownHandle>>,
+    live: &Mutex<Option<UnixStream>>,
     connections: Option<u64>,
 ) -> Result<(), NetError> {
-    let err = |message: String| NetError::Daemon {
-        socket: socket.to_path_buf(),
-        message,
-    };
-    let mut listener = listener;
+    let name = &port.config().name;
     let mut served = 0u64;
     while connections.is_none_or(|n| served < n) && !stop.load(Ordering::Acquire) {
-        // Each connection gets a fresh daemon: a daemon's worker threads end with its
-        // connection. The port (TAP, hold, counters) lives on.
-        port.new_connection()?;
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let mut daemon =
-            VhostUserDaemon::new(format!("net-{}", port.config().name), port.clone(), mem)
-                .map_err(|e| err(format!("{e:?}")))?;
-        for (pair, handler) in daemon.get_epoll_handlers().iter().enumerate() {
-            for (fd, token, events) in port.listeners(pair) {
-                handler
-                    .register_listener(fd, events, token)
-                    .map_err(|e| err(format!("register fd: {e}")))?;
-            }
-        }
         if !wait_readable(listener.as_raw_fd(), stop) {
             break;
         }
-        daemon
-            .start(&mut listener)
-            .map_err(|e| err(format!("accept: {e:?}")))?;
-        port.connected();
-        *live.lock().unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
-        tracing::info!(port = %port.config().name, "frontend connected");
-        let r = daemon.wait();
+        let Some(stream) = listener.accept().map_err(|e| NetError::Socket {
+            socket: socket.to_path_buf(),
+            message: format!("accept: {e}"),
+        })?
+        else {
+            continue;
+        };
+        *live.lock().unwrap_or_else(|e| e.into_inner()) = stream.try_clone().ok();
+        // The port (TAP, hold, counters) lives on; the device is this connection's.
+        let device = Arc::new(Mutex::new(Device::new(port.clone())?));
+        let mut handler = BackendReqHandler::from_stream(stream, device.clone());
+        tracing::info!(port = %name, "frontend connected");
+        let mut tolerated = 0u32;
+        let end = loop {
+            match handler.handle_request() {
+                Ok(()) => {}
+                // QEMU enables the first queue pair before SET_FEATURES (see
+                // device.rs); the request changes nothing we rely on, so it is
+                // dropped, a bounded number of times, instead of the connection.
+                Err(VhostUserError::InactiveFeature(f)) if tolerated < 64 => {
+                    tolerated += 1;
+                    tracing::debug!(port = %name, "request before feature {f:?} was negotiated: ignored");
+                }
+                Err(e) => break e,
+            }
+        };
         *live.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        port.disconnected();
-        // Dropping the daemon stops and joins its worker threads.
-        drop(daemon);
+        drop(handler);
+        // The last reference: its workers stop and the port detaches.
+        drop(device);
         served += 1;
-        match r {
-            Ok(()) => tracing::info!(port = %port.config().name, "frontend disconnected"),
-            Err(e) => tracing::warn!(port = %port.config().name, "frontend dropped: {e:?}"),
+        match end {
+            VhostUserError::Disconnected
+            | VhostUserError::PartialMessage
+            | VhostUserError::SocketBroken(_) => {
+                tracing::info!(port = %name, "frontend disconnected")
+            }
+            e => tracing::warn!(port = %name, "frontend dropped: {e}"),
         }
     }
     Ok(())
@@ -196,10 +201,20 @@ impl Registry {
             }
         }
         if spec.socket.exists() {
-            return Err(NetError::Invalid(format!(
-                "{} already exists; remove the stale socket or choose another path",
-                spec.socket.display()
-            )));
+            // A socket someone answers on belongs to a live process; one nobody
+            // answers on is left over from a daemon that was killed, and is replaced.
+            if UnixStream::connect(&spec.socket).is_ok() {
+                return Err(NetError::Invalid(format!(
+                    "{} is in use by another process; choose another path",
+                    spec.socket.display()
+                )));
+            }
+            if let Err(e) = std::fs::remove_file(&spec.socket) {
+                return Err(NetError::Invalid(format!(
+                    "{} exists and cannot be removed: {e}",
+                    spec.socket.display()
+                )));
+            }
         }
         let name = spec.name.clone();
         let running = Running::start(spec, None)?;

@@ -38,6 +38,10 @@ const ROOTFS_PACKAGES: &[&str] = &[
     "ca-certificates",
     "curl",
     "e2fsprogs",
+    // What a developer reaches for first on a new network, and what `cargo xtask bench
+    // net` measures guest TCP with.
+    "iputils-ping",
+    "iperf3",
 ];
 /// The base image spans the default 100 GB disk (24414062 blocks of 4 KiB, the VMM's
 /// DEFAULT_DISK_SIZE) as a sparse file: no VM has to grow its file system at first boot,

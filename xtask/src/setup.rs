@@ -15,6 +15,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ),
     ("mmdebstrap", "builds the guest root filesystem"),
     (
+        "iperf3",
+        "the host end of guest TCP throughput in `cargo xtask bench net`",
+    ),
+    (
         "e2fsprogs",
         "packs the root filesystem as ext4 (mkfs.ext4 -d)",
     ),

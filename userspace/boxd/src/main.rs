@@ -1,6 +1,7 @@
 //! `boxd`: every role of a boxd host in one binary, chosen by subcommand.
 
 mod net;
+mod signals;
 mod vmm;
 
 use clap::{Parser, Subcommand};

@@ -6,6 +6,7 @@ use boxd_vhost_net::{Client, PortSpec, PortStats, Registry, Request};
 use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Where `boxd net serve` listens unless told otherwise.
 pub const DEFAULT_CONTROL: &str = "/run/boxd/net.sock";
@@ -117,9 +118,16 @@ pub fn main(cmd: NetCommand) -> Result<i32> {
                 std::fs::create_dir_all(dir)
                     .with_context(|| format!("creating {}", dir.display()))?;
             }
+            let stop = Arc::new(AtomicBool::new(false));
+            let flag = stop.clone();
+            crate::signals::on_termination(move |sig| {
+                tracing::info!("signal {sig}: removing every port and stopping");
+                flag.store(true, Ordering::Release);
+            })?;
             let registry = Arc::new(Registry::default());
-            control::serve(&control, registry.clone())?;
+            let r = control::serve(&control, registry.clone(), &stop);
             registry.stop_all();
+            r?;
             Ok(0)
         }
         NetCommand::Port { port, connections } => {

@@ -307,38 +307,18 @@ fn config(args: &RunArgs) -> anyhow::Result<VmConfig> {
     })
 }
 
-/// Blocks SIGTERM/SIGINT here (threads started later inherit the mask) and turns them
-/// into a stop of whatever VM is current.
+/// Turns SIGTERM/SIGINT into a stop of whatever VM is current.
 fn handle_signals(
     current: Arc<Mutex<Option<Arc<boxd_vmm::vstate::exit::VmExit>>>>,
     stopping: Arc<std::sync::atomic::AtomicBool>,
 ) -> anyhow::Result<()> {
-    // SAFETY: sigset manipulation on a local set, then pthread_sigmask for this thread.
-    let set = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
-            bail!("cannot block SIGTERM/SIGINT");
+    crate::signals::on_termination(move |sig| {
+        eprintln!("boxd vmm: signal {sig}, stopping the VM");
+        stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(exit) = current.lock().ok().and_then(|c| c.clone()) {
+            exit.request(ExitReason::Stopped);
         }
-        set
-    };
-    std::thread::spawn(move || {
-        loop {
-            let mut sig = 0;
-            // SAFETY: sigwait on a valid, initialised set; writes the signal number.
-            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-                continue;
-            }
-            eprintln!("boxd vmm: signal {sig}, stopping the VM");
-            stopping.store(true, std::sync::atomic::Ordering::SeqCst);
-            if let Some(exit) = current.lock().ok().and_then(|c| c.clone()) {
-                exit.request(ExitReason::Stopped);
-            }
-        }
-    });
-    Ok(())
+    })
 }
 
 fn run(args: RunArgs) -> Exit {

@@ -1,0 +1,128 @@
+//! QEMU as a frontend nobody here wrote: a Debian guest (our kernel, initramfs and base
+//! image) on QEMU's software CPU, networked through our vhost-user backend or, as the
+//! peer, through QEMU's own TAP backend. The guest runs one command given on the kernel
+//! command line (systemd.run) and powers off.
+
+use crate::testhost::Images;
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub const GUEST_MAC: &str = "06:b0:c5:00:00:02";
+
+/// How the guest's NIC reaches the host.
+pub enum GuestNet<'a> {
+    /// Our backend's port socket.
+    VhostUser(&'a Path),
+    /// QEMU's built-in TAP backend on this (existing) TAP.
+    Tap(&'a str),
+}
+
+pub struct Qemu {
+    child: Child,
+    pub console: PathBuf,
+}
+
+impl Qemu {
+    /// Boots the base image with `cpus` vCPUs and runs `script` (a /bin/sh script)
+    /// as the guest's only job; the guest powers off when it ends.
+    pub fn start(dir: &Path, net: GuestNet, cpus: usize, script: &str) -> Result<Self> {
+        let images = Images::load()?;
+        std::fs::create_dir_all(dir)?;
+        let console = dir.join("console.log");
+        assert!(
+            !script.contains('"') && !script.contains('%'),
+            "the script goes on the kernel command line: no double quotes or %"
+        );
+        let cmdline = format!(
+            "console=ttyS0 8250.nr_uarts=1 root=/dev/vda rw panic=1 loglevel=4 \
+             systemd.run=\"/bin/sh -c '{script}'\" \
+             systemd.run_success_action=poweroff systemd.run_failure_action=poweroff"
+        );
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args([
+            "-M",
+            "microvm,x-option-roms=off,memory-backend=mem",
+            "-accel",
+            "tcg,thread=multi",
+            "-cpu",
+            "max",
+            "-smp",
+            &cpus.to_string(),
+            "-m",
+            "1G",
+            "-object",
+            "memory-backend-memfd,id=mem,size=1G,share=on",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .arg("-serial")
+        .arg(format!("file:{}", console.display()))
+        .arg("-kernel")
+        .arg(&images.kernel)
+        .arg("-initrd")
+        .arg(&images.initrd)
+        .arg("-append")
+        .arg(cmdline)
+        .arg("-drive")
+        .arg(format!(
+            "id=d0,if=none,format=raw,snapshot=on,file={}",
+            images.rootfs.display()
+        ))
+        .args(["-device", "virtio-blk-device,drive=d0"]);
+        match net {
+            GuestNet::VhostUser(socket) => {
+                cmd.arg("-chardev")
+                    .arg(format!("socket,id=c0,path={}", socket.display()))
+                    .args(["-netdev", "vhost-user,id=n0,chardev=c0"]);
+            }
+            GuestNet::Tap(tap) => {
+                cmd.arg("-netdev").arg(format!(
+                    "tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off"
+                ));
+            }
+        }
+        cmd.arg("-device")
+            .arg(format!("virtio-net-device,netdev=n0,mac={GUEST_MAC}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("qemu.log"))?);
+        let child = cmd
+            .spawn()
+            .context("start qemu-system-x86_64 (cargo xtask setup installs it)")?;
+        Ok(Self { child, console })
+    }
+
+    pub fn console_tail(&self, bytes: usize) -> String {
+        let s = std::fs::read_to_string(&self.console).unwrap_or_default();
+        s[s.len().saturating_sub(bytes)..].to_string()
+    }
+
+    /// Waits for the guest to power off.
+    pub fn wait(&mut self, limit: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait()? {
+                return Ok(st);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the QEMU guest did not finish within {limit:?}; console:\n{}",
+                    self.console_tail(3000)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
