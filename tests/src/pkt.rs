@@ -77,11 +77,25 @@ pub fn ipv4_frame(
     proto: u8,
     l4: &[u8],
 ) -> Vec<u8> {
-    let mut f = Vec::with_capacity(ETH + 20 + l4.len());
+    let mut f = ipv4_header(src_mac, dst_mac, src, dst, proto, l4.len());
+    f.extend_from_slice(l4);
+    f
+}
+
+/// The Ethernet and IPv4 headers of a frame whose layer-4 part is `l4_len` bytes.
+pub fn ipv4_header(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    proto: u8,
+    l4_len: usize,
+) -> Vec<u8> {
+    let mut f = Vec::with_capacity(ETH + 20 + 64);
     f.extend_from_slice(&dst_mac);
     f.extend_from_slice(&src_mac);
     f.extend_from_slice(&0x0800u16.to_be_bytes());
-    let total = (20 + l4.len()) as u16;
+    let total = (20 + l4_len) as u16;
     let mut ip = [0u8; 20];
     ip[0] = 0x45;
     ip[2..4].copy_from_slice(&total.to_be_bytes());
@@ -93,7 +107,6 @@ pub fn ipv4_frame(
     let c = csum(0, &ip);
     ip[10..12].copy_from_slice(&c.to_be_bytes());
     f.extend_from_slice(&ip);
-    f.extend_from_slice(l4);
     f
 }
 
@@ -139,6 +152,38 @@ pub fn tcp_guest_frame(
     payload: &[u8],
     mss: u16,
 ) -> Vec<u8> {
+    let mut f = tcp_guest_headers(
+        dst_mac,
+        sport,
+        dport,
+        seq,
+        ack,
+        flags,
+        window,
+        opts,
+        payload.len(),
+        mss,
+    );
+    f.extend_from_slice(payload);
+    f
+}
+
+/// The headers (virtio-net, Ethernet, IPv4, TCP) of [`tcp_guest_frame`], for a payload
+/// of `payload_len` bytes sent separately: with NEEDS_CSUM, no header depends on the
+/// payload's bytes.
+#[allow(clippy::too_many_arguments)]
+pub fn tcp_guest_headers(
+    dst_mac: [u8; 6],
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    window: u16,
+    opts: &[u8],
+    payload_len: usize,
+    mss: u16,
+) -> Vec<u8> {
     assert!(
         opts.len().is_multiple_of(4) && opts.len() <= 40,
         "TCP options come in words"
@@ -153,12 +198,11 @@ pub fn tcp_guest_frame(
     t[13] = flags;
     t[14..16].copy_from_slice(&window.to_be_bytes());
     t.extend_from_slice(opts);
-    t.extend_from_slice(payload);
     // NEEDS_CSUM: the checksum field carries the folded pseudo-header sum.
-    let p = pseudo(GUEST_IP, HOST_IP, 6, t.len());
+    let p = pseudo(GUEST_IP, HOST_IP, 6, thl + payload_len);
     let folded = !csum(p, &[]);
     t[16..18].copy_from_slice(&folded.to_be_bytes());
-    let gso = payload.len() > usize::from(mss);
+    let gso = payload_len > usize::from(mss);
     let hdr = VnetHdr {
         flags: NEEDS_CSUM,
         gso_type: if gso { GSO_TCPV4 } else { GSO_NONE },
@@ -168,7 +212,15 @@ pub fn tcp_guest_frame(
         csum_offset: 16,
     };
     let mut f = hdr.bytes().to_vec();
-    f.extend_from_slice(&ipv4_frame(GUEST_MAC, dst_mac, GUEST_IP, HOST_IP, 6, &t));
+    f.extend_from_slice(&ipv4_header(
+        GUEST_MAC,
+        dst_mac,
+        GUEST_IP,
+        HOST_IP,
+        6,
+        thl + payload_len,
+    ));
+    f.extend_from_slice(&t);
     f
 }
 
@@ -268,6 +320,11 @@ fn before(a: u32, b: u32) -> bool {
 pub trait Link {
     /// Queues a frame (virtio-net header first); false when the link is full.
     fn queue(&mut self, frame: &[u8]) -> anyhow::Result<bool>;
+    /// Queues a frame given in parts (headers, then payload), without joining them
+    /// first where the link can.
+    fn queue_parts(&mut self, parts: &[&[u8]]) -> anyhow::Result<bool> {
+        self.queue(&parts.concat())
+    }
     /// Makes queued frames go.
     fn flush(&mut self) -> anyhow::Result<()>;
     /// The next received frame (virtio-net header first), or None after `timeout`.
@@ -295,6 +352,9 @@ pub struct FrontendLink<'a> {
 impl Link for FrontendLink<'_> {
     fn queue(&mut self, frame: &[u8]) -> anyhow::Result<bool> {
         Ok(self.fe.queue_tx(self.pair, frame)?)
+    }
+    fn queue_parts(&mut self, parts: &[&[u8]]) -> anyhow::Result<bool> {
+        Ok(self.fe.queue_tx_parts(self.pair, parts)?)
     }
     fn flush(&mut self) -> anyhow::Result<()> {
         self.fe.flush(2 * self.pair + 1)?;
@@ -330,8 +390,20 @@ impl TapLink {
 
 impl Link for TapLink {
     fn queue(&mut self, frame: &[u8]) -> anyhow::Result<bool> {
+        self.queue_parts(&[frame])
+    }
+    fn queue_parts(&mut self, parts: &[&[u8]]) -> anyhow::Result<bool> {
         use boxd_vhost_net::HostPort;
-        match self.tap.send(frame) {
+        let iov: Vec<libc::iovec> = parts
+            .iter()
+            .map(|p| libc::iovec {
+                iov_base: p.as_ptr() as *mut libc::c_void,
+                iov_len: p.len(),
+            })
+            .collect();
+        let len = parts.iter().map(|p| p.len()).sum();
+        // SAFETY: the iovecs point into `parts`, borrowed for the call.
+        match unsafe { self.tap.send_iov(&iov, len) } {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
             Err(e) => Err(e.into()),
@@ -408,7 +480,7 @@ impl GuestTcp<'_> {
         payload: &[u8],
         flush: bool,
     ) -> anyhow::Result<bool> {
-        let f = tcp_guest_frame(
+        let h = tcp_guest_headers(
             self.host_mac,
             sport,
             dport,
@@ -417,10 +489,10 @@ impl GuestTcp<'_> {
             flags,
             u16::MAX,
             opts,
-            payload,
+            payload.len(),
             1448,
         );
-        let q = self.link.queue(&f)?;
+        let q = self.link.queue_parts(&[&h, payload])?;
         if flush || !q {
             self.link.flush()?;
         }

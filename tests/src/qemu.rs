@@ -15,8 +15,9 @@ pub const GUEST_MAC: &str = "06:b0:c5:00:00:02";
 pub enum GuestNet<'a> {
     /// Our backend's port socket.
     VhostUser(&'a Path),
-    /// QEMU's built-in TAP backend on this (existing) TAP.
-    Tap(&'a str),
+    /// QEMU's built-in TAP backend on an existing TAP in a network namespace (QEMU
+    /// runs inside the namespace to open it).
+    TapIn { tap: &'a str, netns: &'a str },
 }
 
 pub struct Qemu {
@@ -40,7 +41,14 @@ impl Qemu {
              systemd.run=\"/bin/sh -c '{script}'\" \
              systemd.run_success_action=poweroff systemd.run_failure_action=poweroff"
         );
-        let mut cmd = Command::new("qemu-system-x86_64");
+        let mut cmd = match net {
+            GuestNet::TapIn { netns, .. } => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", netns, "qemu-system-x86_64"]);
+                c
+            }
+            GuestNet::VhostUser(_) => Command::new("qemu-system-x86_64"),
+        };
         cmd.args([
             "-M",
             "microvm,x-option-roms=off,memory-backend=mem",
@@ -80,7 +88,7 @@ impl Qemu {
                     .arg(format!("socket,id=c0,path={}", socket.display()))
                     .args(["-netdev", "vhost-user,id=n0,chardev=c0"]);
             }
-            GuestNet::Tap(tap) => {
+            GuestNet::TapIn { tap, .. } => {
                 cmd.arg("-netdev").arg(format!(
                     "tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off"
                 ));

@@ -116,3 +116,80 @@ where
     })?;
     Ok(at)
 }
+
+/// Bytes of every transmit frame copied out of guest memory before they are checked
+/// and sent: the virtio-net header and every header field the identity filter reads
+/// (Ethernet, and IPv4 or ARP), so the guest cannot change them between check and send.
+pub const TX_HEAD: usize = 128;
+
+/// A transmit frame mapped for a gather write: its head copied (and checked), the rest
+/// left in guest memory, described by `iov`.
+pub struct TxFrame {
+    pub head: [u8; TX_HEAD],
+    pub head_len: usize,
+    pub len: usize,
+    /// The rest of the frame, in guest memory (valid while the memory guard the chain
+    /// was read with is held).
+    pub iov: Vec<libc::iovec>,
+}
+
+impl Default for TxFrame {
+    fn default() -> Self {
+        Self {
+            head: [0; TX_HEAD],
+            head_len: 0,
+            len: 0,
+            iov: Vec::with_capacity(32),
+        }
+    }
+}
+
+// SAFETY: the raw pointers in `iov` are only dereferenced by the kernel during a
+// writev made by the thread that holds the guest-memory guard they came from.
+unsafe impl Send for TxFrame {}
+
+/// Maps a transmit chain: the first [`TX_HEAD`] bytes copied into `f.head`, the rest
+/// as iovecs into guest memory, at most `max` bytes in all. One copy fewer than
+/// [`read_tx`]: the kernel copies straight from guest memory.
+pub fn map_tx<M>(chain: DescriptorChain<M>, f: &mut TxFrame, max: usize) -> Result<usize, Malformed>
+where
+    M: Deref + Clone,
+    M::Target: GuestMemory,
+{
+    let keep = chain.clone();
+    let mem = keep.memory();
+    f.head_len = 0;
+    f.iov.clear();
+    let len = walk(chain, false, max, |addr, len| {
+        let copy = len.min(TX_HEAD - f.head_len);
+        if copy > 0 {
+            mem.read_slice(&mut f.head[f.head_len..f.head_len + copy], addr)
+                .map_err(|_| Malformed::BadAddress)?;
+            f.head_len += copy;
+        }
+        let rest = len - copy;
+        if rest > 0 {
+            let at = vm_memory::GuestAddress(
+                addr.0
+                    .checked_add(copy as u64)
+                    .ok_or(Malformed::BadAddress)?,
+            );
+            let slices = mem
+                .get_slices(at, rest, vm_memory::Permissions::Read)
+                .map_err(|_| Malformed::BadAddress)?;
+            for s in slices {
+                let s = s.map_err(|_| Malformed::BadAddress)?;
+                if f.iov.len() >= 1024 {
+                    return Err(Malformed::TooLong);
+                }
+                f.iov.push(libc::iovec {
+                    iov_base: s.ptr_guard().as_ptr() as *mut libc::c_void,
+                    iov_len: s.len(),
+                });
+            }
+        }
+        Ok(())
+    })?;
+    f.len = len;
+    Ok(len)
+}

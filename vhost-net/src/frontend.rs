@@ -358,8 +358,14 @@ impl Frontend {
     /// Queues one frame (virtio-net header first) on `pair`'s transmit ring without
     /// kicking; false when the ring is full.
     pub fn queue_tx(&mut self, pair: usize, frame: &[u8]) -> Result<bool> {
-        if frame.len() as u64 > TX_SLOT {
-            return Err(FrontendError::TooBig(frame.len()));
+        self.queue_tx_parts(pair, &[frame])
+    }
+
+    /// Like [`Self::queue_tx`], the frame given in parts, copied once into its slot.
+    pub fn queue_tx_parts(&mut self, pair: usize, parts: &[&[u8]]) -> Result<bool> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len as u64 > TX_SLOT {
+            return Err(FrontendError::TooBig(len));
         }
         let q = 2 * pair + 1;
         if self.rings[q].free.is_empty() {
@@ -369,10 +375,14 @@ impl Frontend {
             return Ok(false);
         };
         let addr = self.rings[q].buffers + u64::from(id) * TX_SLOT;
-        self.mem
-            .write_slice(frame, GuestAddress(addr))
-            .map_err(|e| FrontendError::Memory(e.to_string()))?;
-        self.write_desc(q, id, addr, frame.len() as u32, 0, 0);
+        let mut at = addr;
+        for p in parts {
+            self.mem
+                .write_slice(p, GuestAddress(at))
+                .map_err(|e| FrontendError::Memory(e.to_string()))?;
+            at += p.len() as u64;
+        }
+        self.write_desc(q, id, addr, len as u32, 0, 0);
         self.push_avail(q, id);
         Ok(true)
     }

@@ -136,7 +136,13 @@ const STALLED: u8 = 2;
 struct Pair<H> {
     host: H,
     buf: Vec<u8>,
+    tx: chain::TxFrame,
+    iov: Vec<libc::iovec>,
 }
+
+// SAFETY: `iov` only holds pointers between filling it and the writev that consumes
+// it, both under the pair's lock on one thread; the rest is Send.
+unsafe impl<H: Send> Send for Pair<H> {}
 
 struct PairEvents {
     rx_again: EventFd,
@@ -219,6 +225,8 @@ impl<H: HostPort + 'static> Port<H> {
                     Mutex::new(Pair {
                         host,
                         buf: vec![0; FRAME_MAX],
+                        tx: chain::TxFrame::default(),
+                        iov: Vec::with_capacity(64),
                     })
                 })
                 .collect(),
@@ -468,7 +476,7 @@ impl<H: HostPort> Shared<H> {
         if self.rx_state[i].load(Ordering::Acquire) == FLOWING {
             return;
         }
-        let Pair { host, buf } = &mut *pair;
+        let Pair { host, buf, .. } = &mut *pair;
         for _ in 0..BATCH_MAX {
             match host.recv(buf) {
                 Ok(n) if n >= VNET_HDR_LEN => {
@@ -501,7 +509,7 @@ impl<H: HostPort> Shared<H> {
         let mem = mem.memory();
         let c = &self.counters;
         let mut pair = lock(&self.pairs[i]);
-        let Pair { host, buf } = &mut *pair;
+        let Pair { host, tx, iov, .. } = &mut *pair;
         let mut used = false;
         let mut done = false;
         if let Err(e) = vring.disable_notification() {
@@ -522,23 +530,39 @@ impl<H: HostPort> Shared<H> {
                 break;
             };
             let head = chain.head_index();
-            match chain::read_tx(chain, buf) {
-                Ok(n) => match filter::check(&buf[..n], &self.cfg.identity) {
-                    Ok(()) => match host.send(&buf[..n]) {
+            let verdict = chain::map_tx(chain, tx, FRAME_MAX)
+                .map_err(|_| None)
+                .and_then(|n| {
+                    filter::check(&tx.head[..tx.head_len], &self.cfg.identity)
+                        .map(|()| n)
+                        .map_err(Some)
+                });
+            match verdict {
+                Ok(n) => {
+                    // The checked head from our copy, the rest from guest memory.
+                    iov.clear();
+                    iov.push(libc::iovec {
+                        iov_base: tx.head.as_mut_ptr().cast(),
+                        iov_len: tx.head_len,
+                    });
+                    iov.extend_from_slice(&tx.iov);
+                    // SAFETY: the head is our buffer; the rest points into guest memory
+                    // kept mapped by `mem`, held across this call.
+                    match unsafe { host.send_iov(iov, n) } {
                         Ok(()) => {
                             bump(&c.tx_packets);
                             c.tx_bytes
                                 .fetch_add((n - VNET_HDR_LEN) as u64, Ordering::Relaxed);
                         }
                         Err(_) => bump(&c.tx_errors),
-                    },
-                    Err(filter::Drop::Runt) => bump(&c.tx_drop_runt),
-                    Err(filter::Drop::SpoofedMac) => bump(&c.tx_drop_spoofed_mac),
-                    Err(filter::Drop::SpoofedIp) => bump(&c.tx_drop_spoofed_ip),
-                    Err(filter::Drop::SpoofedArp) => bump(&c.tx_drop_spoofed_arp),
-                    Err(filter::Drop::Ethertype) => bump(&c.tx_drop_ethertype),
-                },
-                Err(_) => bump(&c.tx_drop_malformed),
+                    }
+                }
+                Err(None) => bump(&c.tx_drop_malformed),
+                Err(Some(filter::Drop::Runt)) => bump(&c.tx_drop_runt),
+                Err(Some(filter::Drop::SpoofedMac)) => bump(&c.tx_drop_spoofed_mac),
+                Err(Some(filter::Drop::SpoofedIp)) => bump(&c.tx_drop_spoofed_ip),
+                Err(Some(filter::Drop::SpoofedArp)) => bump(&c.tx_drop_spoofed_arp),
+                Err(Some(filter::Drop::Ethertype)) => bump(&c.tx_drop_ethertype),
             }
             if let Err(e) = vring.add_used(head, 0) {
                 return self.ring_error("tx: used ring", e);
@@ -568,7 +592,7 @@ impl<H: HostPort> Shared<H> {
         let c = &self.counters;
         let mut pair = lock(&self.pairs[i]);
         self.rx_state[i].store(FLOWING, Ordering::Release);
-        let Pair { host, buf } = &mut *pair;
+        let Pair { host, buf, .. } = &mut *pair;
         let mut used = false;
         let mut done = false;
         for _ in 0..BATCH_MAX {

@@ -44,6 +44,11 @@ pub trait HostPort: Send {
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize>;
     /// Sends one frame (virtio-net header first).
     fn send(&mut self, frame: &[u8]) -> io::Result<()>;
+    /// Sends one frame gathered from `iov` (virtio-net header first), `len` bytes.
+    ///
+    /// # Safety
+    /// Every iovec must describe memory valid for reads for the duration of the call.
+    unsafe fn send_iov(&mut self, iov: &[libc::iovec], len: usize) -> io::Result<()>;
     /// Restricts what `recv` may return to the offloads the guest accepted.
     fn set_offloads(&mut self, tun_flags: u32) -> io::Result<()>;
     fn fd(&self) -> RawFd;
@@ -163,6 +168,22 @@ impl HostPort for Tap {
         // within its MTU plus offloads, and anything else is an error to count.
         let n = self.file.write(frame)?;
         if n != frame.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "short write to the TAP",
+            ));
+        }
+        Ok(())
+    }
+
+    unsafe fn send_iov(&mut self, iov: &[libc::iovec], len: usize) -> io::Result<()> {
+        let count = iov.len().min(libc::c_int::MAX as usize) as libc::c_int;
+        // SAFETY: the caller guarantees every iovec is readable for the call.
+        let n = unsafe { libc::writev(self.file.as_raw_fd(), iov.as_ptr(), count) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if n as usize != len {
             return Err(io::Error::new(
                 io::ErrorKind::WriteZero,
                 "short write to the TAP",

@@ -313,3 +313,31 @@ pub fn boot(runs: usize) -> Result<()> {
     );
     Ok(())
 }
+
+/// `cargo xtask bench net`: the backend's figures from the release `boxd-netbench`
+/// (tests/src/bin/netbench.rs), beside a peer's from the same run. Runs on this host:
+/// it needs root and /dev/net/tun, not KVM (the guest runs on QEMU's software CPU).
+pub fn net(seconds: f64, skip_guest: bool) -> Result<()> {
+    crate::setup::setup()?;
+    let boxd = crate::build_boxd()?;
+    if !skip_guest {
+        crate::images::build(&boxd)?;
+    }
+    let step = crate::util::Step::start("cargo build --release -p boxd-tests --bin boxd-netbench");
+    crate::util::run(Command::new(env!("CARGO")).args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "boxd-tests",
+        "--bin",
+        "boxd-netbench",
+    ]))?;
+    step.done();
+    let mut cmd = Command::new(boxd_tests::target_dir().join("release/boxd-netbench"));
+    cmd.args(["--seconds", &seconds.to_string()]);
+    if skip_guest {
+        cmd.arg("--skip-guest");
+    }
+    crate::util::run(&mut cmd)
+}

@@ -44,6 +44,12 @@ enum Task {
         /// Boots per VMM (the median is reported).
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// `net`: seconds per frame-rate measurement.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// `net`: leave out the QEMU guest runs (about two minutes).
+        #[arg(long)]
+        skip_guest: bool,
         /// Already inside the place where guests boot (set by the task itself).
         #[arg(long, hide = true)]
         inside: bool,
@@ -78,6 +84,9 @@ enum Scenario {
 enum BenchKind {
     /// VMM start to kernel entry and to agent ready, boxd vs QEMU.
     Boot,
+    /// The network backend: frame rates, TSO stream, latency (test frontend vs a
+    /// direct TAP) and guest TCP through our backend vs QEMU's TAP backend.
+    Net,
 }
 
 fn parse_forward(s: &str) -> Result<(u16, u16), String> {
@@ -123,9 +132,16 @@ fn main() -> Result<()> {
             ]))
         }
         Task::Bench {
+            what: BenchKind::Net,
+            seconds,
+            skip_guest,
+            ..
+        } => bench::net(seconds, skip_guest),
+        Task::Bench {
             what: BenchKind::Boot,
             runs,
             inside,
+            ..
         } => {
             if !inside && !prepare_guests()? {
                 let argv = vec![
@@ -213,11 +229,38 @@ fn test() -> Result<()> {
     let step = Step::start("cargo test --workspace");
     run(Command::new(cargo).args(["test", "--workspace"]))?;
     step.done();
+    fuzz(FUZZ_SECONDS)
+}
+
+/// How long CI fuzzes the network backend's descriptor-chain parsers.
+const FUZZ_SECONDS: u32 = 30;
+
+/// Runs the vhost-net fuzz target for `seconds` (cargo-fuzz on the nightly toolchain;
+/// installs cargo-fuzz from crates.io when missing).
+fn fuzz(seconds: u32) -> Result<()> {
+    let has_fuzz = Command::new("cargo")
+        .args(["+nightly", "fuzz", "--version"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_fuzz {
+        let step = Step::start("cargo install cargo-fuzz (once, about 30 s)");
+        run(Command::new(env!("CARGO")).args(["install", "--quiet", "--locked", "cargo-fuzz"]))?;
+        step.done();
+    }
+    let step = Step::start(format!("cargo fuzz run chain ({seconds} s)"));
+    run(Command::new("cargo")
+        .current_dir(boxd_tests::root().join("vhost-net/fuzz"))
+        .args(["+nightly", "fuzz", "run", "chain", "--"])
+        .arg(format!("-max_total_time={seconds}"))
+        .arg("-print_final_stats=1"))?;
+    step.done();
     Ok(())
 }
 
 /// Builds the release `boxd` binary that guests and the test host run.
-fn build_boxd() -> Result<PathBuf> {
+pub fn build_boxd() -> Result<PathBuf> {
     let step = Step::start("cargo build --release -p boxd");
     run(Command::new(env!("CARGO")).args(["build", "--quiet", "--release", "-p", "boxd"]))?;
     step.done();

@@ -9,7 +9,7 @@ use boxd_vhost_net::chain;
 use boxd_vhost_net::filter::{self, Identity};
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 const SIZE: u16 = 16;
 const MEM: usize = 64 << 10;
@@ -38,6 +38,8 @@ fuzz_target!(|data: &[u8]| {
     let rx = data[2] & 1 == 1;
     let id = Identity { mac: [6, 0xb0, 0xc5, 0, 0, 2], ip: [10, 0, 0, 2] };
     let mut buf = vec![0u8; boxd_vhost_net::FRAME_MAX];
+    let mut tx = chain::TxFrame::default();
+    let base = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
     for _ in 0..2 * SIZE {
         let Some(c) = q.pop_descriptor_chain(&mem) else { break };
         if rx {
@@ -46,9 +48,26 @@ fuzz_target!(|data: &[u8]| {
                 let written = chain::write_rx(c, &frame).expect("checked by rx_room");
                 assert!(written <= room);
             }
-        } else if let Ok(len) = chain::read_tx(c, &mut buf) {
-            assert!(len <= buf.len());
-            let _ = filter::check(&buf[..len], &id);
+        } else {
+            // The copying and the mapping parser must agree on every chain.
+            let copied = chain::read_tx(c.clone(), &mut buf);
+            let mapped = chain::map_tx(c, &mut tx, buf.len());
+            assert_eq!(copied.is_ok(), mapped.is_ok(), "{copied:?} vs {mapped:?}");
+            if let (Ok(len), Ok(mlen)) = (copied, mapped) {
+                assert_eq!(len, mlen);
+                assert_eq!(&tx.head[..tx.head_len], &buf[..tx.head_len]);
+                let mut at = tx.head_len;
+                for v in &tx.iov {
+                    let p = v.iov_base as usize;
+                    assert!(p >= base && p + v.iov_len <= base + MEM, "iovec outside guest memory");
+                    // SAFETY: checked just above to lie inside the mapping.
+                    let got = unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) };
+                    assert_eq!(got, &buf[at..at + v.iov_len]);
+                    at += v.iov_len;
+                }
+                assert_eq!(at, len);
+                let _ = filter::check(&buf[..len], &id);
+            }
         }
     }
     let _ = filter::check(data, &id);

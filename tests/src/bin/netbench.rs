@@ -1,0 +1,400 @@
+//! `cargo xtask bench net` (release build): the network backend's figures, each beside
+//! a peer's from the same run, as `BENCH` lines.
+//!
+//! - Frame rates, guest to host, with the test frontend: 64-byte and 1500-byte frames
+//!   through our backend on one and two queue pairs. Peer: the same frames written
+//!   straight into a TAP by one thread, with no vrings at all (the ceiling of any
+//!   TAP-backed backend on this machine; a ratio near 1 means the vring path costs
+//!   little).
+//! - A TCP stream from the guest side to the host's TCP stack in 60000-byte TSO
+//!   segments with offloaded checksums. Same peer.
+//! - UDP round trips to an echo server on the host: p50/p99, and the latency the
+//!   backend adds (half the difference to the peer's round trip).
+//! - Guest TCP (iperf3) from a Debian guest on QEMU (software CPU) through our backend
+//!   vs through QEMU's own TAP backend, the issue's `net-guest-tcp`.
+
+use anyhow::{Context, Result, bail};
+use boxd_tests::net::{NetDaemon, Netns, wait_link};
+use boxd_tests::pkt::{
+    self, FrontendLink, GUEST_IP, GUEST_MAC, GuestTcp, HOST_IP, Link, TapLink, VNET_HDR_LEN,
+};
+use boxd_tests::qemu::{GuestNet, Qemu};
+use boxd_vhost_net::frontend::{Frontend, Options};
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+const NOBODY: [u8; 6] = [0x02, 0, 0, 0, 0, 0x99];
+
+fn frame(len: usize) -> Vec<u8> {
+    // Ethernet + IPv4 + UDP = 42 bytes of headers; the payload fills up to `len`.
+    let payload = vec![0xab; len - 42];
+    let mut f = vec![0u8; VNET_HDR_LEN];
+    f.extend_from_slice(&pkt::udp_frame(
+        GUEST_MAC,
+        NOBODY,
+        (GUEST_IP, 5000),
+        (HOST_IP, 9),
+        &payload,
+    ));
+    f
+}
+
+/// Queues `f` as fast as the link takes it for `secs`; returns frames accepted.
+fn flood(link: &mut dyn Link, f: &[u8], secs: f64) -> Result<u64> {
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while start.elapsed().as_secs_f64() < secs {
+        for _ in 0..64 {
+            if !link.queue(f)? {
+                break;
+            }
+            sent += 1;
+        }
+        link.flush()?;
+    }
+    Ok(sent)
+}
+
+/// Every queue pair of one frontend in turn, as one [`Link`] (transmit only).
+struct RoundRobin<'a> {
+    fe: &'a mut Frontend,
+    next: usize,
+}
+
+impl Link for RoundRobin<'_> {
+    fn queue(&mut self, frame: &[u8]) -> Result<bool> {
+        let pairs = self.fe.pairs();
+        for _ in 0..pairs {
+            let p = self.next;
+            self.next = (self.next + 1) % pairs;
+            if self.fe.queue_tx(p, frame)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+    fn flush(&mut self) -> Result<()> {
+        for p in 0..self.fe.pairs() {
+            self.fe.flush(2 * p + 1)?;
+        }
+        Ok(())
+    }
+    fn recv(&mut self, _: Duration) -> Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+    fn rx_ready(&mut self) -> bool {
+        false
+    }
+}
+
+struct Rate {
+    ours: f64,
+    peer: f64,
+}
+
+fn bench_line(name: &str, unit: &str, r: &Rate, higher_is_better: bool) {
+    let ratio = if higher_is_better {
+        r.ours / r.peer
+    } else {
+        r.peer / r.ours
+    };
+    println!(
+        "BENCH {name} {:.3} {unit} peer={:.3} ratio={ratio:.2}",
+        r.ours, r.peer
+    );
+}
+
+/// Frames per second through our backend (`pairs` queue pairs) and straight into a TAP.
+fn frame_rate(d: &NetDaemon, len: usize, pairs: usize, secs: f64) -> Result<Rate> {
+    let name = format!("f{len}q{pairs}");
+    let mut spec = d.spec(&name, &format!("bxb-{name}"));
+    spec.queue_pairs = pairs;
+    d.add(spec)?;
+    let mut fe = Frontend::connect(
+        &d.dir.join(format!("{name}.sock")),
+        Options {
+            pairs,
+            ..Options::default()
+        },
+    )?;
+    let f = frame(len);
+    let before = d.stats(&name)?.tx_packets;
+    let t = Instant::now();
+    flood(
+        &mut RoundRobin {
+            fe: &mut fe,
+            next: 0,
+        },
+        &f,
+        secs,
+    )?;
+    // Count what the backend actually passed to the TAP, after it drained the rings.
+    std::thread::sleep(Duration::from_millis(100));
+    let ours = (d.stats(&name)?.tx_packets - before) as f64 / t.elapsed().as_secs_f64();
+    let mut tap = TapLink::open(&format!("bxb-{name}p"))?;
+    let t = Instant::now();
+    let n = flood(&mut tap, &f, secs)?;
+    let peer = n as f64 / t.elapsed().as_secs_f64();
+    Ok(Rate { ours, peer })
+}
+
+/// A namespace with a TAP as the host's 10.0.0.1 end.
+fn host_ns(name: &str, tap: &str) -> Result<(Netns, [u8; 6])> {
+    wait_link(tap)?;
+    let mac = std::fs::read_to_string(format!("/sys/class/net/{tap}/address"))?;
+    let mac = boxd_vhost_net::control::parse_mac(mac.trim()).context("TAP MAC")?;
+    let ns = Netns::new(name)?;
+    ns.adopt(tap, "10.0.0.1/30")?;
+    Ok((ns, mac))
+}
+
+/// Bits per second of a TCP stream from the guest side of `link` to the host in `ns`.
+fn tso_stream(ns: &Netns, link: &mut dyn Link, host_mac: [u8; 6], bytes: usize) -> Result<f64> {
+    let server = ns.run(|| {
+        let l = std::net::TcpListener::bind("10.0.0.1:7000")?;
+        let (mut s, _) = l.accept()?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut buf = vec![0u8; 1 << 20];
+        let (mut n, t) = (0usize, Instant::now());
+        loop {
+            match s.read(&mut buf)? {
+                0 => break,
+                k => n += k,
+            }
+        }
+        Ok((n, t.elapsed()))
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let pattern: Vec<u8> = (0..4u32 << 20).map(|i| (i * 31) as u8).collect();
+    let mut tcp = GuestTcp {
+        link,
+        host_mac,
+        deadline: Instant::now() + Duration::from_secs(120),
+        gso_frames: 0,
+        largest: 0,
+    };
+    tcp.send_repeated(40000, 7000, &pattern, bytes, 60000)?;
+    let (n, took) = server.join().expect("server thread")?;
+    if n != bytes {
+        bail!("the host received {n} of {bytes} bytes");
+    }
+    Ok(n as f64 * 8.0 / took.as_secs_f64())
+}
+
+/// UDP round-trip times (µs, sorted) between the guest side of `link` and an echo
+/// server on the host in `ns`.
+fn round_trips(ns: &Netns, link: &mut dyn Link, host_mac: [u8; 6], n: usize) -> Result<Vec<f64>> {
+    let echo = ns.run(move || {
+        let s = std::net::UdpSocket::bind("10.0.0.1:7777")?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut buf = [0u8; 2048];
+        for _ in 0..n + 200 {
+            let (k, from) = s.recv_from(&mut buf)?;
+            s.send_to(&buf[..k], from)?;
+        }
+        Ok(())
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let mut rtts = Vec::with_capacity(n);
+    for i in 0..n + 200 {
+        let payload = (i as u64).to_be_bytes();
+        let mut f = vec![0u8; VNET_HDR_LEN];
+        f.extend_from_slice(&pkt::udp_frame(
+            GUEST_MAC,
+            host_mac,
+            (GUEST_IP, 5555),
+            (HOST_IP, 7777),
+            &payload,
+        ));
+        let t = Instant::now();
+        link.send(&f)?;
+        loop {
+            let Some(r) = link.recv(Duration::from_secs(2))? else {
+                bail!("no echo for round trip {i}");
+            };
+            if let Some((mac, ip)) = pkt::arp_request_for_guest(&r) {
+                link.send(&pkt::arp_reply(mac, ip))?;
+                continue;
+            }
+            if r.len() >= VNET_HDR_LEN + 42 + 8
+                && r[VNET_HDR_LEN + 42..VNET_HDR_LEN + 50] == payload
+            {
+                break;
+            }
+        }
+        if i >= 200 {
+            rtts.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    echo.join().expect("echo thread")?;
+    rtts.sort_by(f64::total_cmp);
+    Ok(rtts)
+}
+
+fn pct(v: &[f64], p: f64) -> f64 {
+    v[((v.len() as f64 * p) as usize).min(v.len() - 1)]
+}
+
+/// iperf3 from a QEMU guest to the host in `ns`; bits per second the host received.
+fn guest_tcp(ns: &Netns, net: GuestNet, dir: &std::path::Path, secs: u32) -> Result<f64> {
+    let server = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", &ns.name, "iperf3", "-s", "-1", "-J", "-B", "10.0.0.1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("iperf3 (cargo xtask setup installs it)")?;
+    let script = format!(
+        "ip link set eth0 up; ip addr add 10.0.0.2/30 dev eth0; \
+         ping -c 1 -w 60 10.0.0.1 >/dev/null && iperf3 -c 10.0.0.1 -t {secs}"
+    );
+    let mut vm = Qemu::start(dir, net, 2, &script)?;
+    vm.wait(Duration::from_secs(300))?;
+    let out = server.wait_with_output()?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "iperf3 server output; guest console:\n{}",
+            vm.console_tail(2000)
+        )
+    })?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .with_context(|| format!("no result from iperf3: {v}"))
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let secs: f64 = args
+        .iter()
+        .position(|a| a == "--seconds")
+        .and_then(|i| args.get(i + 1))
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(3.0);
+    let skip_guest = args.iter().any(|a| a == "--skip-guest");
+    let d = NetDaemon::start("bench")?;
+    println!(
+        "# peer for frame rates, TSO and latency: the same frames written straight into a TAP (no vrings)"
+    );
+
+    let r = frame_rate(&d, 64, 1, secs)?;
+    println!(
+        "64-byte frames, 1 queue pair: {:.3} Mpps (direct TAP {:.3} Mpps)",
+        r.ours / 1e6,
+        r.peer / 1e6
+    );
+    bench_line(
+        "net-64b-mpps",
+        "Mpps",
+        &Rate {
+            ours: r.ours / 1e6,
+            peer: r.peer / 1e6,
+        },
+        true,
+    );
+    let r = frame_rate(&d, 64, 2, secs)?;
+    bench_line(
+        "net-64b-mq2-mpps",
+        "Mpps",
+        &Rate {
+            ours: r.ours / 1e6,
+            peer: r.peer / 1e6,
+        },
+        true,
+    );
+    let r = frame_rate(&d, 1500, 1, secs)?;
+    let gbps = |pps: f64| pps * 1500.0 * 8.0 / 1e9;
+    bench_line(
+        "net-1500b-gbps",
+        "Gbit/s",
+        &Rate {
+            ours: gbps(r.ours),
+            peer: gbps(r.peer),
+        },
+        true,
+    );
+
+    // TSO streams and round trips, ours then the peer, each in its own namespace.
+    d.add(d.spec("tso", "bxb-tso"))?;
+    let (ns, mac) = host_ns("bxb-tso", "bxb-tso")?;
+    let mut fe = Frontend::connect(&d.dir.join("tso.sock"), Options::default())?;
+    let mut link = FrontendLink {
+        fe: &mut fe,
+        pair: 0,
+    };
+    let bytes = 1 << 30;
+    let ours_tso = tso_stream(&ns, &mut link, mac, bytes)?;
+    let ours_rtt = round_trips(&ns, &mut link, mac, 5000)?;
+    let mut tap = TapLink::open("bxb-tsop")?;
+    let (pns, pmac) = host_ns("bxb-tsop", "bxb-tsop")?;
+    let peer_tso = tso_stream(&pns, &mut tap, pmac, bytes)?;
+    let peer_rtt = round_trips(&pns, &mut tap, pmac, 5000)?;
+    bench_line(
+        "net-tso-gbps",
+        "Gbit/s",
+        &Rate {
+            ours: ours_tso / 1e9,
+            peer: peer_tso / 1e9,
+        },
+        true,
+    );
+    for (name, p) in [("p50", 0.5), ("p99", 0.99)] {
+        let r = Rate {
+            ours: pct(&ours_rtt, p),
+            peer: pct(&peer_rtt, p),
+        };
+        bench_line(&format!("net-rtt-{name}-us"), "us", &r, false);
+        println!(
+            "BENCH net-added-latency-{name}-us {:.1} us",
+            ((r.ours - r.peer) / 2.0).max(0.0)
+        );
+    }
+    drop(fe);
+    drop((ns, pns, tap));
+
+    if skip_guest {
+        println!("# --skip-guest: no QEMU guest run");
+        return Ok(());
+    }
+    // Guest TCP: the same Debian guest on QEMU, through our backend, then through
+    // QEMU's own TAP backend (QEMU runs inside the namespace to open it there).
+    d.add(d.spec("guest", "bxb-guest"))?;
+    let (gns, _) = host_ns("bxb-guest", "bxb-guest")?;
+    let ours = guest_tcp(
+        &gns,
+        GuestNet::VhostUser(&d.dir.join("guest.sock")),
+        &d.dir.join("g1"),
+        10,
+    )?;
+    let qns = Netns::new("bxb-qtap")?;
+    qns.ip(&[
+        "tuntap", "add", "dev", "bxb-qtap", "mode", "tap", "vnet_hdr",
+    ])?;
+    qns.ip(&["addr", "add", "10.0.0.1/30", "dev", "bxb-qtap"])?;
+    qns.ip(&["link", "set", "bxb-qtap", "up"])?;
+    let peer = guest_tcp(
+        &qns,
+        GuestNet::TapIn {
+            tap: "bxb-qtap",
+            netns: &qns.name,
+        },
+        &d.dir.join("g2"),
+        10,
+    )?;
+    println!(
+        "guest TCP (iperf3, QEMU software CPU): ours {:.0} Mbit/s, QEMU's TAP backend {:.0} Mbit/s",
+        ours / 1e6,
+        peer / 1e6
+    );
+    bench_line(
+        "net-guest-tcp",
+        "Mbit/s",
+        &Rate {
+            ours: ours / 1e6,
+            peer: peer / 1e6,
+        },
+        true,
+    );
+    Ok(())
+}
