@@ -13,8 +13,8 @@ pub const GUEST_MAC: &str = "06:b0:c5:00:00:02";
 
 /// How the guest's NIC reaches the host.
 pub enum GuestNet<'a> {
-    /// Our backend's port socket.
-    VhostUser(&'a Path),
+    /// Our backend's port socket, with this many queue pairs.
+    VhostUser(&'a Path, usize),
     /// QEMU's built-in TAP backend on an existing TAP in a network namespace (QEMU
     /// runs inside the namespace to open it).
     TapIn { tap: &'a str, netns: &'a str },
@@ -47,7 +47,7 @@ impl Qemu {
                 c.args(["netns", "exec", netns, "qemu-system-x86_64"]);
                 c
             }
-            GuestNet::VhostUser(_) => Command::new("qemu-system-x86_64"),
+            GuestNet::VhostUser(..) => Command::new("qemu-system-x86_64"),
         };
         cmd.args([
             "-M",
@@ -83,10 +83,11 @@ impl Qemu {
         ))
         .args(["-device", "virtio-blk-device,drive=d0"]);
         match net {
-            GuestNet::VhostUser(socket) => {
+            GuestNet::VhostUser(socket, pairs) => {
                 cmd.arg("-chardev")
                     .arg(format!("socket,id=c0,path={}", socket.display()))
-                    .args(["-netdev", "vhost-user,id=n0,chardev=c0"]);
+                    .arg("-netdev")
+                    .arg(format!("vhost-user,id=n0,chardev=c0,queues={pairs}"));
             }
             GuestNet::TapIn { tap, .. } => {
                 cmd.arg("-netdev").arg(format!(
@@ -94,8 +95,12 @@ impl Qemu {
                 ));
             }
         }
+        let mq = matches!(net, GuestNet::VhostUser(_, p) if p > 1);
         cmd.arg("-device")
-            .arg(format!("virtio-net-device,netdev=n0,mac={GUEST_MAC}"))
+            .arg(format!(
+                "virtio-net-device,netdev=n0,mac={GUEST_MAC}{}",
+                if mq { ",mq=on" } else { "" }
+            ))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("qemu.log"))?);

@@ -1,6 +1,6 @@
 //! QEMU, a frontend nobody here wrote, on our backend: a Debian guest on QEMU's
-//! software CPU with `-netdev vhost-user` on our port pings the host and moves a file
-//! both ways over TCP through our TAP. No KVM needed.
+//! software CPU with `-netdev vhost-user` (two queue pairs) on our port pings the host
+//! and moves a file both ways over TCP through our TAP. No KVM needed.
 
 use anyhow::{Context, Result, ensure};
 use boxd_tests::net::{NetDaemon, Netns, http_serve, wait_link};
@@ -11,7 +11,9 @@ use std::time::Duration;
 #[test]
 fn a_qemu_guest_pings_and_exchanges_tcp_through_our_backend() -> Result<()> {
     let d = NetDaemon::start("qemu")?;
-    d.add(d.spec("qemu", "bxt-qemu"))?;
+    let mut spec = d.spec("qemu", "bxt-qemu");
+    spec.queue_pairs = 2;
+    d.add(spec)?;
     wait_link("bxt-qemu")?;
     let ns = Netns::new("bxt-qemu")?;
     ns.adopt("bxt-qemu", "10.0.0.1/30")?;
@@ -22,13 +24,15 @@ fn a_qemu_guest_pings_and_exchanges_tcp_through_our_backend() -> Result<()> {
         http_serve(l, &blob, 2)
     });
     // systemd.run starts before networkd: the script sets the link up itself.
-    let script = "ip link set eth0 up; ip addr add 10.0.0.2/30 dev eth0; \
+    // The transfers only run if the guest got both queue pairs.
+    let script = "test -d /sys/class/net/eth0/queues/rx-1 || exit 1; \
+                  ip link set eth0 up; ip addr add 10.0.0.2/30 dev eth0; \
                   ping -c 3 -w 60 10.0.0.1 && \
                   curl -sSf -o /tmp/b http://10.0.0.1:8080/blob && \
                   curl -sSf -T /tmp/b http://10.0.0.1:8080/up";
     let mut vm = Qemu::start(
         &d.dir.join("vm"),
-        GuestNet::VhostUser(&d.dir.join("qemu.sock")),
+        GuestNet::VhostUser(&d.dir.join("qemu.sock"), 2),
         2,
         script,
     )?;

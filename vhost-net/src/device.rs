@@ -24,6 +24,7 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Error, GpuBackend, Result, VhostUserBackendReqHandlerMut};
 use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -136,12 +137,27 @@ impl<H: HostPort + 'static> Device<H> {
             })
     }
 
+    /// Attaches pair `pair`'s host queue while either of its rings is served.
+    fn refresh_pair(&self, pair: usize) {
+        let served = |i: usize| {
+            self.vrings.get(i).is_some_and(|v| {
+                let s = v.get_ref();
+                s.get_queue().ready() && s.is_enabled()
+            })
+        };
+        self.port
+            .set_pair_attached(pair, served(2 * pair) || served(2 * pair + 1));
+    }
+
     /// Stops every ring (reset, or the connection ending).
     fn stop_all(&mut self) {
         for i in 0..self.vrings.len() {
             self.vrings[i].set_queue_ready(false);
             self.vrings[i].set_kick(None);
             self.port.stop_queue(i);
+        }
+        for p in 0..self.workers.len() {
+            self.refresh_pair(p);
         }
     }
 }
@@ -155,6 +171,9 @@ impl<H: HostPort + 'static> Drop for Device<H> {
             if let Some(t) = w.thread.take() {
                 let _ = t.join();
             }
+        }
+        for p in 0..self.workers.len() {
+            self.port.set_pair_attached(p, false);
         }
         self.port.disconnected();
     }
@@ -315,6 +334,7 @@ impl<H: HostPort + 'static> VhostUserBackendReqHandlerMut for Device<H> {
         let next = v.queue_next_avail();
         v.set_kick(None);
         v.set_call(None);
+        self.refresh_pair(index as usize / 2);
         Ok(VhostUserVringState::new(index, u32::from(next)))
     }
 
@@ -346,6 +366,7 @@ impl<H: HostPort + 'static> VhostUserBackendReqHandlerMut for Device<H> {
         // The ring starts with its kick fd (vhost-user: "start ring upon receiving a
         // kick"), and buffers may already wait in it.
         v.set_queue_ready(true);
+        self.refresh_pair(pair);
         self.port.nudge(pair);
         Ok(())
     }
@@ -380,6 +401,7 @@ impl<H: HostPort + 'static> VhostUserBackendReqHandlerMut for Device<H> {
         } else {
             self.port.stop_queue(index as usize);
         }
+        self.refresh_pair(index as usize / 2);
         Ok(())
     }
 

@@ -238,6 +238,10 @@ impl<H: HostPort + 'static> Port<H> {
             closing: AtomicBool::new(false),
             cfg,
         });
+        // Until a frontend serves them, only pair 0 takes inbound frames.
+        for pair in shared.pairs.iter().skip(1) {
+            let _ = lock(pair).host.set_attached(false);
+        }
         let keeper = shared.clone();
         std::thread::Builder::new()
             .name(format!("net-keep-{}", keeper.cfg.name))
@@ -329,6 +333,18 @@ impl<H: HostPort + 'static> Port<H> {
             let _guard = lock(&self.shared.pairs[pair]);
             s.store(DETACHED, Ordering::Release);
             let _ = self.shared.keeper_wake.write(1);
+        }
+    }
+
+    /// Whether the host side steers inbound flows to pair `i` (when a frontend serves
+    /// its rings). Pair 0 always stays: with no frontend at all, inbound frames arrive
+    /// there and the keeper holds them.
+    pub(crate) fn set_pair_attached(&self, i: usize, attached: bool) {
+        if i == 0 || i >= self.shared.pairs.len() {
+            return;
+        }
+        if let Err(e) = lock(&self.shared.pairs[i]).host.set_attached(attached) {
+            tracing::warn!(port = %self.shared.cfg.name, pair = i, "TUNSETQUEUE: {e}");
         }
     }
 

@@ -16,6 +16,9 @@ const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
+const IFF_ATTACH_QUEUE: libc::c_short = 0x0200;
+const IFF_DETACH_QUEUE: libc::c_short = 0x0400;
 
 /// What the TAP may hand us (i.e. what the guest accepts on receive).
 pub const TUN_F_CSUM: u32 = 0x01;
@@ -51,6 +54,9 @@ pub trait HostPort: Send {
     unsafe fn send_iov(&mut self, iov: &[libc::iovec], len: usize) -> io::Result<()>;
     /// Restricts what `recv` may return to the offloads the guest accepted.
     fn set_offloads(&mut self, tun_flags: u32) -> io::Result<()>;
+    /// Whether the host side steers inbound frames to this queue (a queue whose
+    /// guest rings are off is taken out, so flows go to the queues that are served).
+    fn set_attached(&mut self, attached: bool) -> io::Result<()>;
     fn fd(&self) -> RawFd;
 }
 
@@ -203,6 +209,27 @@ impl HostPort for Tap {
         } < 0
         {
             return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn set_attached(&mut self, attached: bool) -> io::Result<()> {
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: if attached {
+                IFF_ATTACH_QUEUE
+            } else {
+                IFF_DETACH_QUEUE
+            },
+            _pad: [0; 22],
+        };
+        // SAFETY: TUNSETQUEUE reads the ifreq's flags for the call.
+        if unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETQUEUE, &mut req) } < 0 {
+            let e = io::Error::last_os_error();
+            // Attaching an attached queue (or detaching a detached one) is EINVAL.
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                return Err(e);
+            }
         }
         Ok(())
     }

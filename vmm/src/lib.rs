@@ -65,6 +65,8 @@ pub struct NetConfig {
     /// The vhost-user backend's socket for this VM's port.
     pub vhost_user: PathBuf,
     pub mac: [u8; 6],
+    /// Queue pairs to offer the guest (as many as the backend serves, at most this).
+    pub queue_pairs: usize,
 }
 
 impl VmConfig {

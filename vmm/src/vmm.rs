@@ -206,6 +206,7 @@ impl Vmm {
                 &net.vhost_user,
                 net.mac,
                 &memory.guest,
+                net.queue_pairs,
             )?));
         }
         if devices.len() as u32 > IRQ_MAX - VIRTIO_IRQ_START + 1 {

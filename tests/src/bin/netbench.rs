@@ -363,7 +363,7 @@ fn main() -> Result<()> {
     let (gns, _) = host_ns("bxb-guest", "bxb-guest")?;
     let ours = guest_tcp(
         &gns,
-        GuestNet::VhostUser(&d.dir.join("guest.sock")),
+        GuestNet::VhostUser(&d.dir.join("guest.sock"), 1),
         &d.dir.join("g1"),
         10,
     )?;

@@ -101,9 +101,13 @@ pub struct RunArgs {
     #[arg(long)]
     vsock: Option<PathBuf>,
     /// A network device served by the vhost-user backend on this socket
-    /// (`boxd net port --socket ...`).
+    /// (`boxd net add ...` or `boxd net port ...`).
     #[arg(long)]
     net: Option<PathBuf>,
+    /// Queue pairs for the network device (the backend's port must have as many;
+    /// default: one per vCPU).
+    #[arg(long)]
+    net_queues: Option<usize>,
     /// The guest's MAC address. Every VM sees the same link (DESIGN.md), so the
     /// default is the same for all.
     #[arg(long, default_value = "06:b0:c5:00:00:02", value_parser = parse_mac)]
@@ -300,6 +304,7 @@ fn config(args: &RunArgs) -> anyhow::Result<VmConfig> {
         net: args.net.clone().map(|vhost_user| boxd_vmm::NetConfig {
             vhost_user,
             mac: args.mac,
+            queue_pairs: args.net_queues.unwrap_or(usize::from(args.cpus)),
         }),
         console: in_dir(&args.console, "console.log"),
         control: in_dir(&args.control, "control.sock"),

@@ -1,24 +1,41 @@
 //! virtio-net as a vhost-user frontend: the VMM owns the device's registers and config
-//! space (MAC, link status); the queues themselves are served by the vhost-user
-//! backend (`boxd net`), which maps the guest's memfd, waits on the very ioeventfds KVM
-//! signals and injects the device's irqfd. No packet passes through the VMM.
+//! space (MAC, link status, queue pairs); the data queues themselves are served by the
+//! vhost-user backend (`boxd net`), which maps the guest's memfd, waits on the very
+//! ioeventfds KVM signals and injects the device's irqfd. No packet passes through the
+//! VMM. With more than one queue pair the VMM serves the control queue itself: the
+//! guest's "use N pairs" command turns into SET_VRING_ENABLE for the backend.
 
+use crate::devices::virtio::worker::{AsRawFdExt, Handler, Registrar, Worker};
 use crate::devices::virtio::{
     ActivateError, Activation, TYPE_NET, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VirtioDevice,
     read_config_bytes,
 };
 use crate::memory::GuestMemory;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_queue::Queue;
 use virtio_queue::QueueT;
+use vm_memory::Bytes;
 use vm_memory::{GuestAddress, GuestMemoryBackend as _};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
 
 const F_MAC: u64 = 1 << 5;
 const F_STATUS: u64 = 1 << 16;
+const F_CTRL_VQ: u64 = 1 << 17;
+const F_MQ: u64 = 1 << 22;
 const S_LINK_UP: u16 = 1;
 const QUEUE_SIZE: u16 = 256;
+const CTRL_QUEUE_SIZE: u16 = 64;
+/// Most queue pairs a VM's NIC gets (the backend may allow fewer).
+pub const MAX_QUEUE_PAIRS: usize = 16;
+const CTRL_CLASS_MQ: u8 = 4;
+const CTRL_MQ_VQ_PAIRS_SET: u8 = 0;
+const CTRL_OK: u8 = 0;
+const CTRL_ERR: u8 = 1;
 
 /// Data-path features the backend may offer that the guest may use: checksum and
 /// segmentation offloads both ways, mergeable rx buffers, event index.
@@ -42,19 +59,30 @@ pub enum NetError {
 }
 
 pub struct Net {
-    frontend: Frontend,
+    frontend: Arc<Mutex<Frontend>>,
     socket: PathBuf,
     backend_features: u64,
     protocol: bool,
     features: u64,
     config: [u8; 12],
     mem: GuestMemory,
+    /// Queue pairs offered to the guest.
+    pairs: usize,
+    sizes: Vec<u16>,
+    /// Data queues handed to the backend.
     active: usize,
+    ctrl: Option<Worker>,
 }
 
 impl Net {
-    /// Connects to the backend and negotiates what the device will offer the guest.
-    pub fn new(socket: &Path, mac: [u8; 6], mem: &GuestMemory) -> Result<Self, NetError> {
+    /// Connects to the backend and negotiates what the device will offer the guest:
+    /// up to `queue_pairs` pairs, as many as the backend serves.
+    pub fn new(
+        socket: &Path,
+        mac: [u8; 6],
+        mem: &GuestMemory,
+        queue_pairs: usize,
+    ) -> Result<Self, NetError> {
         let err = |what: &'static str| {
             let socket = socket.to_path_buf();
             move |source| NetError::Protocol {
@@ -63,36 +91,57 @@ impl Net {
                 source,
             }
         };
-        let mut frontend = Frontend::connect(socket, 2).map_err(|source| NetError::Connect {
-            socket: socket.to_path_buf(),
-            source,
-        })?;
+        let wanted_pairs = queue_pairs.clamp(1, MAX_QUEUE_PAIRS);
+        let mut frontend =
+            Frontend::connect(socket, 2 * wanted_pairs as u64).map_err(|source| {
+                NetError::Connect {
+                    socket: socket.to_path_buf(),
+                    source,
+                }
+            })?;
         frontend.set_owner().map_err(err("SET_OWNER"))?;
         let backend_features = frontend.get_features().map_err(err("GET_FEATURES"))?;
         let protocol = backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
+        let mut pairs = 1;
         if protocol {
             let offered = frontend
                 .get_protocol_features()
                 .map_err(err("GET_PROTOCOL_FEATURES"))?;
-            let wanted = offered & VhostUserProtocolFeatures::REPLY_ACK;
+            let wanted =
+                offered & (VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::MQ);
             frontend
                 .set_protocol_features(wanted)
                 .map_err(err("SET_PROTOCOL_FEATURES"))?;
+            if wanted_pairs > 1
+                && wanted.contains(VhostUserProtocolFeatures::MQ)
+                && backend_features & F_MQ != 0
+            {
+                let queues = frontend.get_queue_num().map_err(err("GET_QUEUE_NUM"))?;
+                pairs = wanted_pairs.min(queues as usize / 2).max(1);
+            }
         }
-        let features = (backend_features & DATA_PATH) | VIRTIO_F_VERSION_1 | F_MAC | F_STATUS;
+        let mq = if pairs > 1 { F_MQ | F_CTRL_VQ } else { 0 };
+        let features = (backend_features & DATA_PATH) | VIRTIO_F_VERSION_1 | F_MAC | F_STATUS | mq;
         let mut config = [0u8; 12];
         config[0..6].copy_from_slice(&mac);
         config[6..8].copy_from_slice(&S_LINK_UP.to_le_bytes());
-        config[8..10].copy_from_slice(&1u16.to_le_bytes());
+        config[8..10].copy_from_slice(&(pairs as u16).to_le_bytes());
+        let mut sizes = vec![QUEUE_SIZE; 2 * pairs];
+        if pairs > 1 {
+            sizes.push(CTRL_QUEUE_SIZE);
+        }
         Ok(Self {
-            frontend,
+            frontend: Arc::new(Mutex::new(frontend)),
             socket: socket.to_path_buf(),
             backend_features,
             protocol,
             features,
             config,
             mem: mem.clone(),
+            pairs,
+            sizes,
             active: 0,
+            ctrl: None,
         })
     }
 
@@ -121,7 +170,7 @@ impl VirtioDevice for Net {
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE, QUEUE_SIZE]
+        &self.sizes
     }
 
     fn features(&self) -> u64 {
@@ -139,7 +188,12 @@ impl VirtioDevice for Net {
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
         let backend_acked = (a.features & self.backend_features)
             | (self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits());
-        self.frontend
+        let mq = a.features & F_MQ != 0;
+        let mut frontend = self
+            .frontend
+            .lock()
+            .map_err(|_| self.bad("backend connection", "lock poisoned"))?;
+        frontend
             .set_features(backend_acked)
             .map_err(|e| self.bad("SET_FEATURES", e))?;
         let regions: Vec<VhostUserMemoryRegionInfo> = self
@@ -148,10 +202,17 @@ impl VirtioDevice for Net {
             .map(VhostUserMemoryRegionInfo::from_guest_region)
             .collect::<Result<_, _>>()
             .map_err(|e| self.bad("describe guest memory", e))?;
-        self.frontend
+        frontend
             .set_mem_table(&regions)
             .map_err(|e| self.bad("SET_MEM_TABLE", e))?;
-        for (i, q, kick) in &a.queues {
+        let data_queues = 2 * self.pairs;
+        let mut ctrl = None;
+        let mut active = 0;
+        for (i, q, kick) in a.queues {
+            if i >= data_queues {
+                ctrl = Some((q, kick));
+                continue;
+            }
             let cfg = VringConfigData {
                 queue_max_size: q.max_size(),
                 queue_size: q.size(),
@@ -161,41 +222,158 @@ impl VirtioDevice for Net {
                 avail_ring_addr: self.host_address(q.avail_ring())?,
                 log_addr: None,
             };
-            self.frontend
-                .set_vring_num(*i, q.size())
+            frontend
+                .set_vring_num(i, q.size())
                 .map_err(|e| self.bad("SET_VRING_NUM", e))?;
-            self.frontend
-                .set_vring_addr(*i, &cfg)
+            frontend
+                .set_vring_addr(i, &cfg)
                 .map_err(|e| self.bad("SET_VRING_ADDR", e))?;
-            self.frontend
-                .set_vring_base(*i, 0)
+            frontend
+                .set_vring_base(i, 0)
                 .map_err(|e| self.bad("SET_VRING_BASE", e))?;
-            self.frontend
-                .set_vring_call(*i, a.interrupt.irqfd())
+            frontend
+                .set_vring_call(i, a.interrupt.irqfd())
                 .map_err(|e| self.bad("SET_VRING_CALL", e))?;
-            self.frontend
-                .set_vring_kick(*i, kick)
+            frontend
+                .set_vring_kick(i, &kick)
                 .map_err(|e| self.bad("SET_VRING_KICK", e))?;
             if self.protocol {
-                self.frontend
-                    .set_vring_enable(*i, true)
+                // With MQ the device starts on the first pair until the driver asks
+                // for more (virtio 1.2, 5.1.6.5.5).
+                frontend
+                    .set_vring_enable(i, !mq || i < 2)
                     .map_err(|e| self.bad("SET_VRING_ENABLE", e))?;
             }
+            active = active.max(i + 1);
         }
-        self.active = a.queues.len();
+        drop(frontend);
+        self.active = active;
+        if let Some((queue, kick)) = ctrl {
+            let handler = CtrlQueue {
+                queue,
+                kick,
+                mem: a.mem.clone(),
+                interrupt: a.interrupt.clone(),
+                frontend: self.frontend.clone(),
+                pairs: self.pairs,
+                protocol: self.protocol,
+            };
+            self.ctrl = Some(Worker::spawn("virtio-net-ctrl".into(), handler).map_err(
+                |source| ActivateError::Io {
+                    device: "net",
+                    source,
+                },
+            )?);
+        }
         Ok(())
     }
 
     fn reset(&mut self) {
+        self.ctrl = None;
+        let Ok(mut frontend) = self.frontend.lock() else {
+            return;
+        };
         // GET_VRING_BASE stops a ring; the backend then forgets it until set up again.
         for i in 0..self.active {
             if self.protocol {
-                let _ = self.frontend.set_vring_enable(i, false);
+                let _ = frontend.set_vring_enable(i, false);
             }
-            if let Err(e) = self.frontend.get_vring_base(i) {
+            if let Err(e) = frontend.get_vring_base(i) {
                 tracing::warn!("vhost-user net: stopping queue {i}: {e}");
             }
         }
         self.active = 0;
+    }
+}
+
+/// The control queue, served by the VMM: the driver's "use N queue pairs" becomes
+/// SET_VRING_ENABLE for the backend; any other command is refused (its features are
+/// not offered).
+struct CtrlQueue {
+    queue: Queue,
+    kick: EventFd,
+    mem: GuestMemory,
+    interrupt: Arc<crate::devices::virtio::Interrupt>,
+    frontend: Arc<Mutex<Frontend>>,
+    pairs: usize,
+    protocol: bool,
+}
+
+const CTRL_KICK: u64 = 0;
+
+impl CtrlQueue {
+    /// Executes one command; returns the status byte for the driver.
+    fn execute(&self, class: u8, cmd: u8, data: &[u8]) -> u8 {
+        if class != CTRL_CLASS_MQ || cmd != CTRL_MQ_VQ_PAIRS_SET || data.len() < 2 {
+            return CTRL_ERR;
+        }
+        let n = usize::from(u16::from_le_bytes([data[0], data[1]]));
+        if !(1..=self.pairs).contains(&n) || !self.protocol {
+            return CTRL_ERR;
+        }
+        let Ok(mut frontend) = self.frontend.lock() else {
+            return CTRL_ERR;
+        };
+        for i in 0..2 * self.pairs {
+            if let Err(e) = frontend.set_vring_enable(i, i < 2 * n) {
+                tracing::warn!("vhost-user net: enabling {n} queue pairs: {e}");
+                return CTRL_ERR;
+            }
+        }
+        tracing::debug!("virtio-net: the guest uses {n} queue pairs");
+        CTRL_OK
+    }
+
+    fn process(&mut self) {
+        let mem = self.mem.clone();
+        let mut used = false;
+        for _ in 0..CTRL_QUEUE_SIZE {
+            let Some(chain) = self.queue.pop_descriptor_chain(&mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            // Readable: class, command, data; writable: one status byte.
+            let mut input = [0u8; 64];
+            let mut got = 0;
+            let mut status_at = None;
+            for d in chain {
+                if d.is_write_only() {
+                    status_at.get_or_insert(d.addr());
+                } else {
+                    let n = (d.len() as usize).min(input.len() - got);
+                    if n > 0 && mem.read_slice(&mut input[got..got + n], d.addr()).is_ok() {
+                        got += n;
+                    }
+                }
+            }
+            let status = if got >= 2 {
+                self.execute(input[0], input[1], &input[2..got])
+            } else {
+                CTRL_ERR
+            };
+            let written = status_at
+                .map(|a| mem.write_slice(&[status], a).is_ok())
+                .unwrap_or(false);
+            if self.queue.add_used(&mem, head, u32::from(written)).is_err() {
+                break;
+            }
+            used = true;
+        }
+        if used {
+            self.interrupt.signal_used();
+        }
+    }
+}
+
+impl Handler for CtrlQueue {
+    fn init(&mut self, reg: &Registrar) -> std::io::Result<()> {
+        reg.add(self.kick.as_raw_fd_(), CTRL_KICK, EventSet::IN)
+    }
+
+    fn handle(&mut self, _reg: &Registrar, token: u64, _events: EventSet) {
+        if token == CTRL_KICK {
+            let _ = self.kick.read();
+            self.process();
+        }
     }
 }
