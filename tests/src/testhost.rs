@@ -267,6 +267,15 @@ impl TestHost {
         let exit = std::fs::read_to_string(dir.join("exit")).ok();
         let Some(exit) = exit else {
             let qemu_log = std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
+            // The emulated host's own kernel died under it (nested SVM under TCG: seen
+            // as recursive page faults ending in "Kernel panic"): like a wedge, it says
+            // nothing about the code under test.
+            if console_text.contains("Kernel panic") {
+                return Err(anyhow::Error::new(Wedged(format!(
+                    "the test host's kernel panicked; its console ends with:\n{}",
+                    last_lines(&console_text, 20)
+                ))));
+            }
             bail!(
                 "the test host stopped ({status}) before the command finished.\nQEMU: {}\nconsole:\n{}",
                 qemu_log.trim(),
