@@ -616,6 +616,24 @@ impl GuestTcp<'_> {
     /// Accepts the host's connection to `port` and reads until the host closes it;
     /// returns what arrived.
     pub fn accept_stream(&mut self, port: u16, limit: usize) -> anyhow::Result<Vec<u8>> {
+        let mut data = Vec::new();
+        self.accept_stream_into(port, limit, &mut |p| data.extend_from_slice(p))?;
+        Ok(data)
+    }
+
+    /// Like [`Self::accept_stream`], counting the bytes instead of keeping them.
+    pub fn accept_stream_len(&mut self, port: u16, limit: usize) -> anyhow::Result<usize> {
+        let mut n = 0;
+        self.accept_stream_into(port, limit, &mut |p| n += p.len())?;
+        Ok(n)
+    }
+
+    fn accept_stream_into(
+        &mut self,
+        port: u16,
+        limit: usize,
+        sink: &mut dyn FnMut(&[u8]),
+    ) -> anyhow::Result<()> {
         let isn = 5000u32;
         let (peer, host_isn) = loop {
             self.expired()?;
@@ -638,7 +656,7 @@ impl GuestTcp<'_> {
             &[],
             true,
         )?;
-        let mut data = Vec::new();
+        let mut got = 0usize;
         loop {
             self.expired()?;
             let Some(s) = self.next(std::time::Duration::from_millis(500))? else {
@@ -664,11 +682,9 @@ impl GuestTcp<'_> {
                 continue;
             }
             if s.seq == expected && !s.payload.is_empty() {
-                anyhow::ensure!(
-                    data.len() + s.payload.len() <= limit,
-                    "more than {limit} bytes"
-                );
-                data.extend_from_slice(&s.payload);
+                anyhow::ensure!(got + s.payload.len() <= limit, "more than {limit} bytes");
+                got += s.payload.len();
+                sink(&s.payload);
                 expected = expected.wrapping_add(s.payload.len() as u32);
             }
             let fin =
@@ -679,7 +695,7 @@ impl GuestTcp<'_> {
             let flags = if fin { TCP_ACK | TCP_FIN } else { TCP_ACK };
             self.send(port, peer, isn + 1, expected, flags, &[], &[], true)?;
             if fin {
-                return Ok(data);
+                return Ok(());
             }
         }
     }

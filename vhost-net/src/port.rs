@@ -612,12 +612,14 @@ impl<H: HostPort> Shared<H> {
         let mut used = false;
         let mut done = false;
         for _ in 0..BATCH_MAX {
-            let held = lock(&self.hold).pop();
+            let mut held = lock(&self.hold).pop();
             let from_hold = held.is_some();
-            let mut frame = match held {
+            // A frame straight from the host port stays in the pair's buffer; it is
+            // copied out only if it has to wait in the hold.
+            let frame: &mut [u8] = match held.as_mut() {
                 Some(f) => f,
                 None => match host.recv(buf) {
-                    Ok(n) if n >= VNET_HDR_LEN => buf[..n].to_vec(),
+                    Ok(n) if n >= VNET_HDR_LEN => &mut buf[..n],
                     Ok(_) => continue,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         done = true;
@@ -673,8 +675,8 @@ impl<H: HostPort> Shared<H> {
                 // Out of buffers: the frame waits in the hold, in its place.
                 let mut hold = lock(&self.hold);
                 if from_hold {
-                    hold.unpop(frame);
-                } else if hold.push(frame) {
+                    hold.unpop(frame.to_vec());
+                } else if hold.push(frame.to_vec()) {
                     bump(&c.rx_held);
                 } else {
                     bump(&c.rx_drop_hold_full);

@@ -181,6 +181,40 @@ fn tso_stream(ns: &Netns, link: &mut dyn Link, host_mac: [u8; 6], bytes: usize) 
     Ok(n as f64 * 8.0 / took.as_secs_f64())
 }
 
+/// Bits per second of a TCP stream from the host in `ns` to the guest side of `link`
+/// (the host's TSO reaching the guest as 64 KiB frames over mergeable buffers).
+fn tso_stream_rx(ns: &Netns, link: &mut dyn Link, host_mac: [u8; 6], bytes: usize) -> Result<f64> {
+    let client = ns.run(move || {
+        let mut s = std::net::TcpStream::connect_timeout(
+            &"10.0.0.2:8000".parse()?,
+            Duration::from_secs(10),
+        )?;
+        let chunk = vec![0x5au8; 1 << 20];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            std::io::Write::write_all(&mut s, &chunk[..n])?;
+            left -= n;
+        }
+        Ok(())
+    });
+    let mut tcp = GuestTcp {
+        link,
+        host_mac,
+        deadline: Instant::now() + Duration::from_secs(120),
+        gso_frames: 0,
+        largest: 0,
+    };
+    let t = Instant::now();
+    let n = tcp.accept_stream_len(8000, bytes)?;
+    let took = t.elapsed();
+    client.join().expect("client thread")?;
+    if n != bytes {
+        bail!("the guest received {n} of {bytes} bytes");
+    }
+    Ok(n as f64 * 8.0 / took.as_secs_f64())
+}
+
 /// UDP round-trip times (µs, sorted) between the guest side of `link` and an echo
 /// server on the host in `ns`.
 fn round_trips(ns: &Netns, link: &mut dyn Link, host_mac: [u8; 6], n: usize) -> Result<Vec<f64>> {
@@ -325,11 +359,22 @@ fn main() -> Result<()> {
     };
     let bytes = 1 << 30;
     let ours_tso = tso_stream(&ns, &mut link, mac, bytes)?;
+    let ours_rx = tso_stream_rx(&ns, &mut link, mac, bytes)?;
     let ours_rtt = round_trips(&ns, &mut link, mac, 5000)?;
     let mut tap = TapLink::open("bxb-tsop")?;
     let (pns, pmac) = host_ns("bxb-tsop", "bxb-tsop")?;
     let peer_tso = tso_stream(&pns, &mut tap, pmac, bytes)?;
+    let peer_rx = tso_stream_rx(&pns, &mut tap, pmac, bytes)?;
     let peer_rtt = round_trips(&pns, &mut tap, pmac, 5000)?;
+    bench_line(
+        "net-tso-rx-gbps",
+        "Gbit/s",
+        &Rate {
+            ours: ours_rx / 1e9,
+            peer: peer_rx / 1e9,
+        },
+        true,
+    );
     bench_line(
         "net-tso-gbps",
         "Gbit/s",
