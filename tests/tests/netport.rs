@@ -305,9 +305,25 @@ fn frames_for_an_absent_frontend_are_held_in_order_up_to_the_bound() -> Result<(
         // The frontend crashes (its socket closes without a goodbye).
     }
     d.wait_stats("hold", "the frontend to be gone", |s| !s.attached)?;
+    // Whoever wakes VMs hears about the waiting frames once, not per frame.
+    let (events_tx, events) = std::sync::mpsc::channel();
+    let watcher = d.client()?.watch()?;
+    std::thread::spawn(move || {
+        for e in watcher {
+            if events_tx.send(e).is_err() {
+                break;
+            }
+        }
+    });
     for i in 0..100u32 {
         host.send(&host_udp(2, &i.to_be_bytes()))?;
     }
+    let e = events.recv_timeout(WAIT)?.context("event stream")?;
+    assert_eq!((e.event.as_str(), e.port.as_str()), ("waiting", "hold"));
+    assert!(
+        events.recv_timeout(Duration::from_millis(500)).is_err(),
+        "more than one event for one absence"
+    );
     let s = d.wait_stats("hold", "100 frames held or dropped", |s| {
         s.held_frames + s.rx_drop_hold_full as usize >= 100
     })?;

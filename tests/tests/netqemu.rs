@@ -30,13 +30,13 @@ fn a_qemu_guest_pings_and_exchanges_tcp_through_our_backend() -> Result<()> {
                   ping -c 3 -w 60 10.0.0.1 && \
                   curl -sSf -o /tmp/b http://10.0.0.1:8080/blob && \
                   curl -sSf -T /tmp/b http://10.0.0.1:8080/up";
-    let mut vm = Qemu::start(
+    let vm = Qemu::run(
         &d.dir.join("vm"),
         GuestNet::VhostUser(&d.dir.join("qemu.sock"), 2),
         2,
         script,
+        Duration::from_secs(300),
     )?;
-    vm.wait(Duration::from_secs(300))?;
     ensure!(
         server.is_finished(),
         "the guest never completed both transfers; console:\n{}",
@@ -48,7 +48,8 @@ fn a_qemu_guest_pings_and_exchanges_tcp_through_our_backend() -> Result<()> {
     let s = d.stats("qemu")?;
     // 3 pings and a 4 MiB file each way, at the least.
     assert!(s.rx_bytes > 4 << 20 && s.tx_bytes > 4 << 20, "{s:#?}");
-    assert_eq!(s.connections, 1, "{s:#?}");
+    // One QEMU (two if the first stalled in early boot and was started again).
+    assert!((1..=2).contains(&s.connections), "{s:#?}");
     let drops =
         s.tx_drop_spoofed_mac + s.tx_drop_spoofed_ip + s.tx_drop_spoofed_arp + s.tx_drop_malformed;
     assert_eq!(

@@ -11,6 +11,7 @@
 //! ```
 
 use crate::NetError;
+use crate::events::Event;
 use crate::filter::Identity;
 use crate::hold::HoldLimits;
 use crate::port::{MAX_QUEUE_PAIRS, PortConfig, PortStats};
@@ -194,9 +195,16 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
     AddPort(PortSpec),
-    RemovePort { name: String },
+    RemovePort {
+        name: String,
+    },
     List,
-    Stats { name: Option<String> },
+    Stats {
+        name: Option<String>,
+    },
+    /// Keeps the connection open and streams [`Event`](crate::events::Event)s, one JSON
+    /// line each, after an `{"ok":true}` line.
+    Watch,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -242,6 +250,7 @@ fn handle(registry: &Registry, req: Request) -> Response {
             ports: registry.list(),
             ..Response::default()
         },
+        Request::Watch => unreachable!("watch is answered by the client loop"),
         Request::Stats { name } => match registry.stats(name.as_deref()) {
             Ok(stats) => Response {
                 ok: true,
@@ -273,12 +282,45 @@ fn client(registry: &Registry, stream: UnixStream) -> std::io::Result<()> {
             return Ok(());
         }
         let resp = match serde_json::from_slice::<Request>(&line) {
+            Ok(Request::Watch) => return watch(registry, out),
             Ok(req) => handle(registry, req),
             Err(e) => Response::err(format!(
                 "bad request: {e}; expected one JSON object per line with \"op\" one of add_port, remove_port, list, stats"
             )),
         };
         writeln!(out, "{}", serde_json::to_string(&resp)?)?;
+    }
+}
+
+/// Streams events to a watcher until it hangs up.
+fn watch(registry: &Registry, mut out: UnixStream) -> std::io::Result<()> {
+    let Some(rx) = registry.events.subscribe() else {
+        let r = Response::err("too many watchers; try again");
+        return writeln!(out, "{}", serde_json::to_string(&r)?);
+    };
+    let ok = Response {
+        ok: true,
+        ..Response::default()
+    };
+    writeln!(out, "{}", serde_json::to_string(&ok)?)?;
+    loop {
+        match rx.recv_timeout(Duration::from_secs(1)) {
+            Ok(e) => writeln!(out, "{}", serde_json::to_string(&e)?)?,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                // Notice a watcher that left while nothing happened.
+                let mut p = libc::pollfd {
+                    fd: std::os::fd::AsRawFd::as_raw_fd(&out),
+                    events: libc::POLLRDHUP,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd for the duration of the call.
+                let n = unsafe { libc::poll(&mut p, 1, 0) };
+                if n > 0 && p.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+                    return Ok(());
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+        }
     }
 }
 
@@ -364,5 +406,22 @@ impl Client {
             return Err(NetError::Refused(resp.error.unwrap_or_default()));
         }
         Ok(resp)
+    }
+
+    /// Subscribes to the daemon's events: an endless iterator (it ends when the daemon
+    /// goes away).
+    pub fn watch(mut self) -> Result<impl Iterator<Item = Result<Event, NetError>>, NetError> {
+        self.call(&Request::Watch)?;
+        self.stream.get_ref().set_read_timeout(None)?;
+        let mut lines = self.stream.lines();
+        Ok(std::iter::from_fn(move || {
+            let line = match lines.next()? {
+                Ok(l) => l,
+                Err(e) => return Some(Err(e.into())),
+            };
+            Some(serde_json::from_str(&line).map_err(|e| {
+                NetError::Invalid(format!("the net daemon sent an unreadable event: {e}"))
+            }))
+        }))
     }
 }

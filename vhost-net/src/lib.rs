@@ -11,6 +11,7 @@
 pub mod chain;
 pub mod control;
 mod device;
+pub mod events;
 pub mod filter;
 pub mod frontend;
 pub mod hold;
@@ -46,5 +47,5 @@ pub enum NetError {
 /// Serves one port until `connections` frontends have come and gone (None: forever):
 /// `boxd net port`, for a VM run by hand without the daemon.
 pub fn serve_port(spec: PortSpec, connections: Option<u64>) -> Result<(), NetError> {
-    Running::start(spec, connections)?.wait()
+    Running::start(spec, connections, std::sync::Arc::default())?.wait()
 }

@@ -12,6 +12,7 @@
 //! 1500-byte packets.
 
 use crate::chain;
+use crate::events::{Bus, Event};
 use crate::filter::{self, Identity};
 use crate::hold::{Hold, HoldLimits};
 use crate::tap::{HostPort, TUN_F_CSUM, TUN_F_TSO_ECN, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
@@ -167,6 +168,9 @@ struct Shared<H> {
     conn: RwLock<Conn>,
     keeper_wake: EventFd,
     closing: AtomicBool,
+    bus: Arc<Bus>,
+    /// A "waiting" event went out for the current absence.
+    announced: AtomicBool,
 }
 
 /// A VM's port; cheap to clone (all clones are the same port).
@@ -201,7 +205,7 @@ fn bump(c: &AtomicU64) {
 impl<H: HostPort + 'static> Port<H> {
     /// A port over `hosts`, one host-port queue per queue pair, with its keeper thread
     /// started (it ends when the port is [closed](Self::close)).
-    pub fn new(cfg: PortConfig, hosts: Vec<H>) -> io::Result<Self> {
+    pub fn new(cfg: PortConfig, hosts: Vec<H>, bus: Arc<Bus>) -> io::Result<Self> {
         assert_eq!(
             cfg.queue_pairs,
             hosts.len(),
@@ -236,6 +240,8 @@ impl<H: HostPort + 'static> Port<H> {
             conn: RwLock::default(),
             keeper_wake: EventFd::new(libc::EFD_NONBLOCK)?,
             closing: AtomicBool::new(false),
+            bus,
+            announced: AtomicBool::new(false),
             cfg,
         });
         // Until a frontend serves them, only pair 0 takes inbound frames.
@@ -266,6 +272,7 @@ impl<H: HostPort + 'static> Port<H> {
             mem: Some(mem),
             acked: 0,
         };
+        self.shared.announced.store(false, Ordering::Release);
         bump(&self.shared.counters.connections);
     }
 
@@ -493,11 +500,13 @@ impl<H: HostPort> Shared<H> {
             return;
         }
         let Pair { host, buf, .. } = &mut *pair;
+        let mut held = false;
         for _ in 0..BATCH_MAX {
             match host.recv(buf) {
                 Ok(n) if n >= VNET_HDR_LEN => {
                     if lock(&self.hold).push(buf[..n].to_vec()) {
                         bump(&self.counters.rx_held);
+                        held = true;
                     } else {
                         bump(&self.counters.rx_drop_hold_full);
                     }
@@ -506,6 +515,17 @@ impl<H: HostPort> Shared<H> {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => break,
             }
+        }
+        drop(pair);
+        // Frames wait and no frontend is attached at all: the VM is away (paused,
+        // suspended, restarting). Say so once, for whoever wakes VMs.
+        let absent = self
+            .rx_state
+            .iter()
+            .all(|s| s.load(Ordering::Acquire) == DETACHED);
+        if held && absent && !self.announced.swap(true, Ordering::AcqRel) {
+            tracing::info!(port = %self.cfg.name, "frames are waiting for an absent VM");
+            self.bus.publish(&Event::waiting(&self.cfg.name));
         }
     }
 

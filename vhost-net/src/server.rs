@@ -5,6 +5,7 @@
 use crate::NetError;
 use crate::control::PortSpec;
 use crate::device::Device;
+use crate::events::Bus;
 use crate::port::{Port, PortStats};
 use crate::tap::Tap;
 use std::collections::BTreeMap;
@@ -34,10 +35,14 @@ pub struct Running {
 impl Running {
     /// Opens the port's TAP (one queue per queue pair), binds its socket and starts
     /// serving; `connections` ends the port after that many frontends (None: never).
-    pub fn start(spec: PortSpec, connections: Option<u64>) -> Result<Self, NetError> {
+    pub fn start(
+        spec: PortSpec,
+        connections: Option<u64>,
+        events: Arc<Bus>,
+    ) -> Result<Self, NetError> {
         let cfg = spec.config()?;
         let taps = Tap::open(&spec.tap, cfg.queue_pairs)?;
-        let port = Port::new(cfg, taps)?;
+        let port = Port::new(cfg, taps, events)?;
         let listener = Listener::new(&spec.socket, true).map_err(|e| NetError::Socket {
             socket: spec.socket.clone(),
             message: e.to_string(),
@@ -167,10 +172,11 @@ fn wait_readable(fd: i32, stop: &AtomicBool) -> bool {
     false
 }
 
-/// The ports of one daemon, by name.
+/// The ports of one daemon, by name, and the events they raise.
 #[derive(Default)]
 pub struct Registry {
     ports: Mutex<BTreeMap<String, Running>>,
+    pub events: Arc<Bus>,
 }
 
 impl Registry {
@@ -217,7 +223,7 @@ impl Registry {
             }
         }
         let name = spec.name.clone();
-        let running = Running::start(spec, None)?;
+        let running = Running::start(spec, None, self.events.clone())?;
         ports.insert(name, running);
         Ok(())
     }

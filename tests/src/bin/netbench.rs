@@ -283,8 +283,7 @@ fn guest_tcp(ns: &Netns, net: GuestNet, dir: &std::path::Path, secs: u32) -> Res
         "ip link set eth0 up; ip addr add 10.0.0.2/30 dev eth0; \
          ping -c 1 -w 60 10.0.0.1 >/dev/null && iperf3 -c 10.0.0.1 -t {secs}"
     );
-    let mut vm = Qemu::start(dir, net, 2, &script)?;
-    vm.wait(Duration::from_secs(300))?;
+    let vm = Qemu::run(dir, net, 2, &script, Duration::from_secs(300))?;
     let out = server.wait_with_output()?;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
         format!(

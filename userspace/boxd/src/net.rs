@@ -46,6 +46,14 @@ pub enum NetCommand {
         #[arg(long, default_value = DEFAULT_CONTROL)]
         control: PathBuf,
     },
+    /// Follow the daemon's events ("waiting": frames are held for a VM whose VMM is
+    /// away), one line each, until interrupted.
+    Events {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = DEFAULT_CONTROL)]
+        control: PathBuf,
+    },
     /// Per-port counters: packets, bytes, held frames, drops by reason.
     Stats {
         /// One port (default: all).
@@ -152,6 +160,17 @@ pub fn main(cmd: NetCommand) -> Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&ports)?);
             } else {
                 print_ports(&ports);
+            }
+            Ok(0)
+        }
+        NetCommand::Events { json, control } => {
+            for event in client(&control)?.watch()? {
+                let e = event?;
+                if json {
+                    println!("{}", serde_json::to_string(&e)?);
+                } else {
+                    println!("{:>13}  {:<8}  {}", e.unix_ms, e.event, e.port);
+                }
             }
             Ok(0)
         }
