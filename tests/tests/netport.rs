@@ -410,6 +410,25 @@ fn malformed_descriptors_are_refused_without_harm_to_the_port_or_others() -> Res
         udp_payload(e) == Some(b"past the bad buffer")
     })?;
     assert_eq!(d.stats("bad")?.rx_drop_malformed, 1);
+    // A bad buffer between good ones while a frame spans several (mergeable): it goes
+    // back empty before the frame's buffers, and the frame arrives whole. Buffers 0
+    // and 1 were used and posted again at the end, so 2, 3, 4 come next.
+    let mtu = std::process::Command::new("ip")
+        .args(["link", "set", "bxt-bad", "mtu", "9000"])
+        .status()?;
+    ensure!(mtu.success(), "ip link set mtu");
+    bad.write_desc(0, 3, mem_end, 4096, VRING_DESC_F_WRITE, 0);
+    let big = vec![0x42u8; 6000];
+    host_bad.send(&host_udp(5, &big))?;
+    let f = recv_where(&mut bad, 0, |e| {
+        udp_payload(e).is_some_and(|p| p.len() == big.len())
+    })?;
+    assert_eq!(
+        udp_payload(&f[VNET_HDR_LEN..]),
+        Some(&big[..]),
+        "frame damaged"
+    );
+    assert_eq!(d.stats("bad")?.rx_drop_malformed, 2);
 
     // The port still works both ways, the other port never noticed, the daemon lives.
     let ok = guest_udp(b"still fine");
@@ -474,6 +493,15 @@ fn control_socket_refuses_bad_requests_and_changes_nothing() -> Result<()> {
         Box::new(|s| s.socket = "/nonexistent/dir/x.sock".into()),
         "a missing directory",
     )?;
+    // A path that holds something else is never deleted to make way for a socket.
+    let precious = d.dir.join("precious.txt");
+    std::fs::write(&precious, "keep me")?;
+    let p2 = precious.clone();
+    refused(
+        Box::new(move |s| s.socket = p2.clone()),
+        "a regular file as the socket",
+    )?;
+    assert_eq!(std::fs::read_to_string(&precious)?, "keep me");
     assert!(
         !std::path::Path::new("/sys/class/net/bxt-ctl2").exists(),
         "a refused port left its TAP"

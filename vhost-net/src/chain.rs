@@ -179,7 +179,8 @@ where
                 .map_err(|_| Malformed::BadAddress)?;
             for s in slices {
                 let s = s.map_err(|_| Malformed::BadAddress)?;
-                if f.iov.len() >= 1024 {
+                // writev takes at most 1024 entries (IOV_MAX), one is the head.
+                if f.iov.len() >= 1023 {
                     return Err(Malformed::TooLong);
                 }
                 f.iov.push(libc::iovec {

@@ -326,14 +326,10 @@ fn watch(registry: &Registry, mut out: UnixStream) -> std::io::Result<()> {
 
 /// Serves the control socket at `path` until `stop` is set (checked every 200 ms).
 pub fn serve(path: &Path, registry: Arc<Registry>, stop: &AtomicBool) -> Result<(), NetError> {
-    if path.exists() && UnixStream::connect(path).is_ok() {
-        return Err(NetError::Socket {
-            socket: path.to_path_buf(),
-            message: "another net daemon answers there; stop it first or choose another --control"
-                .into(),
-        });
-    }
-    let _ = std::fs::remove_file(path);
+    crate::server::replace_stale_socket(path).map_err(|e| NetError::Socket {
+        socket: path.to_path_buf(),
+        message: format!("{e} (another net daemon? stop it first or choose another --control)"),
+    })?;
     let listener = UnixListener::bind(path).map_err(|e| NetError::Socket {
         socket: path.to_path_buf(),
         message: e.to_string(),

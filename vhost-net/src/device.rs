@@ -54,6 +54,10 @@ pub(crate) struct Device<H: HostPort + 'static> {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     mappings: Vec<Mapping>,
     vrings: Vec<VringRwLock>,
+    /// The kick fd each ring has registered with its worker's epoll. It must be taken
+    /// out before the ring lets go of the fd: the frontend keeps the same eventfd
+    /// open, so closing our copy would not remove it from epoll.
+    kicks: Vec<Option<RawFd>>,
     workers: Vec<Worker>,
     acked: u64,
 }
@@ -82,6 +86,7 @@ impl<H: HostPort + 'static> Device<H> {
             port,
             mem,
             mappings: Vec::new(),
+            kicks: vec![None; vrings.len()],
             vrings,
             workers: Vec::new(),
             acked: 0,
@@ -149,11 +154,23 @@ impl<H: HostPort + 'static> Device<H> {
             .set_pair_attached(pair, served(2 * pair) || served(2 * pair + 1));
     }
 
+    /// Takes ring `index`'s kick fd out of its worker's epoll and lets go of it.
+    fn drop_kick(&mut self, index: usize) {
+        if let Some(fd) = self.kicks[index].take() {
+            let _ = self.workers[index / 2].epoll.ctl(
+                ControlOperation::Delete,
+                fd,
+                EpollEvent::default(),
+            );
+        }
+        self.vrings[index].set_kick(None);
+    }
+
     /// Stops every ring (reset, or the connection ending).
     fn stop_all(&mut self) {
         for i in 0..self.vrings.len() {
             self.vrings[i].set_queue_ready(false);
-            self.vrings[i].set_kick(None);
+            self.drop_kick(i);
             self.port.stop_queue(i);
         }
         for p in 0..self.workers.len() {
@@ -238,6 +255,12 @@ impl<H: HostPort + 'static> VhostUserBackendReqHandlerMut for Device<H> {
     }
 
     fn set_features(&mut self, features: u64) -> Result<()> {
+        if features & crate::port::F_VERSION_1 == 0 {
+            // QEMU sends an interim SET_FEATURES without it before the guest has
+            // negotiated. A legacy guest would use a 10-byte header; its frames would
+            // then fail the identity filter (misread MACs), not pass wrongly.
+            tracing::debug!(port = %self.port.config().name, "SET_FEATURES without VERSION_1");
+        }
         let unknown = features & !self.port.features();
         if unknown != 0 {
             tracing::warn!(port = %self.port.config().name, "SET_FEATURES with bits {unknown:#x} this port never offered");
@@ -332,7 +355,7 @@ impl<H: HostPort + 'static> VhostUserBackendReqHandlerMut for Device<H> {
         v.set_queue_ready(false);
         self.port.stop_queue(index as usize);
         let next = v.queue_next_avail();
-        v.set_kick(None);
+        self.drop_kick(index as usize);
         v.set_call(None);
         self.refresh_pair(index as usize / 2);
         Ok(VhostUserVringState::new(index, u32::from(next)))
@@ -346,6 +369,7 @@ impl<H: HostPort + 'static> VhostUserBackendReqHandlerMut for Device<H> {
         };
         let raw = file.as_raw_fd();
         let v = self.vring(u32::from(index))?.clone();
+        self.drop_kick(usize::from(index));
         v.set_kick(Some(file));
         let pair = usize::from(index) / 2;
         let tok = if index.is_multiple_of(2) {
@@ -363,6 +387,7 @@ impl<H: HostPort + 'static> VhostUserBackendReqHandlerMut for Device<H> {
                 .ctl(ControlOperation::Modify, raw, ev)
                 .map_err(Error::ReqHandlerError)?;
         }
+        self.kicks[usize::from(index)] = Some(raw);
         // The ring starts with its kick fd (vhost-user: "start ring upon receiving a
         // kick"), and buffers may already wait in it.
         v.set_queue_ready(true);

@@ -333,12 +333,14 @@ impl<H: HostPort + 'static> Port<H> {
     /// reset). A stopped receive queue's frames wait in the hold.
     pub(crate) fn stop_queue(&self, queue: usize) {
         let pair = queue / 2;
-        if queue.is_multiple_of(2)
-            && let Some(s) = self.shared.rx_state.get(pair)
-        {
-            // Wait out a worker mid-delivery before declaring the queue detached.
-            let _guard = lock(&self.shared.pairs[pair]);
-            s.store(DETACHED, Ordering::Release);
+        let Some(p) = self.shared.pairs.get(pair) else {
+            return;
+        };
+        // Wait out a worker mid-batch (either direction): once this returns, every
+        // chain it took is completed, so the ring position handed back is exact.
+        let _guard = lock(p);
+        if queue.is_multiple_of(2) {
+            self.shared.rx_state[pair].store(DETACHED, Ordering::Release);
             let _ = self.shared.keeper_wake.write(1);
         }
     }
@@ -350,7 +352,12 @@ impl<H: HostPort + 'static> Port<H> {
         if i == 0 || i >= self.shared.pairs.len() {
             return;
         }
-        if let Err(e) = lock(&self.shared.pairs[i]).host.set_attached(attached) {
+        let mut pair = lock(&self.shared.pairs[i]);
+        if !attached {
+            // Detaching a TAP queue purges what waits in it: hold that first.
+            self.shared.drain_to_hold(&mut pair);
+        }
+        if let Err(e) = pair.host.set_attached(attached) {
             tracing::warn!(port = %self.shared.cfg.name, pair = i, "TUNSETQUEUE: {e}");
         }
     }
@@ -499,7 +506,24 @@ impl<H: HostPort> Shared<H> {
         if self.rx_state[i].load(Ordering::Acquire) == FLOWING {
             return;
         }
-        let Pair { host, buf, .. } = &mut *pair;
+        let held = self.drain_to_hold(&mut pair);
+        drop(pair);
+        // Frames wait and no frontend is attached at all: the VM is away (paused,
+        // suspended, restarting). Say so once, for whoever wakes VMs.
+        let absent = self
+            .rx_state
+            .iter()
+            .all(|s| s.load(Ordering::Acquire) == DETACHED);
+        if held && absent && !self.announced.swap(true, Ordering::AcqRel) {
+            tracing::info!(port = %self.cfg.name, "frames are waiting for an absent VM");
+            self.bus.publish(&Event::waiting(&self.cfg.name));
+        }
+    }
+
+    /// Reads what waits on a pair's host port (at most a batch) into the hold; true
+    /// when something was held.
+    fn drain_to_hold(&self, pair: &mut Pair<H>) -> bool {
+        let Pair { host, buf, .. } = pair;
         let mut held = false;
         for _ in 0..BATCH_MAX {
             match host.recv(buf) {
@@ -516,17 +540,7 @@ impl<H: HostPort> Shared<H> {
                 Err(_) => break,
             }
         }
-        drop(pair);
-        // Frames wait and no frontend is attached at all: the VM is away (paused,
-        // suspended, restarting). Say so once, for whoever wakes VMs.
-        let absent = self
-            .rx_state
-            .iter()
-            .all(|s| s.load(Ordering::Acquire) == DETACHED);
-        if held && absent && !self.announced.swap(true, Ordering::AcqRel) {
-            tracing::info!(port = %self.cfg.name, "frames are waiting for an absent VM");
-            self.bus.publish(&Event::waiting(&self.cfg.name));
-        }
+        held
     }
 
     fn ring_error(&self, what: &str, e: impl std::fmt::Display) {
@@ -538,13 +552,15 @@ impl<H: HostPort> Shared<H> {
     /// Guest transmit on pair `i`: every chain is one frame with its virtio-net header,
     /// checked against the port's identity before it reaches the host.
     fn process_tx(&self, i: usize, vring: &VringRwLock) {
-        if !serviceable(vring) {
-            return;
-        }
         let Some(mem) = self.mem() else { return };
         let mem = mem.memory();
         let c = &self.counters;
         let mut pair = lock(&self.pairs[i]);
+        // Checked under the pair lock: a ring stopped meanwhile (stop_queue takes the
+        // same lock) is not touched again.
+        if !serviceable(vring) {
+            return;
+        }
         let Pair { host, tx, iov, .. } = &mut *pair;
         let mut used = false;
         let mut done = false;
@@ -558,7 +574,16 @@ impl<H: HostPort> Shared<H> {
                 .pop_descriptor_chain(mem.clone());
             let Some(chain) = chain else {
                 match vring.enable_notification() {
-                    Ok(true) => continue, // the driver added more meanwhile
+                    // The driver added more meanwhile, or its avail index is out of
+                    // range (then popping fails for good: stop, the ring is broken).
+                    Ok(true) => {
+                        if vring.get_mut().get_queue_mut().iter(mem.clone()).is_err() {
+                            self.ring_error("tx: avail ring", "index out of range");
+                            done = true;
+                            break;
+                        }
+                        continue;
+                    }
                     Ok(false) => {}
                     Err(e) => self.ring_error("tx: enable notification", e),
                 }
@@ -621,13 +646,18 @@ impl<H: HostPort> Shared<H> {
     fn process_rx(&self, i: usize, vring: &VringRwLock) {
         let Some(mem) = self.mem() else { return };
         let mem = mem.memory();
-        if !serviceable(vring) {
-            return; // stopped (GET_VRING_BASE), disabled or not set up yet
-        }
         let mrg = self.acked() & F_MRG_RXBUF != 0;
         let c = &self.counters;
         let mut pair = lock(&self.pairs[i]);
-        self.rx_state[i].store(FLOWING, Ordering::Release);
+        // Checked under the pair lock: stop_queue takes it too, so a queue stopped
+        // meanwhile stays detached (and its frames go to the hold).
+        if !serviceable(vring) {
+            return; // stopped (GET_VRING_BASE), disabled or not set up yet
+        }
+        if self.rx_state[i].swap(FLOWING, Ordering::AcqRel) != FLOWING {
+            // The VM is back: a later absence is announced again.
+            self.announced.store(false, Ordering::Release);
+        }
         let Pair { host, buf, .. } = &mut *pair;
         let mut used = false;
         let mut done = false;
@@ -653,13 +683,18 @@ impl<H: HostPort> Shared<H> {
                     }
                 },
             };
-            // Collect enough buffers for the whole frame before writing any of it.
+            // Collect enough buffers for the whole frame before writing any of it. A
+            // malformed buffer is set aside: it goes back to the guest (used, empty)
+            // just before the frame's buffers, so nothing is rewound past it.
             let mut chains = Vec::new();
+            let mut bad = Vec::new();
             let mut room = 0usize;
-            let mut broken = false;
             let mut state = vring.get_mut();
             let ring_size = usize::from(state.get_queue().size());
-            while room < frame.len() && (chains.is_empty() || mrg) && chains.len() < ring_size {
+            while room < frame.len()
+                && (chains.is_empty() || mrg)
+                && chains.len() + bad.len() < ring_size
+            {
                 let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) else {
                     break;
                 };
@@ -668,23 +703,41 @@ impl<H: HostPort> Shared<H> {
                         room += cap;
                         chains.push((chain, cap));
                     }
-                    Err(_) => {
-                        // Hand the bad buffer back empty and count it.
-                        bump(&c.rx_drop_malformed);
-                        if let Err(e) = state.add_used(chain.head_index(), 0) {
-                            broken = true;
-                            self.ring_error("rx: used ring", e);
-                            break;
-                        }
-                        used = true;
-                    }
+                    Err(_) => bad.push(chain.head_index()),
                 }
             }
-            if room < frame.len() || broken {
+            if room < frame.len() && chains.is_empty() && !bad.is_empty() {
+                // Only malformed buffers so far: nothing good to rewind past, so they
+                // go back now (else a guest posting only bad buffers keeps us busy),
+                // and the frame tries again first thing.
+                let mut ring_ok = true;
+                for head in bad.drain(..) {
+                    bump(&c.rx_drop_malformed);
+                    if let Err(e) = state.add_used(head, 0) {
+                        self.ring_error("rx: used ring", e);
+                        ring_ok = false;
+                        break;
+                    }
+                }
+                drop(state);
+                used = true;
+                lock(&self.hold).unpop(frame.to_vec());
+                if !ring_ok {
+                    done = true;
+                    break;
+                }
+                continue;
+            }
+            let mut broken = false;
+            if room < frame.len() {
                 let exhausted =
-                    !broken && (chains.len() == ring_size || (!mrg && !chains.is_empty()));
-                for _ in 0..chains.len() {
+                    chains.len() + bad.len() == ring_size || (!mrg && !chains.is_empty());
+                for _ in 0..chains.len() + bad.len() {
                     state.get_queue_mut().go_to_previous_position();
+                }
+                if !exhausted && state.get_queue_mut().iter(mem.clone()).is_err() {
+                    broken = true;
+                    self.ring_error("rx: avail ring", "index out of range");
                 }
                 drop(state);
                 if exhausted {
@@ -707,7 +760,7 @@ impl<H: HostPort> Shared<H> {
                     break;
                 }
                 match vring.enable_notification() {
-                    Ok(true) => continue,
+                    Ok(true) => continue, // the guest added buffers meanwhile
                     Ok(false) => {}
                     Err(e) => self.ring_error("rx: enable notification", e),
                 }
@@ -716,7 +769,21 @@ impl<H: HostPort> Shared<H> {
                 done = true;
                 break;
             }
+            let mut ring_ok = true;
+            for head in bad {
+                bump(&c.rx_drop_malformed);
+                if let Err(e) = state.add_used(head, 0) {
+                    self.ring_error("rx: used ring", e);
+                    ring_ok = false;
+                    break;
+                }
+                used = true;
+            }
             drop(state);
+            if !ring_ok {
+                done = true;
+                break;
+            }
             // num_buffers (bytes 10..12 of the header) says how many buffers follow.
             let buffers = chains.len() as u16;
             frame[10..12].copy_from_slice(&buffers.to_le_bytes());

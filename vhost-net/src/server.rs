@@ -43,18 +43,28 @@ impl Running {
         let cfg = spec.config()?;
         let taps = Tap::open(&spec.tap, cfg.queue_pairs)?;
         let port = Port::new(cfg, taps, events)?;
-        let listener = Listener::new(&spec.socket, true).map_err(|e| NetError::Socket {
-            socket: spec.socket.clone(),
-            message: e.to_string(),
-        })?;
         let stop = Arc::new(AtomicBool::new(false));
         let live = Arc::new(Mutex::new(None));
-        let thread = {
-            let (port, stop, live) = (port.clone(), stop.clone(), live.clone());
-            let socket = spec.socket.clone();
-            std::thread::Builder::new()
-                .name(format!("net-port-{}", spec.name))
-                .spawn(move || serve(&port, listener, &socket, &stop, &live, connections))?
+        let started = Listener::new(&spec.socket, true)
+            .map_err(|e| NetError::Socket {
+                socket: spec.socket.clone(),
+                message: e.to_string(),
+            })
+            .and_then(|listener| {
+                let (port, stop, live) = (port.clone(), stop.clone(), live.clone());
+                let socket = spec.socket.clone();
+                std::thread::Builder::new()
+                    .name(format!("net-port-{}", spec.name))
+                    .spawn(move || serve(&port, listener, &socket, &stop, &live, connections))
+                    .map_err(NetError::from)
+            });
+        let thread = match started {
+            Ok(t) => t,
+            Err(e) => {
+                // Nothing may keep the TAP open (the keeper would steal its frames).
+                port.close();
+                return Err(e);
+            }
         };
         Ok(Self {
             spec,
@@ -86,9 +96,12 @@ impl Running {
     /// Disconnects the frontend (if any), stops serving, closes the TAP and removes
     /// the socket.
     pub fn stop(mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(s) = self.live.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            let _ = s.shutdown(std::net::Shutdown::Both);
+        {
+            let slot = self.live.lock().unwrap_or_else(|e| e.into_inner());
+            self.stop.store(true, Ordering::Release);
+            if let Some(s) = slot.as_ref() {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
         }
         if let Err(e) = self.join() {
             tracing::warn!(port = %self.spec.name, "stopping: {e}");
@@ -112,16 +125,35 @@ fn serve(
         if !wait_readable(listener.as_raw_fd(), stop) {
             break;
         }
-        let Some(stream) = listener.accept().map_err(|e| NetError::Socket {
-            socket: socket.to_path_buf(),
-            message: format!("accept: {e}"),
-        })?
-        else {
-            continue;
+        // Transient failures (out of fds, memory) end this connection, not the port:
+        // the VMM can try again.
+        let stream = match listener.accept() {
+            Ok(Some(s)) => s,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(port = %name, socket = %socket.display(), "accept: {e}");
+                std::thread::sleep(ACCEPT_TICK);
+                continue;
+            }
         };
-        *live.lock().unwrap_or_else(|e| e.into_inner()) = stream.try_clone().ok();
+        {
+            let mut slot = live.lock().unwrap_or_else(|e| e.into_inner());
+            // Checked under the lock stop() takes: a stop that came in between accept
+            // and here would otherwise miss this connection.
+            if stop.load(Ordering::Acquire) {
+                break;
+            }
+            *slot = stream.try_clone().ok();
+        }
         // The port (TAP, hold, counters) lives on; the device is this connection's.
-        let device = Arc::new(Mutex::new(Device::new(port.clone())?));
+        let device = match Device::new(port.clone()) {
+            Ok(d) => Arc::new(Mutex::new(d)),
+            Err(e) => {
+                tracing::warn!(port = %name, "cannot set up the connection: {e}");
+                *live.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                continue;
+            }
+        };
         let mut handler = BackendReqHandler::from_stream(stream, device.clone());
         tracing::info!(port = %name, "frontend connected");
         let mut tolerated = 0u32;
@@ -172,6 +204,75 @@ fn wait_readable(fd: i32, stop: &AtomicBool) -> bool {
     false
 }
 
+/// Makes way for a new socket at `path`: nothing there is fine; a socket nobody
+/// answers on (left by a daemon that was killed) is removed; a socket someone answers
+/// on, or anything that is not a socket, is refused.
+pub fn replace_stale_socket(path: &Path) -> Result<(), NetError> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(NetError::Invalid(format!(
+            "{} exists and is not a socket; choose another path",
+            path.display()
+        )));
+    }
+    if socket_answers(path) {
+        return Err(NetError::Invalid(format!(
+            "{} is in use by another process; choose another path",
+            path.display()
+        )));
+    }
+    std::fs::remove_file(path).map_err(|e| {
+        NetError::Invalid(format!(
+            "{} is stale and cannot be removed: {e}",
+            path.display()
+        ))
+    })
+}
+
+/// Whether a process listens on the unix socket at `path`, asked without blocking (a
+/// listener with a full backlog counts as listening).
+fn socket_answers(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain data; zeroed is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return false;
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: a plain socket(2); closed below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return false;
+    }
+    // SAFETY: `addr` is a valid sockaddr_un of the size passed.
+    let r = unsafe {
+        libc::connect(
+            fd,
+            &addr as *const libc::sockaddr_un as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    let err = std::io::Error::last_os_error().raw_os_error();
+    // SAFETY: closing the socket opened above.
+    unsafe { libc::close(fd) };
+    r == 0 || err == Some(libc::EAGAIN) || err == Some(libc::EINPROGRESS)
+}
+
 /// The ports of one daemon, by name, and the events they raise.
 #[derive(Default)]
 pub struct Registry {
@@ -206,22 +307,7 @@ impl Registry {
                 )));
             }
         }
-        if spec.socket.exists() {
-            // A socket someone answers on belongs to a live process; one nobody
-            // answers on is left over from a daemon that was killed, and is replaced.
-            if UnixStream::connect(&spec.socket).is_ok() {
-                return Err(NetError::Invalid(format!(
-                    "{} is in use by another process; choose another path",
-                    spec.socket.display()
-                )));
-            }
-            if let Err(e) = std::fs::remove_file(&spec.socket) {
-                return Err(NetError::Invalid(format!(
-                    "{} exists and cannot be removed: {e}",
-                    spec.socket.display()
-                )));
-            }
-        }
+        replace_stale_socket(&spec.socket)?;
         let name = spec.name.clone();
         let running = Running::start(spec, None, self.events.clone())?;
         ports.insert(name, running);
