@@ -421,3 +421,93 @@ impl Client {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> PortSpec {
+        PortSpec::new("my-app", "bx-my-app", Path::new("/tmp/my-app.sock"))
+    }
+
+    #[test]
+    fn a_good_spec_becomes_a_config_with_the_link_identity() {
+        let c = spec().config().unwrap();
+        assert_eq!(c.identity.mac, [6, 0xb0, 0xc5, 0, 0, 2]);
+        assert_eq!(c.identity.ip, [10, 0, 0, 2]);
+        assert_eq!((c.queue_pairs, c.hold), (1, HoldLimits::default()));
+    }
+
+    type Change = Box<dyn Fn(&mut PortSpec)>;
+
+    #[test]
+    fn every_bad_field_is_refused_with_its_name() {
+        let cases: Vec<(&str, Change)> = vec![
+            ("port name", Box::new(|s| s.name = "-bad".into())),
+            ("port name", Box::new(|s| s.name = "a".repeat(64))),
+            ("port name", Box::new(|s| s.name = "UPPER".into())),
+            ("TAP name", Box::new(|s| s.tap = "sixteen-chars-xx".into())),
+            ("TAP name", Box::new(|s| s.tap = "a/b".into())),
+            ("absolute", Box::new(|s| s.socket = "x.sock".into())),
+            (
+                "longer than",
+                Box::new(|s| s.socket = format!("/tmp/{}", "s".repeat(120)).into()),
+            ),
+            (
+                "does not exist",
+                Box::new(|s| s.socket = "/no/such/dir/x.sock".into()),
+            ),
+            ("MAC", Box::new(|s| s.mac = "06:b0:c5:00:00".into())),
+            ("unicast", Box::new(|s| s.mac = "01:00:5e:00:00:01".into())),
+            ("unicast", Box::new(|s| s.mac = "00:00:00:00:00:00".into())),
+            ("IPv4", Box::new(|s| s.ip = "10.0.0".into())),
+            ("cannot be", Box::new(|s| s.ip = "224.0.0.1".into())),
+            ("cannot be", Box::new(|s| s.ip = "0.0.0.0".into())),
+            ("queue_pairs", Box::new(|s| s.queue_pairs = 17)),
+            ("hold_frames", Box::new(|s| s.hold_frames = 0)),
+            ("hold_bytes", Box::new(|s| s.hold_bytes = 1024)),
+        ];
+        for (want, change) in cases {
+            let mut s = spec();
+            change(&mut s);
+            let e = s.config().expect_err(want).to_string();
+            assert!(e.contains(want), "{e:?} should mention {want:?}");
+        }
+    }
+
+    #[test]
+    fn macs_parse_strictly() {
+        assert_eq!(
+            parse_mac("06:B0:c5:00:00:02"),
+            Some([6, 0xb0, 0xc5, 0, 0, 2])
+        );
+        for bad in [
+            "",
+            "06:b0:c5:00:00",
+            "06:b0:c5:00:00:02:03",
+            "6:b0:c5:00:00:02",
+            "zz:b0:c5:00:00:02",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn requests_parse_and_unknown_fields_or_ops_do_not() {
+        let r: Request = serde_json::from_str(r#"{"op":"stats","name":"x"}"#).unwrap();
+        assert!(matches!(r, Request::Stats { name: Some(n) } if n == "x"));
+        let r: Request = serde_json::from_str(
+            r#"{"op":"add_port","name":"a","tap":"t","socket":"/tmp/a.sock","queue_pairs":2}"#,
+        )
+        .unwrap();
+        assert!(matches!(r, Request::AddPort(p) if p.queue_pairs == 2 && p.mac == DEFAULT_MAC));
+        assert!(serde_json::from_str::<Request>(r#"{"op":"explode"}"#).is_err());
+        assert!(
+            serde_json::from_str::<Request>(
+                r#"{"op":"add_port","name":"a","tap":"t","socket":"/s","qeue_pairs":2}"#
+            )
+            .is_err(),
+            "a misspelt field must not be ignored"
+        );
+    }
+}
