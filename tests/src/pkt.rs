@@ -646,16 +646,19 @@ impl GuestTcp<'_> {
         };
         let mut expected = host_isn.wrapping_add(1);
         // Our window: 65535 scaled by 2^7 (SYN_OPTS), 8 MiB.
-        self.send(
-            port,
-            peer,
-            isn,
-            expected,
-            TCP_SYN | TCP_ACK,
-            &SYN_OPTS,
-            &[],
-            true,
-        )?;
+        let syn_ack = |t: &mut Self, expected: u32| {
+            t.send(
+                port,
+                peer,
+                isn,
+                expected,
+                TCP_SYN | TCP_ACK,
+                &SYN_OPTS,
+                &[],
+                true,
+            )
+        };
+        syn_ack(self, expected)?;
         let mut got = 0usize;
         loop {
             self.expired()?;
@@ -669,16 +672,7 @@ impl GuestTcp<'_> {
             }
             if s.flags & TCP_SYN != 0 {
                 // Our SYN-ACK was lost: send it again.
-                self.send(
-                    port,
-                    peer,
-                    isn,
-                    expected,
-                    TCP_SYN | TCP_ACK,
-                    &SYN_OPTS,
-                    &[],
-                    true,
-                )?;
+                syn_ack(self, expected)?;
                 continue;
             }
             if s.seq == expected && !s.payload.is_empty() {

@@ -71,7 +71,6 @@ impl Default for Options {
 }
 
 struct Ring {
-    index: usize,
     desc: u64,
     avail: u64,
     used: u64,
@@ -157,7 +156,6 @@ impl Frontend {
                 (pair_base + RX_SLOT * QUEUE_SIZE as u64, TX_SLOT)
             };
             let ring = Ring {
-                index: q,
                 desc: meta,
                 avail: meta + 4096,
                 used: meta + 8192,
@@ -487,11 +485,6 @@ impl Frontend {
         (0..self.rings.len())
             .map(|q| self.vu.get_vring_base(q).map_err(proto("GET_VRING_BASE")))
             .collect()
-    }
-
-    /// The ring's index in the device (for tests' messages).
-    pub fn ring_index(&self, q: usize) -> usize {
-        self.rings[q].index
     }
 }
 

@@ -92,6 +92,16 @@ struct Rate {
     peer: f64,
 }
 
+impl Rate {
+    /// Both figures in another unit.
+    fn map(&self, f: impl Fn(f64) -> f64) -> Rate {
+        Rate {
+            ours: f(self.ours),
+            peer: f(self.peer),
+        }
+    }
+}
+
 fn bench_line(name: &str, unit: &str, r: &Rate, higher_is_better: bool) {
     let ratio = if higher_is_better {
         r.ours / r.peer
@@ -317,36 +327,12 @@ fn main() -> Result<()> {
         r.ours / 1e6,
         r.peer / 1e6
     );
-    bench_line(
-        "net-64b-mpps",
-        "Mpps",
-        &Rate {
-            ours: r.ours / 1e6,
-            peer: r.peer / 1e6,
-        },
-        true,
-    );
+    bench_line("net-64b-mpps", "Mpps", &r.map(|x| x / 1e6), true);
     let r = frame_rate(&d, 64, 2, secs)?;
-    bench_line(
-        "net-64b-mq2-mpps",
-        "Mpps",
-        &Rate {
-            ours: r.ours / 1e6,
-            peer: r.peer / 1e6,
-        },
-        true,
-    );
+    bench_line("net-64b-mq2-mpps", "Mpps", &r.map(|x| x / 1e6), true);
     let r = frame_rate(&d, 1500, 1, secs)?;
     let gbps = |pps: f64| pps * 1500.0 * 8.0 / 1e9;
-    bench_line(
-        "net-1500b-gbps",
-        "Gbit/s",
-        &Rate {
-            ours: gbps(r.ours),
-            peer: gbps(r.peer),
-        },
-        true,
-    );
+    bench_line("net-1500b-gbps", "Gbit/s", &r.map(gbps), true);
 
     // TSO streams and round trips, ours then the peer, each in its own namespace.
     d.add(d.spec("tso", "bxb-tso"))?;
