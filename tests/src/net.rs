@@ -18,13 +18,26 @@ pub struct NetDaemon {
 
 impl NetDaemon {
     pub fn start(tag: &str) -> Result<Self> {
+        Self::start_in(tag, None)
+    }
+
+    /// Starts the daemon inside network namespace `netns` (its TAPs are created there).
+    pub fn start_in(tag: &str, netns: Option<&str>) -> Result<Self> {
         let boxd = crate::guest::boxd_binary()?;
         let dir = PathBuf::from(format!("/tmp/bxnet-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let control = dir.join("net.sock");
         let log = std::fs::File::create(dir.join("daemon.log"))?;
-        let child = Command::new(boxd)
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg(boxd);
+                c
+            }
+            None => Command::new(boxd),
+        };
+        let child = cmd
             .args(["net", "serve", "--control"])
             .arg(&control)
             .env("BOXD_LOG", "debug")

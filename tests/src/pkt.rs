@@ -694,3 +694,34 @@ impl GuestTcp<'_> {
         }
     }
 }
+
+/// Whether an Ethernet frame holding IPv4/UDP has a correct IPv4 header checksum and
+/// a correct (or absent) UDP checksum.
+pub fn udp_checksum_ok(frame: &[u8]) -> bool {
+    l4_checksum_ok(frame, 17)
+}
+
+/// Whether an Ethernet frame holding IPv4 with protocol `proto` (TCP 6 or UDP 17) has
+/// correct IPv4 and transport checksums.
+pub fn l4_checksum_ok(frame: &[u8], proto: u8) -> bool {
+    if frame.len() < ETH + 20 || frame[ETH + 9] != proto {
+        return false;
+    }
+    let ihl = usize::from(frame[ETH] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([frame[ETH + 2], frame[ETH + 3]]));
+    if frame.len() < ETH + total || total < ihl {
+        return false;
+    }
+    if csum(0, &frame[ETH..ETH + ihl]) != 0 {
+        return false;
+    }
+    let l4 = &frame[ETH + ihl..ETH + total];
+    if proto == 17 && l4.len() >= 8 && l4[6..8] == [0, 0] {
+        return true;
+    }
+    let mut src = [0u8; 4];
+    let mut dst = [0u8; 4];
+    src.copy_from_slice(&frame[ETH + 12..ETH + 16]);
+    dst.copy_from_slice(&frame[ETH + 16..ETH + 20]);
+    csum(pseudo(src, dst, proto, l4.len()), l4) == 0
+}

@@ -14,7 +14,14 @@ use std::process::Command;
 fn main() {
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let ebpf = manifest.join("../../ebpf");
-    for p in ["programs/src", "programs/Cargo.toml", "programs/Cargo.lock", "programs/rust-toolchain.toml", "common/src", "common/Cargo.toml"] {
+    for p in [
+        "programs/src",
+        "programs/Cargo.toml",
+        "programs/Cargo.lock",
+        "programs/rust-toolchain.toml",
+        "common/src",
+        "common/Cargo.toml",
+    ] {
         println!("cargo:rerun-if-changed={}", ebpf.join(p).display());
     }
     println!("cargo:rerun-if-env-changed=BOXD_EBPF_TOOLCHAIN");
@@ -28,7 +35,10 @@ fn main() {
         .arg(ebpf.join("programs/Cargo.toml"))
         .arg("--target-dir")
         .arg(&target_dir)
-        .env("CARGO_ENCODED_RUSTFLAGS", "-Cdebuginfo=2\x1f-Clink-arg=--btf")
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "-Cdebuginfo=2\x1f-Clink-arg=--btf",
+        )
         // The outer (stable) build's settings must not leak into the nightly one.
         .env_remove("RUSTC")
         .env_remove("RUSTC_WORKSPACE_WRAPPER")

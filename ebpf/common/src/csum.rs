@@ -82,11 +82,7 @@ mod tests {
             u32::from_ne_bytes([203, 0, 113, 7]),
             u32::from_ne_bytes([10, 0, 0, 2]),
         );
-        let c = replace2(
-            c,
-            u16::from_ne_bytes([64, 6]),
-            u16::from_ne_bytes([63, 6]),
-        );
+        let c = replace2(c, u16::from_ne_bytes([64, 6]), u16::from_ne_bytes([63, 6]));
         assert_eq!(c, u16::from_ne_bytes([after[10], after[11]]));
         assert_eq!(checksum(&after), 0, "a correct header sums to zero");
     }

@@ -133,6 +133,11 @@ pub struct PortEntry {
 pub struct NodeEntry {
     /// Its private address: where encapsulated traffic for its VMs goes.
     pub addr: u32,
+    /// The interface and MACs that reach it, resolved by the reconciler: used when the
+    /// kernel's FIB has no neighbour entry at that moment (XDP cannot resolve one).
+    pub ifindex: u32,
+    pub dmac: [u8; 6],
+    pub smac: [u8; 6],
     pub flags: u32,
 }
 
@@ -333,7 +338,9 @@ pub mod stat {
     pub const VM_ENCAP: u32 = 22;
     /// Router: a packet for a VM on this node whose port is not set.
     pub const NO_PORT: u32 = 23;
-    pub const COUNT: u32 = 24;
+    /// Router: encapsulated with the reconciler's neighbour (the FIB had none).
+    pub const ENCAP_STATIC_NEIGH: u32 = 24;
+    pub const COUNT: u32 = 25;
 
     /// Names for tables and JSON, by index.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -361,6 +368,7 @@ pub mod stat {
         "sni-unknown-name",
         "vm-encap",
         "no-port",
+        "encap-static-neighbour",
     ];
 }
 
@@ -405,7 +413,7 @@ mod tests {
         assert_eq!(size_of::<Config>(), 40);
         assert_eq!(size_of::<VmEntry>(), 32);
         assert_eq!(size_of::<PortEntry>(), 8);
-        assert_eq!(size_of::<NodeEntry>(), 8);
+        assert_eq!(size_of::<NodeEntry>(), 24);
         assert_eq!(size_of::<DomainEntry>(), 264);
         assert_eq!(size_of::<VmCounters>(), 56);
         assert_eq!(size_of::<RateLimit>(), 32);

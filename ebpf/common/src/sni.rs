@@ -50,7 +50,11 @@ pub enum Fail {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// The server_name: its hash ([`name_hash`]) and where it sits in the buffer.
-    Found { hash: u64, off: u32, len: u32 },
+    Found {
+        hash: u64,
+        off: u32,
+        len: u32,
+    },
     /// The name is further on: keep `buf[carry_from..len]`, and in the next segment
     /// (appended after the carried bytes) skip `skip` bytes and parse the remaining
     /// `ext_left` bytes of extensions (counted from the first carried byte).
@@ -241,7 +245,11 @@ fn server_name(buf: &[u8; SCRATCH], body: usize, elen: usize) -> Outcome {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Step {
     /// Found in this segment: the flow's state (if any) can go.
-    Found { hash: u64, off: u32, len: u32 },
+    Found {
+        hash: u64,
+        off: u32,
+        len: u32,
+    },
     /// Not yet: `flow` now holds what the next segment needs; save it.
     Save,
     Fail(Fail),
@@ -374,7 +382,11 @@ mod tests {
         nb += 1;
         for (i, &end) in bounds[..nb].iter().enumerate() {
             let mut buf = [0u8; SCRATCH];
-            let carry = if resumed { load_carry(&flow, &mut buf) } else { 0 };
+            let carry = if resumed {
+                load_carry(&flow, &mut buf)
+            } else {
+                0
+            };
             if resumed && flow.next_seq != seq {
                 return Err(Fail::OutOfOrder);
             }
@@ -403,7 +415,10 @@ mod tests {
     #[test]
     fn finds_the_name_in_one_segment() {
         let (h, n) = hello(b"My-App.boxd.example", 100, 100);
-        assert_eq!(run(&h[..n], &[]), Ok((name_hash(b"my-app.boxd.example"), 1)));
+        assert_eq!(
+            run(&h[..n], &[]),
+            Ok((name_hash(b"my-app.boxd.example"), 1))
+        );
     }
 
     #[test]
@@ -415,7 +430,11 @@ mod tests {
         let fixed = 9 + 34 + 33 + 6 + 2 + 2;
         for cut in fixed..n {
             let got = run(&h[..n], &[cut]);
-            let seg = if cut >= fixed + 4 + 1300 + 4 + 5 + 18 { 1 } else { 2 };
+            let seg = if cut >= fixed + 4 + 1300 + 4 + 5 + 18 {
+                1
+            } else {
+                2
+            };
             assert_eq!(got, Ok((want, seg)), "cut at {cut}");
         }
         for cut in 1..fixed {
@@ -428,7 +447,10 @@ mod tests {
         let (h, n) = hello(b"three.boxd.example", 1800, 10);
         let want = name_hash(b"three.boxd.example");
         assert_eq!(run(&h[..n], &[500, 1000]), Ok((want, 3)));
-        assert_eq!(run(&h[..n], &[300, 600, 900, 1200]), Err(Fail::TooManySegments));
+        assert_eq!(
+            run(&h[..n], &[300, 600, 900, 1200]),
+            Err(Fail::TooManySegments)
+        );
     }
 
     #[test]

@@ -425,7 +425,24 @@ fn encap(ctx: &XdpContext, cfg: &Config, vm: &VmEntry, tot_len: usize) -> u32 {
         st16(ip.add(10), !csum::fold(s));
     }
     count(stat::ROUTER_ENCAP);
-    send(ctx, cfg.node_addr, node.addr, tot_len + 20, true)
+    let v = send(ctx, cfg.node_addr, node.addr, tot_len + 20, true);
+    if v != xdp_action::XDP_PASS || node.ifindex == 0 {
+        return v;
+    }
+    // The FIB has no neighbour for the node right now; the kernel would drop the
+    // encapsulated packet (its source is a local address), so use the neighbour the
+    // reconciler resolved.
+    let Some(eth) = xptr::<[u8; ETH_HLEN]>(ctx, 0) else {
+        return xdp_action::XDP_DROP;
+    };
+    set_macs(eth as *mut u8, &node.dmac, &node.smac);
+    count(stat::ENCAP_STATIC_NEIGH);
+    // SAFETY: as above.
+    if node.ifindex == unsafe { (*ctx.ctx).ingress_ifindex } {
+        return xdp_action::XDP_TX;
+    }
+    // SAFETY: a helper taking plain integers.
+    unsafe { bpf_redirect(node.ifindex, 0) as u32 }
 }
 
 /// Sends the IPv4 packet in the frame out of the interface the FIB picks, or leaves

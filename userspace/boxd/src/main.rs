@@ -1,5 +1,6 @@
 //! `boxd`: every role of a boxd host in one binary, chosen by subcommand.
 
+mod bpf;
 mod net;
 mod signals;
 mod vmm;
@@ -29,6 +30,13 @@ enum Command {
         #[command(subcommand)]
         command: net::NetCommand,
     },
+    /// The eBPF data path: set up, program and read the XDP/TC programs and their maps.
+    Bpf {
+        #[command(flatten)]
+        pin: bpf::Pin,
+        #[command(subcommand)]
+        command: bpf::BpfCommand,
+    },
     /// The in-guest agent (started by systemd inside every VM).
     Agent,
 }
@@ -44,6 +52,7 @@ fn main() {
     let result = match Cli::parse().command {
         Command::Vmm { command } => vmm::main(command),
         Command::Net { command } => net::main(command),
+        Command::Bpf { pin, command } => bpf::main(pin, command),
         Command::Agent => boxd_agent::server::run()
             .map(|()| 0)
             .map_err(|e| anyhow::anyhow!("agent: {e}")),
@@ -59,3 +68,19 @@ fn main() {
 
 /// What a subcommand's `main` returns: the process exit code.
 pub type Exit = anyhow::Result<i32>;
+
+/// Prints rows as an aligned table (the first row is the header).
+pub fn table(rows: Vec<Vec<String>>) {
+    let cols = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..cols)
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}

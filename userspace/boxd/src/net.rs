@@ -1,5 +1,6 @@
 //! `boxd net`: the vhost-user network backend daemon and its operator commands.
 
+use crate::table;
 use anyhow::{Context, Result};
 use boxd_vhost_net::control::{self, DEFAULT_IP, DEFAULT_MAC};
 use boxd_vhost_net::{Client, PortSpec, PortStats, Registry, Request};
@@ -187,21 +188,6 @@ pub fn main(cmd: NetCommand) -> Result<i32> {
             }
             Ok(0)
         }
-    }
-}
-
-fn table(rows: Vec<Vec<String>>) {
-    let cols = rows.first().map_or(0, Vec::len);
-    let widths: Vec<usize> = (0..cols)
-        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
-        .collect();
-    for r in rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(&widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        println!("{}", line.join("  ").trim_end());
     }
 }
 

@@ -122,16 +122,32 @@ struct Plan {
 fn plan(d: &Desired, cfg: &NodeConfig) -> Result<Plan> {
     let bad = |m: String| Err(DpError::Invalid(m));
     if d.vms.len() > common::MAX_VMS as usize {
-        return bad(format!("{} VMs is more than the data path holds ({})", d.vms.len(), common::MAX_VMS));
+        return bad(format!(
+            "{} VMs is more than the data path holds ({})",
+            d.vms.len(),
+            common::MAX_VMS
+        ));
     }
     if d.domains.len() > common::MAX_DOMAINS as usize {
-        return bad(format!("{} domains is more than the data path holds ({})", d.domains.len(), common::MAX_DOMAINS));
+        return bad(format!(
+            "{} domains is more than the data path holds ({})",
+            d.domains.len(),
+            common::MAX_DOMAINS
+        ));
     }
     if d.nodes.len() > common::MAX_NODES as usize {
-        return bad(format!("{} nodes is more than the data path holds ({})", d.nodes.len(), common::MAX_NODES));
+        return bad(format!(
+            "{} nodes is more than the data path holds ({})",
+            d.nodes.len(),
+            common::MAX_NODES
+        ));
     }
     if d.proxies.len() > common::MAX_PROXIES as usize {
-        return bad(format!("{} proxy addresses is more than the data path holds ({})", d.proxies.len(), common::MAX_PROXIES));
+        return bad(format!(
+            "{} proxy addresses is more than the data path holds ({})",
+            d.proxies.len(),
+            common::MAX_PROXIES
+        ));
     }
     let mut nodes = BTreeMap::new();
     for n in &d.nodes {
@@ -139,10 +155,19 @@ fn plan(d: &Desired, cfg: &NodeConfig) -> Result<Plan> {
             return bad("node id 0 is reserved".into());
         }
         if n.addr.is_unspecified() || n.addr.is_broadcast() || n.addr.is_multicast() {
-            return bad(format!("node {} address {} is not a unicast address", n.id, n.addr));
+            return bad(format!(
+                "node {} address {} is not a unicast address",
+                n.id, n.addr
+            ));
         }
         if nodes
-            .insert(n.id, NodeEntry { addr: addr_key(n.addr), flags: 0 })
+            .insert(
+                n.id,
+                NodeEntry {
+                    addr: addr_key(n.addr),
+                    ..Default::default()
+                },
+            )
             .is_some()
         {
             return bad(format!("node {} is listed twice", n.id));
@@ -159,7 +184,9 @@ fn plan(d: &Desired, cfg: &NodeConfig) -> Result<Plan> {
             return bad(format!("{what}: {p} cannot be a VM's public address"));
         }
         if p == cfg.vm_addr || p == cfg.gw_addr {
-            return bad(format!("{what}: {p} is the link address every VM has, not a public one"));
+            return bad(format!(
+                "{what}: {p} is the link address every VM has, not a public one"
+            ));
         }
         if !ids.insert(v.id) {
             return bad(format!("VM id {} is listed twice", v.id));
@@ -180,23 +207,36 @@ fn plan(d: &Desired, cfg: &NodeConfig) -> Result<Plan> {
         };
         if node == cfg.node_id {
             let Some(port) = &v.port else {
-                return bad(format!("{what} runs on this node (node {node}) but has no \"port\" (its TAP)"));
+                return bad(format!(
+                    "{what} runs on this node (node {node}) but has no \"port\" (its TAP)"
+                ));
             };
-            let ifindex = netdev::ifindex(port).map_err(|e| DpError::Invalid(format!("{what}: port: {e}")))?;
+            let ifindex = netdev::ifindex(port)
+                .map_err(|e| DpError::Invalid(format!("{what}: port: {e}")))?;
             entry.port_ifindex = ifindex;
             entry.port_mac = netdev::mac(port)?;
             if ports
-                .insert(ifindex, PortEntry { public_addr: addr_key(p), vm_id: v.id })
+                .insert(
+                    ifindex,
+                    PortEntry {
+                        public_addr: addr_key(p),
+                        vm_id: v.id,
+                    },
+                )
                 .is_some()
             {
                 return bad(format!("{what}: port {port} is already another VM's"));
             }
         } else {
             if !nodes.contains_key(&node) {
-                return bad(format!("{what} runs on node {node}, which is not in \"nodes\""));
+                return bad(format!(
+                    "{what} runs on node {node}, which is not in \"nodes\""
+                ));
             }
             if v.port.is_some() {
-                return bad(format!("{what} runs on node {node}, not here, so it has no port here"));
+                return bad(format!(
+                    "{what} runs on node {node}, not here, so it has no port here"
+                ));
             }
         }
         if vms.insert(addr_key(p), entry).is_some() {
@@ -206,10 +246,14 @@ fn plan(d: &Desired, cfg: &NodeConfig) -> Result<Plan> {
         if rate > 0 {
             let burst = v.burst_bytes.unwrap_or(rate.max(64 * 1024));
             if burst < 1514 {
-                return bad(format!("{what}: burst_bytes {burst} is smaller than one full frame (1514)"));
+                return bad(format!(
+                    "{what}: burst_bytes {burst} is smaller than one full frame (1514)"
+                ));
             }
             if rate > 1 << 40 {
-                return bad(format!("{what}: rate {rate} bytes/s is absurd (more than 1 TiB/s)"));
+                return bad(format!(
+                    "{what}: rate {rate} bytes/s is absurd (more than 1 TiB/s)"
+                ));
             }
             rates.insert(addr_key(p), (rate, burst));
         } else if v.burst_bytes.is_some() {
@@ -220,9 +264,16 @@ fn plan(d: &Desired, cfg: &NodeConfig) -> Result<Plan> {
     for dm in &d.domains {
         let name = check_domain(&dm.name)?;
         if !vms.contains_key(&addr_key(dm.public)) {
-            return bad(format!("domain {name} points at {}, which no VM has", dm.public));
+            return bad(format!(
+                "domain {name} points at {}, which no VM has",
+                dm.public
+            ));
         }
-        let mut e = DomainEntry { public_addr: addr_key(dm.public), name_len: name.len() as u32, ..Default::default() };
+        let mut e = DomainEntry {
+            public_addr: addr_key(dm.public),
+            name_len: name.len() as u32,
+            ..Default::default()
+        };
         e.name[..name.len()].copy_from_slice(name.as_bytes());
         if domains.insert(sni::name_hash(name.as_bytes()), e).is_some() {
             return bad(format!("domain {name} is listed twice"));
@@ -235,13 +286,22 @@ fn plan(d: &Desired, cfg: &NodeConfig) -> Result<Plan> {
         }
         proxies.insert(addr_key(*p));
     }
-    Ok(Plan { vms, rates, ports, nodes, domains, proxies })
+    Ok(Plan {
+        vms,
+        rates,
+        ports,
+        nodes,
+        domains,
+        proxies,
+    })
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Report {
     pub changes: Vec<Change>,
     pub unchanged: usize,
+    /// Things that did not stop the apply but need a look (an unreachable node).
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -258,8 +318,28 @@ pub struct Change {
 pub fn apply(pin: &PinDir, d: &Desired) -> Result<Report> {
     pin.require_up()?;
     let (cfg, _) = read_config(pin)?;
-    let plan = plan(d, &cfg)?;
-    let mut rep = Report::default();
+    let mut plan = plan(d, &cfg)?;
+    let mut warnings = Vec::new();
+    // Other nodes' neighbours, for the router's encapsulation when the FIB has none.
+    for (id, n) in plan.nodes.iter_mut() {
+        if *id == cfg.node_id {
+            continue;
+        }
+        match netdev::resolve_neighbour(key_addr(n.addr), std::time::Duration::from_secs(1)) {
+            Ok((ifindex, dmac)) => {
+                n.ifindex = ifindex;
+                n.dmac = dmac;
+                n.smac = netdev::mac(&netdev::name(ifindex)?)?;
+            }
+            // Not fatal: the FIB may resolve it later; until then encapsulated packets
+            // to it wait for the kernel's neighbour entry.
+            Err(e) => warnings.push(format!("node {id}: {e}")),
+        }
+    }
+    let mut rep = Report {
+        warnings,
+        ..Default::default()
+    };
     let note = |rep: &mut Report, op, kind, key: String| rep.changes.push(Change { op, kind, key });
 
     // Nodes first: VMs on them are routed by them.
@@ -269,8 +349,15 @@ pub fn apply(pin: &PinDir, d: &Desired) -> Result<Report> {
         match cur_nodes.get(id) {
             Some(c) if c == n => rep.unchanged += 1,
             c => {
-                m_nodes.insert(id, n, 0).map_err(|e| bpf_err(format!("node {id}"))(chain(&e)))?;
-                note(&mut rep, if c.is_some() { "update" } else { "add" }, "node", id.to_string());
+                m_nodes
+                    .insert(id, n, 0)
+                    .map_err(|e| bpf_err(format!("node {id}"))(chain(&e)))?;
+                note(
+                    &mut rep,
+                    if c.is_some() { "update" } else { "add" },
+                    "node",
+                    id.to_string(),
+                );
             }
         }
     }
@@ -282,14 +369,22 @@ pub fn apply(pin: &PinDir, d: &Desired) -> Result<Report> {
     for (ifindex, p) in &plan.ports {
         let attached = crate::attach_port(pin, *ifindex)?;
         if dev.get(*ifindex, 0).is_err() {
-            dev.insert(*ifindex, *ifindex, None, 0)
-                .map_err(|e| bpf_err(format!("device map entry for ifindex {ifindex}"))(chain(&e)))?;
+            dev.insert(*ifindex, *ifindex, None, 0).map_err(|e| {
+                bpf_err(format!("device map entry for ifindex {ifindex}"))(chain(&e))
+            })?;
         }
         match cur_ports.get(ifindex) {
             Some(c) if c == p && !attached => rep.unchanged += 1,
             c => {
-                m_ports.insert(ifindex, p, 0).map_err(|e| bpf_err("port entry")(chain(&e)))?;
-                note(&mut rep, if c.is_some() { "update" } else { "add" }, "port", netdev::name_or_index(*ifindex));
+                m_ports
+                    .insert(ifindex, p, 0)
+                    .map_err(|e| bpf_err("port entry")(chain(&e)))?;
+                note(
+                    &mut rep,
+                    if c.is_some() { "update" } else { "add" },
+                    "port",
+                    netdev::name_or_index(*ifindex),
+                );
             }
         }
     }
@@ -305,14 +400,28 @@ pub fn apply(pin: &PinDir, d: &Desired) -> Result<Report> {
         if stats.get(k, 0).is_err() {
             let zero = PerCpuValues::try_from(vec![VmCounters::default(); ncpus])
                 .map_err(|e| bpf_err("per-CPU counters")(e.to_string()))?;
-            stats.insert(k, zero, 0).map_err(|e| bpf_err("VM counters")(chain(&e)))?;
+            stats
+                .insert(k, zero, 0)
+                .map_err(|e| bpf_err("VM counters")(chain(&e)))?;
         }
         match (plan.rates.get(k), cur_rate.get(k)) {
             (Some(&(r, b)), Some(c)) if c.bytes_per_s == r && c.burst == b => {}
             (Some(&(r, b)), c) => {
-                let e = RateLimit { bytes_per_s: r, burst: b, tokens: b, last_ns: 0 };
-                m_rate.insert(k, e, 0).map_err(|e| bpf_err("rate limit")(chain(&e)))?;
-                note(&mut rep, if c.is_some() { "update" } else { "add" }, "rate", key_addr(*k).to_string());
+                let e = RateLimit {
+                    bytes_per_s: r,
+                    burst: b,
+                    tokens: b,
+                    last_ns: 0,
+                };
+                m_rate
+                    .insert(k, e, 0)
+                    .map_err(|e| bpf_err("rate limit")(chain(&e)))?;
+                note(
+                    &mut rep,
+                    if c.is_some() { "update" } else { "add" },
+                    "rate",
+                    key_addr(*k).to_string(),
+                );
             }
             (None, Some(_)) => {
                 let _ = m_rate.remove(k);
@@ -323,8 +432,15 @@ pub fn apply(pin: &PinDir, d: &Desired) -> Result<Report> {
         match cur_vms.get(k) {
             Some(c) if c == v => rep.unchanged += 1,
             c => {
-                m_vms.insert(k, v, 0).map_err(|e| bpf_err(format!("VM {}", key_addr(*k)))(chain(&e)))?;
-                note(&mut rep, if c.is_some() { "update" } else { "add" }, "vm", key_addr(*k).to_string());
+                m_vms
+                    .insert(k, v, 0)
+                    .map_err(|e| bpf_err(format!("VM {}", key_addr(*k)))(chain(&e)))?;
+                note(
+                    &mut rep,
+                    if c.is_some() { "update" } else { "add" },
+                    "vm",
+                    key_addr(*k).to_string(),
+                );
             }
         }
     }
@@ -337,15 +453,24 @@ pub fn apply(pin: &PinDir, d: &Desired) -> Result<Report> {
         match cur_dom.get(h) {
             Some(c) if c == e => rep.unchanged += 1,
             c => {
-                m_dom.insert(h, e, 0).map_err(|e| bpf_err(format!("domain {name}"))(chain(&e)))?;
-                note(&mut rep, if c.is_some() { "update" } else { "add" }, "domain", name);
+                m_dom
+                    .insert(h, e, 0)
+                    .map_err(|e| bpf_err(format!("domain {name}"))(chain(&e)))?;
+                note(
+                    &mut rep,
+                    if c.is_some() { "update" } else { "add" },
+                    "domain",
+                    name,
+                );
             }
         }
     }
     for (h, e) in &cur_dom {
         if !plan.domains.contains_key(h) {
             let _ = m_dom.remove(h);
-            let name = String::from_utf8_lossy(&e.name[..(e.name_len as usize).min(common::NAME_MAX)]).into_owned();
+            let name =
+                String::from_utf8_lossy(&e.name[..(e.name_len as usize).min(common::NAME_MAX)])
+                    .into_owned();
             note(&mut rep, "remove", "domain", name);
         }
     }
@@ -355,7 +480,9 @@ pub fn apply(pin: &PinDir, d: &Desired) -> Result<Report> {
         if cur_prox.contains(p) {
             rep.unchanged += 1;
         } else {
-            m_prox.insert(p, 1, 0).map_err(|e| bpf_err("proxy address")(chain(&e)))?;
+            m_prox
+                .insert(p, 1, 0)
+                .map_err(|e| bpf_err("proxy address")(chain(&e)))?;
             note(&mut rep, "add", "proxy", key_addr(*p).to_string());
         }
     }
@@ -376,7 +503,7 @@ pub fn apply(pin: &PinDir, d: &Desired) -> Result<Report> {
         }
     }
     let mut stale: BTreeSet<u32> = cur_ports.keys().copied().collect();
-    stale.extend(crate::pinned_links(pin, "tc-")?);
+    stale.extend(crate::pinned_links(pin, "tc")?);
     for ifindex in stale {
         if !plan.ports.contains_key(&ifindex) {
             let _ = m_ports.remove(&ifindex);
@@ -414,7 +541,8 @@ pub fn set_state(pin: &PinDir, public: Ipv4Addr, state: &str) -> Result<bool> {
         return Ok(false);
     }
     v.state = state;
-    m.insert(k, v, 0).map_err(|e| bpf_err("writing BOXD_VMS")(chain(&e)))?;
+    m.insert(k, v, 0)
+        .map_err(|e| bpf_err("writing BOXD_VMS")(chain(&e)))?;
     Ok(true)
 }
 
@@ -441,34 +569,150 @@ mod tests {
 
     #[test]
     fn refuses_bad_desired_states() {
-        let node2 = NodeSpec { id: 2, addr: Ipv4Addr::new(10, 1, 0, 2) };
-        let ok = Desired { vms: vec![vm(1, [203, 0, 113, 7], 2)], nodes: vec![node2.clone()], ..Default::default() };
+        let node2 = NodeSpec {
+            id: 2,
+            addr: Ipv4Addr::new(10, 1, 0, 2),
+        };
+        let ok = Desired {
+            vms: vec![vm(1, [203, 0, 113, 7], 2)],
+            nodes: vec![node2.clone()],
+            ..Default::default()
+        };
         assert!(plan(&ok, &cfg()).is_ok());
         let cases: Vec<(Desired, &str)> = vec![
-            (Desired { vms: vec![vm(1, [203, 0, 113, 7], 3)], ..ok.clone() }, "not in \"nodes\""),
-            (Desired { vms: vec![vm(1, [203, 0, 113, 7], 2), vm(1, [203, 0, 113, 8], 2)], ..ok.clone() }, "listed twice"),
-            (Desired { vms: vec![vm(1, [203, 0, 113, 7], 2), vm(2, [203, 0, 113, 7], 2)], ..ok.clone() }, "two VMs"),
-            (Desired { vms: vec![vm(1, [10, 0, 0, 2], 2)], ..ok.clone() }, "link address"),
-            (Desired { vms: vec![vm(1, [224, 0, 0, 1], 2)], ..ok.clone() }, "cannot be"),
-            (Desired { vms: vec![VmSpec { state: "asleep".into(), ..vm(1, [203, 0, 113, 7], 2) }], ..ok.clone() }, "not one of"),
-            (Desired { vms: vec![vm(1, [203, 0, 113, 7], 1)], ..ok.clone() }, "no \"port\""),
-            (Desired { vms: vec![VmSpec { rate_bytes_per_s: Some(1000), burst_bytes: Some(100), ..vm(1, [203, 0, 113, 7], 2) }], ..ok.clone() }, "burst"),
-            (Desired { vms: vec![VmSpec { vm_mac: Some("01:00:00:00:00:01".into()), ..vm(1, [203, 0, 113, 7], 2) }], ..ok.clone() }, "unicast"),
-            (Desired { domains: vec![DomainSpec { name: "x.example".into(), public: Ipv4Addr::new(203, 0, 113, 9) }], ..ok.clone() }, "no VM has"),
-            (Desired { domains: vec![DomainSpec { name: "-bad.example".into(), public: Ipv4Addr::new(203, 0, 113, 7) }], ..ok.clone() }, "labels"),
-            (Desired { domains: vec![DomainSpec { name: "nodot".into(), public: Ipv4Addr::new(203, 0, 113, 7) }], ..ok.clone() }, "two labels"),
-            (Desired { proxies: vec![Ipv4Addr::new(203, 0, 113, 7)], ..ok.clone() }, "also a VM"),
-            (Desired { nodes: vec![node2.clone(), node2.clone()], ..ok.clone() }, "listed twice"),
+            (
+                Desired {
+                    vms: vec![vm(1, [203, 0, 113, 7], 3)],
+                    ..ok.clone()
+                },
+                "not in \"nodes\"",
+            ),
+            (
+                Desired {
+                    vms: vec![vm(1, [203, 0, 113, 7], 2), vm(1, [203, 0, 113, 8], 2)],
+                    ..ok.clone()
+                },
+                "listed twice",
+            ),
+            (
+                Desired {
+                    vms: vec![vm(1, [203, 0, 113, 7], 2), vm(2, [203, 0, 113, 7], 2)],
+                    ..ok.clone()
+                },
+                "two VMs",
+            ),
+            (
+                Desired {
+                    vms: vec![vm(1, [10, 0, 0, 2], 2)],
+                    ..ok.clone()
+                },
+                "link address",
+            ),
+            (
+                Desired {
+                    vms: vec![vm(1, [224, 0, 0, 1], 2)],
+                    ..ok.clone()
+                },
+                "cannot be",
+            ),
+            (
+                Desired {
+                    vms: vec![VmSpec {
+                        state: "asleep".into(),
+                        ..vm(1, [203, 0, 113, 7], 2)
+                    }],
+                    ..ok.clone()
+                },
+                "not one of",
+            ),
+            (
+                Desired {
+                    vms: vec![vm(1, [203, 0, 113, 7], 1)],
+                    ..ok.clone()
+                },
+                "no \"port\"",
+            ),
+            (
+                Desired {
+                    vms: vec![VmSpec {
+                        rate_bytes_per_s: Some(1000),
+                        burst_bytes: Some(100),
+                        ..vm(1, [203, 0, 113, 7], 2)
+                    }],
+                    ..ok.clone()
+                },
+                "burst",
+            ),
+            (
+                Desired {
+                    vms: vec![VmSpec {
+                        vm_mac: Some("01:00:00:00:00:01".into()),
+                        ..vm(1, [203, 0, 113, 7], 2)
+                    }],
+                    ..ok.clone()
+                },
+                "unicast",
+            ),
+            (
+                Desired {
+                    domains: vec![DomainSpec {
+                        name: "x.example".into(),
+                        public: Ipv4Addr::new(203, 0, 113, 9),
+                    }],
+                    ..ok.clone()
+                },
+                "no VM has",
+            ),
+            (
+                Desired {
+                    domains: vec![DomainSpec {
+                        name: "-bad.example".into(),
+                        public: Ipv4Addr::new(203, 0, 113, 7),
+                    }],
+                    ..ok.clone()
+                },
+                "labels",
+            ),
+            (
+                Desired {
+                    domains: vec![DomainSpec {
+                        name: "nodot".into(),
+                        public: Ipv4Addr::new(203, 0, 113, 7),
+                    }],
+                    ..ok.clone()
+                },
+                "two labels",
+            ),
+            (
+                Desired {
+                    proxies: vec![Ipv4Addr::new(203, 0, 113, 7)],
+                    ..ok.clone()
+                },
+                "also a VM",
+            ),
+            (
+                Desired {
+                    nodes: vec![node2.clone(), node2.clone()],
+                    ..ok.clone()
+                },
+                "listed twice",
+            ),
         ];
         for (d, want) in cases {
-            let err = plan(&d, &cfg()).err().unwrap_or_else(|| panic!("accepted {d:?}")).to_string();
+            let err = plan(&d, &cfg())
+                .err()
+                .unwrap_or_else(|| panic!("accepted {d:?}"))
+                .to_string();
             assert!(err.contains(want), "{err:?} should say {want:?}");
         }
     }
 
     #[test]
     fn domains_are_lowercased_and_hashed_like_the_parser() {
-        assert_eq!(check_domain("My-App.Boxd.Example").unwrap(), "my-app.boxd.example");
+        assert_eq!(
+            check_domain("My-App.Boxd.Example").unwrap(),
+            "my-app.boxd.example"
+        );
         assert_eq!(
             sni::name_hash(b"my-app.boxd.example"),
             sni::name_hash(b"MY-APP.boxd.example")
@@ -478,7 +722,9 @@ mod tests {
 
     #[test]
     fn misspelt_fields_are_refused() {
-        let e = serde_json::from_str::<Desired>(r#"{"vms":[{"id":1,"public":"203.0.113.7","state":"running","prot":"tap0"}]}"#);
+        let e = serde_json::from_str::<Desired>(
+            r#"{"vms":[{"id":1,"public":"203.0.113.7","state":"running","prot":"tap0"}]}"#,
+        );
         assert!(e.is_err());
     }
 }

@@ -111,7 +111,12 @@ pub fn subscribe(pin: &PinDir) -> Result<Subscription> {
             .spawn(move || read_loop(ring, tx, stop, dropped, lock))
             .map_err(io_err("starting the wake-event reader"))?
     };
-    Ok(Subscription { rx, stop, dropped, thread: Some(thread) })
+    Ok(Subscription {
+        rx,
+        stop,
+        dropped,
+        thread: Some(thread),
+    })
 }
 
 fn read_loop(
@@ -123,7 +128,11 @@ fn read_loop(
 ) {
     let fd = ring.as_raw_fd();
     while !stop.load(Ordering::Relaxed) {
-        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one pollfd we own, a bounded timeout.
         unsafe { libc::poll(&mut pfd, 1, crate::POLL_INTERVAL.as_millis() as i32) };
         // Bounded per wake-up: the ring holds at most EVENTS_BYTES of events.

@@ -193,6 +193,12 @@ pub fn key_addr(k: u32) -> Ipv4Addr {
     Ipv4Addr::from(k.to_ne_bytes())
 }
 
+/// The calling thread's network namespace (its inode number).
+pub fn netns_id() -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/thread-self/ns/net").map_or(0, |m| m.ino())
+}
+
 /// Where things live under the pin directory.
 #[derive(Debug, Clone)]
 pub struct PinDir(pub PathBuf);
@@ -213,11 +219,18 @@ impl PinDir {
     pub fn links(&self) -> PathBuf {
         self.0.join("links")
     }
+    /// A link's pin: `<kind>-<netns inode>-<ifindex>`. Interface indexes are per network
+    /// namespace, so the namespace is part of the name (one pin directory can hold links
+    /// of several namespaces: the test topologies do).
+    pub fn link(&self, kind: &str, ifindex: u32) -> PathBuf {
+        self.links()
+            .join(format!("{kind}-{}-{ifindex}", netns_id()))
+    }
     pub fn xdp_link(&self, ifindex: u32) -> PathBuf {
-        self.links().join(format!("xdp-{ifindex}"))
+        self.link("xdp", ifindex)
     }
     pub fn tc_link(&self, ifindex: u32) -> PathBuf {
-        self.links().join(format!("tc-{ifindex}"))
+        self.link("tc", ifindex)
     }
     /// Whether `up` has run here (the config map is pinned).
     pub fn is_up(&self) -> bool {
@@ -255,6 +268,7 @@ pub struct UpReport {
     pub ports_replaced: usize,
     pub maps_reused: usize,
     pub maps_created: usize,
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -283,8 +297,18 @@ fn expected_maps() -> Vec<(&'static str, u32, u32, u32)> {
         (maps::STATS, 4, 8, stat::COUNT),
         (maps::WAKE_LAST, 4, 8, MAX_VMS),
         (maps::EVENTS, 0, 0, EVENTS_BYTES),
-        (maps::SNI_FLOWS, s(size_of::<FlowKey>()), s(size_of::<SniFlow>()), MAX_SNI_FLOWS),
-        (maps::STEER, s(size_of::<FlowKey>()), s(size_of::<Steer>()), MAX_STEER),
+        (
+            maps::SNI_FLOWS,
+            s(size_of::<FlowKey>()),
+            s(size_of::<SniFlow>()),
+            MAX_SNI_FLOWS,
+        ),
+        (
+            maps::STEER,
+            s(size_of::<FlowKey>()),
+            s(size_of::<Steer>()),
+            MAX_STEER,
+        ),
         (maps::JUMP, 4, 4, 4),
         (maps::DEVMAP, 4, 8, MAX_PORTS),
     ]
@@ -342,15 +366,7 @@ pub fn ensure_bpffs(pin: &PinDir) -> Result<()> {
     }
     let bpf = std::ffi::CString::new("bpf").expect("static");
     // SAFETY: mount(2) with NUL-terminated strings and no data.
-    let rc = unsafe {
-        libc::mount(
-            bpf.as_ptr(),
-            c.as_ptr(),
-            bpf.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
+    let rc = unsafe { libc::mount(bpf.as_ptr(), c.as_ptr(), bpf.as_ptr(), 0, std::ptr::null()) };
     if rc != 0 {
         return Err(io_err("mount -t bpf bpf /sys/fs/bpf")(
             std::io::Error::last_os_error(),
@@ -425,6 +441,16 @@ pub fn up(opts: &UpOptions) -> Result<UpReport> {
         ifaces.push((name.clone(), ifindex));
     }
     let uplink_mac = netdev::mac(&ifaces[0].0)?;
+    let mut warnings = Vec::new();
+    if let [(up, _), (private, _)] = &ifaces[..] {
+        let (mu, mp) = (netdev::mtu(up)?, netdev::mtu(private)?);
+        if mp < mu + 20 {
+            warnings.push(format!(
+                "the private interface {private} (MTU {mp}) cannot carry full-size packets                  of the uplink {up} (MTU {mu}) plus the 20-byte encapsulation: set its MTU                  to at least {}",
+                mu + 20
+            ));
+        }
+    }
     let pin = &opts.pin;
     ensure_bpffs(pin)?;
     let (maps_reused, maps_created) = check_pinned(pin)?;
@@ -461,14 +487,16 @@ pub fn up(opts: &UpOptions) -> Result<UpReport> {
     }
     // Ports already attached get the new VM program, in place.
     let mut ports_replaced = 0;
-    for ifindex in pinned_links(pin, "tc-")? {
+    for ifindex in pinned_links(pin, "tc")? {
         let prog: &mut SchedClassifier = prog_mut(&mut ebpf, progs::VM_EGRESS)?;
-        let link = PinnedLink::from_pin(pin.tc_link(ifindex))
-            .map_err(|e| bpf_err(format!("opening the pinned TC link of ifindex {ifindex}"))(chain(&e)))?;
+        let link = PinnedLink::from_pin(pin.tc_link(ifindex)).map_err(|e| {
+            bpf_err(format!("opening the pinned TC link of ifindex {ifindex}"))(chain(&e))
+        })?;
         let link = SchedClassifierLink::try_from(FdLink::from(link))
             .map_err(|e| bpf_err("TC link")(chain(&e)))?;
-        prog.attach_to_link(link)
-            .map_err(|e| bpf_err(format!("replacing the VM program on ifindex {ifindex}"))(chain(&e)))?;
+        prog.attach_to_link(link).map_err(|e| {
+            bpf_err(format!("replacing the VM program on ifindex {ifindex}"))(chain(&e))
+        })?;
         ports_replaced += 1;
     }
     // The FIB lookups that send VM traffic out need forwarding on.
@@ -480,6 +508,7 @@ pub fn up(opts: &UpOptions) -> Result<UpReport> {
         ports_replaced,
         maps_reused,
         maps_created,
+        warnings,
     })
 }
 
@@ -521,8 +550,8 @@ fn attach_xdp(
     if path.exists() {
         let link = PinnedLink::from_pin(&path)
             .map_err(|e| bpf_err(format!("opening {}", path.display()))(chain(&e)))?;
-        let link = XdpLink::try_from(FdLink::from(link))
-            .map_err(|e| bpf_err("XDP link")(chain(&e)))?;
+        let link =
+            XdpLink::try_from(FdLink::from(link)).map_err(|e| bpf_err("XDP link")(chain(&e)))?;
         prog.attach_to_link(link)
             .map_err(|e| bpf_err(format!("replacing the router on {name}"))(chain(&e)))?;
         return Ok(Attachment {
@@ -610,12 +639,15 @@ pub fn detach_port(pin: &PinDir, ifindex: u32) -> Result<bool> {
 /// to receive redirected frames); pinned like the others.
 pub fn attach_pass(pin: &PinDir, name: &str) -> Result<()> {
     let ifindex = netdev::ifindex(name)?;
-    let path = pin.links().join(format!("pass-{ifindex}"));
+    let path = pin.link("pass", ifindex);
     if path.exists() {
         return Ok(());
     }
-    let mut prog = Xdp::from_pin(pin.prog(progs::PASS), aya_obj::programs::XdpAttachType::Interface)
-        .map_err(|e| bpf_err("opening the pinned pass program (run `boxd bpf up`)")(chain(&e)))?;
+    let mut prog = Xdp::from_pin(
+        pin.prog(progs::PASS),
+        aya_obj::programs::XdpAttachType::Interface,
+    )
+    .map_err(|e| bpf_err("opening the pinned pass program (run `boxd bpf up`)")(chain(&e)))?;
     let id = prog
         .attach_to_if_index(ifindex, XdpMode::Driver)
         .map_err(|e| bpf_err(format!("attaching XDP pass to {name}"))(chain(&e)))?;
@@ -628,8 +660,9 @@ pub fn attach_pass(pin: &PinDir, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Ifindexes of the pinned links whose file name starts with `prefix`.
-pub fn pinned_links(pin: &PinDir, prefix: &str) -> Result<Vec<u32>> {
+/// Ifindexes of this namespace's pinned links of one kind ("xdp", "tc", "pass").
+pub fn pinned_links(pin: &PinDir, kind: &str) -> Result<Vec<u32>> {
+    let prefix = format!("{kind}-{}-", netns_id());
     let dir = pin.links();
     let rd = match std::fs::read_dir(&dir) {
         Ok(rd) => rd,
@@ -639,7 +672,7 @@ pub fn pinned_links(pin: &PinDir, prefix: &str) -> Result<Vec<u32>> {
     let mut out = Vec::new();
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(rest) = name.strip_prefix(prefix)
+        if let Some(rest) = name.strip_prefix(&prefix)
             && let Ok(i) = rest.parse()
         {
             out.push(i);

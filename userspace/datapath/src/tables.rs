@@ -30,9 +30,7 @@ pub(crate) fn vm_stats(pin: &PinDir) -> Result<PerCpuHashMap<MapData, u32, VmCou
 }
 
 /// Every (key, value) of a hash map; bounded by the map's own size.
-pub(crate) fn entries<K: aya::Pod, V: aya::Pod>(
-    m: &HashMap<MapData, K, V>,
-) -> Result<Vec<(K, V)>> {
+pub(crate) fn entries<K: aya::Pod, V: aya::Pod>(m: &HashMap<MapData, K, V>) -> Result<Vec<(K, V)>> {
     let mut out = Vec::new();
     for kv in m.iter() {
         match kv {
