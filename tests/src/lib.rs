@@ -6,6 +6,7 @@ pub mod net;
 pub mod pkt;
 pub mod qemu;
 pub mod testhost;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 

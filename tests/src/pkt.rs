@@ -60,7 +60,7 @@ pub fn csum(mut sum: u32, data: &[u8]) -> u16 {
     !(sum as u16)
 }
 
-fn pseudo(src: [u8; 4], dst: [u8; 4], proto: u8, len: usize) -> u32 {
+pub fn pseudo(src: [u8; 4], dst: [u8; 4], proto: u8, len: usize) -> u32 {
     let mut s = 0u32;
     for c in src.chunks(2).chain(dst.chunks(2)) {
         s += u32::from(u16::from_be_bytes([c[0], c[1]]));
@@ -724,4 +724,135 @@ pub fn l4_checksum_ok(frame: &[u8], proto: u8) -> bool {
     src.copy_from_slice(&frame[ETH + 12..ETH + 16]);
     dst.copy_from_slice(&frame[ETH + 16..ETH + 20]);
     csum(pseudo(src, dst, proto, l4.len()), l4) == 0
+}
+
+/// An IPv4 packet built field by field, for data-path fixtures: every checksum is
+/// computed for the fields as given, so a fixture's expected output is simply the same
+/// builder with the rewritten fields.
+#[derive(Clone, Debug)]
+pub struct Ip4 {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub ttl: u8,
+    pub id: u16,
+    /// Flags and fragment offset (in 8-byte units), as on the wire.
+    pub frag: u16,
+    pub proto: u8,
+    /// IP options (a multiple of 4 bytes).
+    pub options: Vec<u8>,
+    /// The transport header and payload; its checksum field is filled for TCP and UDP
+    /// over the whole of `l4` (use [`Ip4::fragments`] to cut it afterwards).
+    pub l4: Vec<u8>,
+}
+
+impl Ip4 {
+    pub fn new(src: [u8; 4], dst: [u8; 4], proto: u8, l4: Vec<u8>) -> Self {
+        Self {
+            src_mac: [0x02, 0, 0, 0, 0, 0x11],
+            dst_mac: [0x02, 0, 0, 0, 0, 0x22],
+            src,
+            dst,
+            ttl: 64,
+            id: 0x1234,
+            frag: 0x4000,
+            proto,
+            options: Vec::new(),
+            l4,
+        }
+    }
+
+    pub fn udp(src: ([u8; 4], u16), dst: ([u8; 4], u16), payload: &[u8]) -> Self {
+        let mut u = Vec::new();
+        u.extend_from_slice(&src.1.to_be_bytes());
+        u.extend_from_slice(&dst.1.to_be_bytes());
+        u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        u.extend_from_slice(&[0, 0]);
+        u.extend_from_slice(payload);
+        Self::new(src.0, dst.0, 17, u)
+    }
+
+    pub fn tcp(src: ([u8; 4], u16), dst: ([u8; 4], u16), seq: u32, flags: u8, payload: &[u8]) -> Self {
+        let mut t = Vec::new();
+        t.extend_from_slice(&src.1.to_be_bytes());
+        t.extend_from_slice(&dst.1.to_be_bytes());
+        t.extend_from_slice(&seq.to_be_bytes());
+        t.extend_from_slice(&0u32.to_be_bytes());
+        t.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+        t.extend_from_slice(payload);
+        Self::new(src.0, dst.0, 6, t)
+    }
+
+    pub fn icmp_echo(src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Self {
+        let mut i = vec![8, 0, 0, 0, 0x12, 0x34, 0, 1];
+        i.extend_from_slice(payload);
+        let c = csum(0, &i);
+        i[2..4].copy_from_slice(&c.to_be_bytes());
+        Self::new(src, dst, 1, i)
+    }
+
+    /// The transport part with its checksum filled in.
+    fn l4_with_checksum(&self) -> Vec<u8> {
+        let mut l4 = self.l4.clone();
+        let at = match self.proto {
+            6 if l4.len() >= 20 => Some(16),
+            17 if l4.len() >= 8 => Some(6),
+            _ => None,
+        };
+        if let Some(at) = at {
+            l4[at] = 0;
+            l4[at + 1] = 0;
+            let mut c = csum(pseudo(self.src, self.dst, self.proto, l4.len()), &l4);
+            if self.proto == 17 && c == 0 {
+                c = 0xffff;
+            }
+            l4[at..at + 2].copy_from_slice(&c.to_be_bytes());
+        }
+        l4
+    }
+
+    fn frame_with(&self, l4: &[u8], frag: u16, id: u16) -> Vec<u8> {
+        let ihl = 20 + self.options.len();
+        let mut f = Vec::with_capacity(ETH + ihl + l4.len());
+        f.extend_from_slice(&self.dst_mac);
+        f.extend_from_slice(&self.src_mac);
+        f.extend_from_slice(&0x0800u16.to_be_bytes());
+        let mut ip = vec![0u8; 20];
+        ip[0] = 0x40 | (ihl / 4) as u8;
+        ip[2..4].copy_from_slice(&((ihl + l4.len()) as u16).to_be_bytes());
+        ip[4..6].copy_from_slice(&id.to_be_bytes());
+        ip[6..8].copy_from_slice(&frag.to_be_bytes());
+        ip[8] = self.ttl;
+        ip[9] = self.proto;
+        ip[12..16].copy_from_slice(&self.src);
+        ip[16..20].copy_from_slice(&self.dst);
+        ip.extend_from_slice(&self.options);
+        let c = csum(0, &ip);
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        f.extend_from_slice(&ip);
+        f.extend_from_slice(l4);
+        f
+    }
+
+    /// The Ethernet frame.
+    pub fn frame(&self) -> Vec<u8> {
+        self.frame_with(&self.l4_with_checksum(), self.frag, self.id)
+    }
+
+    /// The datagram cut into fragments of `size` bytes of transport data (a multiple
+    /// of 8), checksum computed over the whole datagram first.
+    pub fn fragments(&self, size: usize) -> Vec<Vec<u8>> {
+        assert!(size % 8 == 0 && size > 0);
+        let l4 = self.l4_with_checksum();
+        let mut out = Vec::new();
+        let mut off = 0;
+        while off < l4.len() {
+            let end = (off + size).min(l4.len());
+            let more = if end < l4.len() { 0x2000 } else { 0 };
+            out.push(self.frame_with(&l4[off..end], more | (off / 8) as u16, self.id));
+            off = end;
+        }
+        out
+    }
 }

@@ -308,9 +308,19 @@ fn deliver(ctx: &XdpContext, cfg: &Config, vm: &VmEntry, dst: u32, ihl: usize, t
     let ip = ip as *mut u8;
     let new_dst = cfg.vm_addr;
     // SAFETY: the fixed header was bounds-checked above.
+    let (proto, frag) = unsafe { (*ip.add(9), u16::from_be(ld16(ip.add(6))) & 0x1fff) };
+    // The transport header must be whole before anything is rewritten.
+    let l4_need = match proto {
+        IPPROTO_TCP => 20,
+        IPPROTO_UDP => 8,
+        _ => 0,
+    };
+    if frag == 0 && tot_len < ihl + l4_need {
+        count(stat::BAD_HEADER);
+        return xdp_action::XDP_DROP;
+    }
+    // SAFETY: the fixed header was bounds-checked above.
     unsafe {
-        let proto = *ip.add(9);
-        let frag = u16::from_be(ld16(ip.add(6))) & 0x1fff;
         // TTL - 1 and the new destination, both covered by the header checksum.
         let old_ttl_proto = ld16(ip.add(8));
         *ip.add(8) -= 1;
@@ -325,10 +335,6 @@ fn deliver(ctx: &XdpContext, cfg: &Config, vm: &VmEntry, dst: u32, ihl: usize, t
         if frag == 0 {
             let l4 = ETH_HLEN + (ihl & 0x3c);
             if proto == IPPROTO_TCP {
-                if tot_len < ihl + 20 {
-                    count(stat::BAD_HEADER);
-                    return xdp_action::XDP_DROP;
-                }
                 let Some(th) = xptr::<[u8; 20]>(ctx, l4) else {
                     count(stat::BAD_HEADER);
                     return xdp_action::XDP_DROP;
@@ -336,10 +342,6 @@ fn deliver(ctx: &XdpContext, cfg: &Config, vm: &VmEntry, dst: u32, ihl: usize, t
                 let c = (th as *mut u8).add(16);
                 st16(c, csum::replace4(ld16(c), dst, new_dst));
             } else if proto == IPPROTO_UDP {
-                if tot_len < ihl + 8 {
-                    count(stat::BAD_HEADER);
-                    return xdp_action::XDP_DROP;
-                }
                 let Some(uh) = xptr::<[u8; 8]>(ctx, l4) else {
                     count(stat::BAD_HEADER);
                     return xdp_action::XDP_DROP;
