@@ -773,7 +773,13 @@ impl Ip4 {
         Self::new(src.0, dst.0, 17, u)
     }
 
-    pub fn tcp(src: ([u8; 4], u16), dst: ([u8; 4], u16), seq: u32, flags: u8, payload: &[u8]) -> Self {
+    pub fn tcp(
+        src: ([u8; 4], u16),
+        dst: ([u8; 4], u16),
+        seq: u32,
+        flags: u8,
+        payload: &[u8],
+    ) -> Self {
         let mut t = Vec::new();
         t.extend_from_slice(&src.1.to_be_bytes());
         t.extend_from_slice(&dst.1.to_be_bytes());

@@ -113,7 +113,10 @@ pub fn capture(client: Client, host: &str) -> Result<Vec<u8>> {
         let mut rec = vec![0u8; 5];
         c.read_exact(&mut rec)?;
         if rec[0] != 22 {
-            bail!("{} did not start with a handshake record: {rec:?}", client.name());
+            bail!(
+                "{} did not start with a handshake record: {rec:?}",
+                client.name()
+            );
         }
         let len = usize::from(u16::from_be_bytes([rec[3], rec[4]]));
         rec.resize(5 + len, 0);
@@ -130,7 +133,10 @@ pub fn capture(client: Client, host: &str) -> Result<Vec<u8>> {
 /// parse written independently of the eBPF one.
 pub fn sni_position(hello: &[u8]) -> Option<(usize, usize)> {
     let be16 = |i: usize| -> Option<usize> {
-        Some(usize::from(u16::from_be_bytes([*hello.get(i)?, *hello.get(i + 1)?])))
+        Some(usize::from(u16::from_be_bytes([
+            *hello.get(i)?,
+            *hello.get(i + 1)?,
+        ])))
     };
     let mut off = 5 + 4 + 2 + 32;
     off += 1 + usize::from(*hello.get(off)?);

@@ -41,10 +41,13 @@ pub mod progs {
     pub const SNI: &str = "boxd_sni";
     pub const VM_EGRESS: &str = "boxd_vm";
     pub const PASS: &str = "boxd_pass";
+    pub const TX: &str = "boxd_tx";
 }
 
 /// Map sizes: every map is bounded.
 pub const MAX_VMS: u32 = 65536;
+/// VMs running on one node (counter slots; a per-CPU array is sized by it).
+pub const MAX_LOCAL_VMS: u32 = 4096;
 pub const MAX_NODES: u32 = 1024;
 pub const MAX_DOMAINS: u32 = 65536;
 pub const MAX_PROXIES: u32 = 64;
@@ -116,7 +119,11 @@ pub struct VmEntry {
     pub vm_mac: [u8; 6],
     /// The host port's MAC: the source of frames sent to the guest.
     pub port_mac: [u8; 6],
-    pub _pad1: [u8; 6],
+    pub _pad1: [u8; 2],
+    /// Its slot in BOXD_VM_STATS (1..=MAX_LOCAL_VMS) when it runs here; 0 elsewhere.
+    /// A per-CPU array indexed by slot costs the router a few ns where a per-CPU hash
+    /// keyed by address cost it about 40.
+    pub slot: u32,
 }
 
 /// A local host port, keyed by ifindex (BOXD_PORTS): which VM sends through it.
@@ -125,6 +132,8 @@ pub struct VmEntry {
 pub struct PortEntry {
     pub public_addr: u32,
     pub vm_id: u32,
+    /// The VM's counter slot (see `VmEntry::slot`).
+    pub slot: u32,
 }
 
 /// A node, keyed by node id (BOXD_NODES).
@@ -164,7 +173,8 @@ impl Default for DomainEntry {
     }
 }
 
-/// Per-VM counters (per-CPU values, BOXD_VM_STATS, keyed by public IPv4).
+/// Per-VM counters of the VMs on this node (per-CPU values, BOXD_VM_STATS, an array
+/// indexed by the VM's slot).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VmCounters {
@@ -412,7 +422,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<Config>(), 40);
         assert_eq!(size_of::<VmEntry>(), 32);
-        assert_eq!(size_of::<PortEntry>(), 8);
+        assert_eq!(size_of::<PortEntry>(), 12);
         assert_eq!(size_of::<NodeEntry>(), 24);
         assert_eq!(size_of::<DomainEntry>(), 264);
         assert_eq!(size_of::<VmCounters>(), 56);

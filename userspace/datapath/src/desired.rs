@@ -221,6 +221,7 @@ fn plan(d: &Desired, cfg: &NodeConfig) -> Result<Plan> {
                     PortEntry {
                         public_addr: addr_key(p),
                         vm_id: v.id,
+                        slot: 0,
                     },
                 )
                 .is_some()
@@ -296,6 +297,49 @@ fn plan(d: &Desired, cfg: &NodeConfig) -> Result<Plan> {
     })
 }
 
+/// Gives every local VM a counter slot: the one it has (same address, same id), else
+/// the lowest free one. Ports get their VM's slot.
+fn assign_slots(pin: &PinDir, plan: &mut Plan) -> Result<()> {
+    let m: HashMap<_, u32, VmEntry> = hash(pin, maps::VMS)?;
+    let cur: BTreeMap<_, _> = entries(&m)?.into_iter().collect();
+    let mut used = BTreeSet::new();
+    for (k, v) in plan.vms.iter_mut() {
+        if v.port_ifindex == 0 {
+            continue;
+        }
+        if let Some(c) = cur.get(k)
+            && c.vm_id == v.vm_id
+            && c.slot != 0
+            && used.insert(c.slot)
+        {
+            v.slot = c.slot;
+        }
+    }
+    let mut next = 1u32;
+    for v in plan.vms.values_mut() {
+        if v.port_ifindex == 0 || v.slot != 0 {
+            continue;
+        }
+        while used.contains(&next) {
+            next += 1;
+        }
+        if next > common::MAX_LOCAL_VMS {
+            return Err(DpError::Invalid(format!(
+                "more than {} VMs on this node",
+                common::MAX_LOCAL_VMS
+            )));
+        }
+        v.slot = next;
+        used.insert(next);
+    }
+    for p in plan.ports.values_mut() {
+        if let Some(v) = plan.vms.get(&p.public_addr) {
+            p.slot = v.slot;
+        }
+    }
+    Ok(())
+}
+
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Report {
     pub changes: Vec<Change>,
@@ -336,6 +380,7 @@ pub fn apply(pin: &PinDir, d: &Desired) -> Result<Report> {
             Err(e) => warnings.push(format!("node {id}: {e}")),
         }
     }
+    assign_slots(pin, &mut plan)?;
     let mut rep = Report {
         warnings,
         ..Default::default()
@@ -397,11 +442,15 @@ pub fn apply(pin: &PinDir, d: &Desired) -> Result<Report> {
     let mut m_rate: HashMap<_, u32, RateLimit> = hash(pin, maps::RATE)?;
     let cur_rate: BTreeMap<_, _> = entries(&m_rate)?.into_iter().collect();
     for (k, v) in &plan.vms {
-        if stats.get(k, 0).is_err() {
+        // A slot newly given to this VM starts from zero.
+        let had = cur_vms
+            .get(k)
+            .is_some_and(|c| c.slot == v.slot && c.vm_id == v.vm_id);
+        if v.slot != 0 && !had {
             let zero = PerCpuValues::try_from(vec![VmCounters::default(); ncpus])
                 .map_err(|e| bpf_err("per-CPU counters")(e.to_string()))?;
             stats
-                .insert(k, zero, 0)
+                .set(v.slot, zero, 0)
                 .map_err(|e| bpf_err("VM counters")(chain(&e)))?;
         }
         match (plan.rates.get(k), cur_rate.get(k)) {
@@ -496,7 +545,6 @@ pub fn apply(pin: &PinDir, d: &Desired) -> Result<Report> {
     for k in cur_vms.keys() {
         if !plan.vms.contains_key(k) {
             let _ = m_vms.remove(k);
-            let _ = stats.remove(k);
             let _ = m_rate.remove(k);
             let _ = m_wake.remove(k);
             note(&mut rep, "remove", "vm", key_addr(*k).to_string());

@@ -292,7 +292,12 @@ fn expected_maps() -> Vec<(&'static str, u32, u32, u32)> {
         (maps::NODES, 4, s(size_of::<NodeEntry>()), MAX_NODES),
         (maps::DOMAINS, 8, s(size_of::<DomainEntry>()), MAX_DOMAINS),
         (maps::PROXIES, 4, 4, MAX_PROXIES),
-        (maps::VM_STATS, 4, s(size_of::<VmCounters>()), MAX_VMS),
+        (
+            maps::VM_STATS,
+            4,
+            s(size_of::<VmCounters>()),
+            MAX_LOCAL_VMS + 1,
+        ),
         (maps::RATE, 4, s(size_of::<RateLimit>()), MAX_VMS),
         (maps::STATS, 4, 8, stat::COUNT),
         (maps::WAKE_LAST, 4, 8, MAX_VMS),
@@ -383,7 +388,7 @@ pub fn load(pin: &PinDir) -> Result<Ebpf> {
         what: "loading the eBPF object".into(),
         detail: chain(&e),
     })?;
-    for name in [progs::ROUTER, progs::SNI, progs::PASS] {
+    for name in [progs::ROUTER, progs::SNI, progs::PASS, progs::TX] {
         let p: &mut Xdp = prog_mut(&mut ebpf, name)?;
         p.load().map_err(|e| DpError::Bpf {
             what: format!("verifying {name}"),

@@ -7,7 +7,7 @@ use crate::common::{
 };
 use crate::netdev;
 use crate::{DpError, NodeConfig, PinDir, Result, bpf_err, chain, key_addr, open_map};
-use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, xdp::DevMapHash};
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, xdp::DevMapHash};
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
@@ -24,8 +24,8 @@ pub(crate) fn devmap(pin: &PinDir) -> Result<DevMapHash<MapData>> {
         .map_err(|e| bpf_err("map BOXD_DEVMAP")(chain(&e)))
 }
 
-pub(crate) fn vm_stats(pin: &PinDir) -> Result<PerCpuHashMap<MapData, u32, VmCounters>> {
-    PerCpuHashMap::try_from(open_map(pin, maps::VM_STATS)?)
+pub(crate) fn vm_stats(pin: &PinDir) -> Result<PerCpuArray<MapData, VmCounters>> {
+    PerCpuArray::try_from(open_map(pin, maps::VM_STATS)?)
         .map_err(|e| bpf_err("map BOXD_VM_STATS")(chain(&e)))
 }
 
@@ -100,7 +100,9 @@ pub fn vms(pin: &PinDir) -> Result<Vec<VmRow>> {
     let mut rows = Vec::new();
     for (k, v) in entries(&vms)? {
         let mut c = VmCounters::default();
-        if let Ok(per_cpu) = stats.get(&k, 0) {
+        if v.slot != 0
+            && let Ok(per_cpu) = stats.get(&v.slot, 0)
+        {
             for pc in per_cpu.iter() {
                 c.add(pc);
             }
