@@ -849,7 +849,7 @@ impl Ip4 {
     /// The datagram cut into fragments of `size` bytes of transport data (a multiple
     /// of 8), checksum computed over the whole datagram first.
     pub fn fragments(&self, size: usize) -> Vec<Vec<u8>> {
-        assert!(size % 8 == 0 && size > 0);
+        assert!(size.is_multiple_of(8) && size > 0);
         let l4 = self.l4_with_checksum();
         let mut out = Vec::new();
         let mut off = 0;

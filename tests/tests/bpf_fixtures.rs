@@ -698,7 +698,7 @@ fn sni_fixtures_with_real_client_hellos() -> Result<()> {
 
     f.run(move |e, pin| {
         let mut port = 41000u16;
-        let mut seg = |e: &mut Ebpf, port: u16, seq: u32, payload: &[u8]| -> Result<u32> {
+        let seg = |e: &mut Ebpf, port: u16, seq: u32, payload: &[u8]| -> Result<u32> {
             let p = Ip4::tcp((CLIENT, port), (PROXY, 443), seq, 0x18, payload);
             Ok(xdp(e, progs::SNI, &p.frame())?.0)
         };

@@ -341,3 +341,25 @@ pub fn net(seconds: f64, skip_guest: bool) -> Result<()> {
     }
     crate::util::run(&mut cmd)
 }
+
+/// `cargo xtask bench bpf`: the data path's figures from the release `boxd-bpfbench`
+/// (tests/src/bin/bpfbench.rs). Runs on this host: it needs root and BPF, not KVM.
+pub fn bpf(seconds: f64) -> Result<()> {
+    crate::setup::setup()?;
+    crate::build_boxd()?;
+    let step = crate::util::Step::start("cargo build --release -p boxd-tests --bin boxd-bpfbench");
+    crate::util::run(Command::new(env!("CARGO")).args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "boxd-tests",
+        "--bin",
+        "boxd-bpfbench",
+    ]))?;
+    step.done();
+    crate::util::run(
+        Command::new(boxd_tests::target_dir().join("release/boxd-bpfbench"))
+            .arg(seconds.to_string()),
+    )
+}

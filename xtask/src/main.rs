@@ -59,6 +59,11 @@ enum Task {
         #[arg(long, hide = true)]
         inside: bool,
     },
+    /// Capture real Chromium ClientHellos into tests/fixtures/tls (installs chromium).
+    CaptureHellos {
+        #[arg(long, default_value_t = 8)]
+        count: usize,
+    },
     /// Run a command inside the emulated KVM host (QEMU, software CPU with SVM).
     Testhost {
         /// Forward a TCP port from this machine's loopback into the test host: HOST:GUEST.
@@ -87,6 +92,9 @@ enum BenchKind {
     /// The network backend: frame rates, TSO stream, latency (test frontend vs a
     /// direct TAP) and guest TCP through our backend vs QEMU's TAP backend.
     Net,
+    /// The eBPF data path: ns per packet (router, SNAT, SNI parse) and forwarding on
+    /// veth against the kernel's IP forwarding with an nftables DNAT rule.
+    Bpf,
 }
 
 fn parse_forward(s: &str) -> Result<(u16, u16), String> {
@@ -137,6 +145,26 @@ fn main() -> Result<()> {
             skip_guest,
             ..
         } => bench::net(seconds, skip_guest),
+        Task::Bench {
+            what: BenchKind::Bpf,
+            seconds,
+            ..
+        } => bench::bpf(seconds),
+        Task::CaptureHellos { count } => {
+            setup::setup()?;
+            setup::ensure_packages(&[("chromium", "the browser whose ClientHellos are captured")])?;
+            run(Command::new(env!("CARGO")).args([
+                "run",
+                "--quiet",
+                "--release",
+                "-p",
+                "boxd-tests",
+                "--bin",
+                "boxd-capture-hellos",
+                "--",
+                &count.to_string(),
+            ]))
+        }
         Task::Bench {
             what: BenchKind::Boot,
             runs,

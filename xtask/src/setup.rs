@@ -29,7 +29,34 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ),
     ("iproute2", "network namespaces and links in tests"),
     ("openssh-client", "real SSH clients in end-to-end tests"),
+    (
+        "llvm-22-dev",
+        "bpf-linker links the eBPF programs with LLVM 22 (Debian's LLVM 14 is too old)",
+    ),
+    (
+        "bpftool",
+        "reading the pinned data-path maps by hand (`bpftool map dump pinned`)",
+    ),
+    (
+        "ethtool",
+        "data-path tests turn veth checksum offload off, as on a wire",
+    ),
+    (
+        "iputils-ping",
+        "data-path tests ping public addresses through the router",
+    ),
+    (
+        "nftables",
+        "the kernel DNAT peer in `cargo xtask bench bpf`",
+    ),
+    ("curl", "a real TLS client for the SNI parser's tests"),
+    ("openssl", "a real TLS client for the SNI parser's tests"),
 ];
+
+/// The nightly the eBPF programs were built and verified with (ebpf/programs).
+const NIGHTLY_DATE: &str = "2026-05-19";
+/// bpf-linker, built against LLVM 22 (the nightly's LLVM).
+const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn setup() -> Result<()> {
     let missing = missing_packages()?;
@@ -48,19 +75,92 @@ pub fn setup() -> Result<()> {
         }
         install_packages(&missing)?;
     }
+    ebpf_toolchain()
+}
+
+/// The eBPF toolchain: nightly with rust-src, and bpf-linker against LLVM 22.
+fn ebpf_toolchain() -> Result<()> {
+    let nightly = output(Command::new("rustc").args(["+nightly", "-vV"])).map_err(|_| {
+        anyhow::anyhow!(
+            "no nightly Rust toolchain: the eBPF programs need one (`rustup toolchain install nightly`)"
+        )
+    })?;
+    if !nightly.contains(NIGHTLY_DATE) {
+        eprintln!(
+            "setup: warning: the eBPF programs were verified with nightly {NIGHTLY_DATE}; this \
+             machine's is {}",
+            nightly.lines().next().unwrap_or("?")
+        );
+    }
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))?;
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        let step = Step::start("rustup component add rust-src --toolchain nightly");
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+        step.done();
+    }
+    let linker = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if !linker.contains(BPF_LINKER_VERSION) {
+        let step = Step::start(format!(
+            "cargo install bpf-linker {BPF_LINKER_VERSION} (LLVM 22, about a minute)"
+        ));
+        run(Command::new(env!("CARGO"))
+            .args([
+                "install",
+                "--quiet",
+                "--locked",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+            ])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+            .env("LLVM_SYS_221_PREFIX", "/usr/lib/llvm-22"))?;
+        step.done();
+    }
+    Ok(())
+}
+
+/// Installs packages outside the standard list (used by tasks that need more).
+pub fn ensure_packages(list: &[(&'static str, &'static str)]) -> Result<()> {
+    let missing: Vec<&str> = missing_of(list)?;
+    if !missing.is_empty() {
+        for (n, why) in list.iter().filter(|(n, _)| missing.contains(n)) {
+            eprintln!("setup: installing {n} ({why})");
+        }
+        install_packages(&missing)?;
+    }
     Ok(())
 }
 
 /// Packages from the list that are not installed.
 fn missing_packages() -> Result<Vec<&'static str>> {
+    missing_of(DEBIAN_PACKAGES)
+}
+
+fn installed(name: &str) -> Result<bool> {
+    let status = Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", name])
+        .output()?;
+    Ok(status.status.success()
+        && String::from_utf8_lossy(&status.stdout).contains("install ok installed"))
+}
+
+fn missing_of(list: &[(&'static str, &'static str)]) -> Result<Vec<&'static str>> {
     let mut missing = Vec::new();
-    for (name, _) in DEBIAN_PACKAGES {
-        let status = Command::new("dpkg-query")
-            .args(["-W", "-f=${Status}", name])
-            .output()?;
-        let installed = status.status.success()
-            && String::from_utf8_lossy(&status.stdout).contains("install ok installed");
-        if !installed {
+    for (name, _) in list {
+        if !installed(name)? {
             missing.push(*name);
         }
     }
@@ -85,7 +185,11 @@ fn install_packages(names: &[&str]) -> Result<()> {
     let mut args = vec!["apt-get", "install", "-y", "-q", "--no-install-recommends"];
     args.extend_from_slice(names);
     run(sudo(&args).stdout(std::process::Stdio::null()))?;
-    let still = missing_packages()?;
+    let still: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|n| !installed(n).unwrap_or(false))
+        .collect();
     if !still.is_empty() {
         bail!(
             "apt-get install finished but {} still missing",

@@ -13,7 +13,7 @@ use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::time::Duration;
 
 /// Events the channel holds before new ones are dropped (and counted).
@@ -60,10 +60,7 @@ pub struct Subscription {
 impl Subscription {
     /// The next event, waiting at most `timeout`.
     pub fn recv_timeout(&self, timeout: Duration) -> Option<Wake> {
-        match self.rx.recv_timeout(timeout) {
-            Ok(w) => Some(w),
-            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
-        }
+        self.rx.recv_timeout(timeout).ok()
     }
     /// Events lost because this subscriber fell more than [`QUEUE`] behind.
     pub fn dropped(&self) -> u64 {
