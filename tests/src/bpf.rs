@@ -6,7 +6,6 @@ use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 /// Runs `program args` inside network namespace `ns`.
 pub fn in_ns(ns: &str, program: &str, args: &[&str]) -> Command {
@@ -32,12 +31,6 @@ pub fn run_ok(mut c: Command) -> Result<Output> {
         );
     }
     Ok(out)
-}
-
-/// `sh -c SCRIPT` inside namespace `ns`.
-pub fn sh(ns: &str, script: &str) -> Result<String> {
-    let out = run_ok(in_ns(ns, "sh", &["-c", script]))?;
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// A data path set up by `boxd bpf up` in a namespace, with its own pin directory;
@@ -115,18 +108,6 @@ impl Datapath {
         v.as_array()
             .and_then(|a| a.iter().find(|r| r["public"] == public).cloned())
             .with_context(|| format!("no VM {public} in {v}"))
-    }
-
-    /// Waits until counter `name` reaches `want`.
-    pub fn wait_stat(&self, name: &str, want: u64, within: Duration) -> Result<u64> {
-        let deadline = Instant::now() + within;
-        loop {
-            let v = self.stat(name)?;
-            if v >= want || Instant::now() > deadline {
-                return Ok(v);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
     }
 }
 

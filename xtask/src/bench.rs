@@ -323,17 +323,7 @@ pub fn net(seconds: f64, skip_guest: bool) -> Result<()> {
     if !skip_guest {
         crate::images::build(&boxd)?;
     }
-    let step = crate::util::Step::start("cargo build --release -p boxd-tests --bin boxd-netbench");
-    crate::util::run(Command::new(env!("CARGO")).args([
-        "build",
-        "--quiet",
-        "--release",
-        "-p",
-        "boxd-tests",
-        "--bin",
-        "boxd-netbench",
-    ]))?;
-    step.done();
+    build_bench("boxd-netbench")?;
     let mut cmd = Command::new(boxd_tests::target_dir().join("release/boxd-netbench"));
     cmd.args(["--seconds", &seconds.to_string()]);
     if skip_guest {
@@ -347,7 +337,16 @@ pub fn net(seconds: f64, skip_guest: bool) -> Result<()> {
 pub fn bpf(seconds: f64) -> Result<()> {
     crate::setup::setup()?;
     crate::build_boxd()?;
-    let step = crate::util::Step::start("cargo build --release -p boxd-tests --bin boxd-bpfbench");
+    build_bench("boxd-bpfbench")?;
+    crate::util::run(
+        Command::new(boxd_tests::target_dir().join("release/boxd-bpfbench"))
+            .arg(seconds.to_string()),
+    )
+}
+
+/// Builds one of the release benchmark binaries of the tests crate.
+fn build_bench(bin: &str) -> Result<()> {
+    let step = crate::util::Step::start(format!("cargo build --release -p boxd-tests --bin {bin}"));
     crate::util::run(Command::new(env!("CARGO")).args([
         "build",
         "--quiet",
@@ -355,11 +354,8 @@ pub fn bpf(seconds: f64) -> Result<()> {
         "-p",
         "boxd-tests",
         "--bin",
-        "boxd-bpfbench",
+        bin,
     ]))?;
     step.done();
-    crate::util::run(
-        Command::new(boxd_tests::target_dir().join("release/boxd-bpfbench"))
-            .arg(seconds.to_string()),
-    )
+    Ok(())
 }

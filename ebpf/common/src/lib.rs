@@ -177,6 +177,7 @@ impl Default for DomainEntry {
 /// indexed by the VM's slot).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(serde::Serialize))]
 pub struct VmCounters {
     /// Toward the VM (after DNAT).
     pub rx_packets: u64,

@@ -21,8 +21,8 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR,
-        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_REDIRECT,
-        TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, xdp_action,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK, TC_ACT_SHOT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup, xdp_action,
     },
     helpers::{
         bpf_ktime_get_ns,
@@ -457,39 +457,48 @@ fn encap(ctx: &XdpContext, cfg: &Config, vm: &VmEntry, tot_len: usize) -> u32 {
     unsafe { bpf_redirect(node.ifindex, 0) as u32 }
 }
 
+/// The kernel's FIB lookup for an IPv4 packet from `src` to `dst` arriving on `ifindex`
+/// (XDP and TC alike): the return code and the filled-in request (egress ifindex, MACs).
+#[inline(always)]
+fn fib(
+    ctx: *mut core::ffi::c_void,
+    ifindex: u32,
+    src: u32,
+    dst: u32,
+    tot_len: u16,
+    l4: u8,
+) -> (u32, bpf_fib_lookup) {
+    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.l4_protocol = l4;
+    p.__bindgen_anon_1.tot_len = tot_len;
+    p.ifindex = ifindex;
+    p.__bindgen_anon_3.ipv4_src = src;
+    p.__bindgen_anon_4.ipv4_dst = dst;
+    // SAFETY: the helper reads and writes `p`, a stack struct of the size given, with
+    // the program's own context.
+    let rc = unsafe { fib_lookup(ctx, &mut p as *mut _, size_of::<bpf_fib_lookup>() as i32, 0) };
+    (rc as u32, p)
+}
+
 /// Sends the IPv4 packet in the frame out of the interface the FIB picks, or leaves
 /// it to the kernel when the FIB cannot resolve the next hop yet.
 #[inline(always)]
 fn send(ctx: &XdpContext, src: u32, dst: u32, tot_len: usize, encapsulated: bool) -> u32 {
-    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    p.family = AF_INET;
-    p.l4_protocol = if encapsulated { IPPROTO_IPIP } else { 0 };
-    p.__bindgen_anon_1.tot_len = tot_len as u16;
     // SAFETY: reading the ingress ifindex from the context.
-    p.ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
-    p.__bindgen_anon_3.ipv4_src = src;
-    p.__bindgen_anon_4.ipv4_dst = dst;
-    // SAFETY: the helper reads and writes `p`, a stack struct of the size given.
-    let rc = unsafe {
-        fib_lookup(
-            ctx.as_ptr(),
-            &mut p as *mut _,
-            size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    };
-    if rc as u32 != BPF_FIB_LKUP_RET_SUCCESS {
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    let l4 = if encapsulated { IPPROTO_IPIP } else { 0 };
+    let (rc, p) = fib(ctx.as_ptr(), ifindex, src, dst, tot_len as u16, l4);
+    if rc != BPF_FIB_LKUP_RET_SUCCESS {
         // No neighbour entry yet (or no route): the kernel resolves it.
         return xdp_action::XDP_PASS;
     }
     let Some(eth) = xptr::<[u8; ETH_HLEN]>(ctx, 0) else {
         return xdp_action::XDP_DROP;
     };
-    // SAFETY: bounds-checked above.
     set_macs(eth as *mut u8, &p.dmac, &p.smac);
-    // SAFETY: as above.
-    if p.ifindex == unsafe { (*ctx.ctx).ingress_ifindex } {
+    if p.ifindex == ifindex {
         return xdp_action::XDP_TX;
     }
     // SAFETY: a helper taking plain integers.
@@ -984,23 +993,7 @@ fn rate_ok(addr: u32, len: u64) -> bool {
 /// the neighbour resolved by the kernel when needed; or up the stack if no route.
 #[inline(always)]
 fn tc_send(ctx: &TcContext, ifindex: u32, src: u32, dst: u32, tot_len: u16, l4: u8) -> i32 {
-    // SAFETY: an all-zero bpf_fib_lookup is a valid (empty) request.
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    p.family = AF_INET;
-    p.l4_protocol = l4;
-    p.__bindgen_anon_1.tot_len = tot_len;
-    p.ifindex = ifindex;
-    p.__bindgen_anon_3.ipv4_src = src;
-    p.__bindgen_anon_4.ipv4_dst = dst;
-    // SAFETY: the helper reads and writes `p`, a stack struct of the size given.
-    let rc = unsafe {
-        fib_lookup(
-            ctx.as_ptr(),
-            &mut p as *mut _,
-            size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    } as u32;
+    let (rc, p) = fib(ctx.as_ptr(), ifindex, src, dst, tot_len, l4);
     if rc == BPF_FIB_LKUP_RET_SUCCESS {
         let mut macs = [0u8; 12];
         macs[..6].copy_from_slice(&p.dmac);
@@ -1015,7 +1008,6 @@ fn tc_send(ctx: &TcContext, ifindex: u32, src: u32, dst: u32, tot_len: u16, l4: 
         // SAFETY: no next-hop parameters: the helper does its own lookup.
         return unsafe { bpf_redirect_neigh(p.ifindex, core::ptr::null_mut(), 0, 0) } as i32;
     }
-    let _ = TC_ACT_REDIRECT;
     TC_ACT_OK as i32
 }
 

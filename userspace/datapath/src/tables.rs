@@ -2,11 +2,11 @@
 //! and what the reconciler diffs against.
 
 use crate::common::{
-    self, Config, DomainEntry, FlowKey, NodeEntry, PortEntry, RateLimit, Steer, VmCounters,
-    VmEntry, maps, stat,
+    self, Config, DomainEntry, FlowKey, NodeEntry, RateLimit, Steer, VmCounters, VmEntry, maps,
+    stat,
 };
 use crate::netdev;
-use crate::{DpError, NodeConfig, PinDir, Result, bpf_err, chain, key_addr, open_map};
+use crate::{NodeConfig, PinDir, Result, bpf_err, chain, key_addr, open_map};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, xdp::DevMapHash};
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -61,34 +61,10 @@ pub struct VmRow {
     /// The host port on this node (None when the VM runs on another node).
     pub port: Option<String>,
     pub vm_mac: String,
-    pub counters: Counters,
+    /// Summed over CPUs.
+    pub counters: VmCounters,
     pub rate_bytes_per_s: u64,
     pub burst_bytes: u64,
-}
-
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct Counters {
-    pub rx_packets: u64,
-    pub rx_bytes: u64,
-    pub tx_packets: u64,
-    pub tx_bytes: u64,
-    pub spoofed: u64,
-    pub rate_dropped: u64,
-    pub wakes: u64,
-}
-
-impl From<VmCounters> for Counters {
-    fn from(c: VmCounters) -> Self {
-        Self {
-            rx_packets: c.rx_packets,
-            rx_bytes: c.rx_bytes,
-            tx_packets: c.tx_packets,
-            tx_bytes: c.tx_bytes,
-            spoofed: c.spoofed,
-            rate_dropped: c.rate_dropped,
-            wakes: c.wakes,
-        }
-    }
 }
 
 /// VMs by public address, with counters summed over CPUs.
@@ -115,7 +91,7 @@ pub fn vms(pin: &PinDir) -> Result<Vec<VmRow>> {
             state: common::vm_state_name(v.state),
             port: (v.port_ifindex != 0).then(|| netdev::name_or_index(v.port_ifindex)),
             vm_mac: netdev::fmt_mac(&v.vm_mac),
-            counters: c.into(),
+            counters: c,
             rate_bytes_per_s: rate.bytes_per_s,
             burst_bytes: rate.burst,
         });
@@ -269,15 +245,4 @@ pub fn steer(
         Err(aya::maps::MapError::KeyNotFound) => Ok(None),
         Err(e) => Err(bpf_err("reading BOXD_STEER")(chain(&e))),
     }
-}
-
-/// The local ports the maps know: ifindex -> (public address, vm id).
-pub fn ports(pin: &PinDir) -> Result<Vec<(u32, PortEntry)>> {
-    let m: HashMap<_, u32, PortEntry> = hash(pin, maps::PORTS)?;
-    entries(&m)
-}
-
-/// Whether the error is "not set up"; tables print a hint for it.
-pub fn is_not_up(e: &DpError) -> bool {
-    matches!(e, DpError::NotUp(_))
 }
