@@ -7,7 +7,7 @@ mod images;
 mod setup;
 mod util;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::Command;
@@ -278,9 +278,22 @@ fn fuzz(seconds: u32) -> Result<()> {
         step.done();
     }
     let step = Step::start(format!("cargo fuzz run chain ({seconds} s)"));
+    let dir = boxd_tests::root().join("vhost-net/fuzz");
+    std::fs::create_dir_all(dir.join("corpus/chain"))
+        .context("creating the fuzz corpus directory")?;
     run(Command::new("cargo")
-        .current_dir(boxd_tests::root().join("vhost-net/fuzz"))
-        .args(["+nightly", "fuzz", "run", "chain", "--"])
+        .current_dir(&dir)
+        // The fresh corpus first (new inputs go there), then the committed seeds:
+        // every input that ever found a bug, replayed on every run.
+        .args([
+            "+nightly",
+            "fuzz",
+            "run",
+            "chain",
+            "corpus/chain",
+            "seeds/chain",
+            "--",
+        ])
         .arg(format!("-max_total_time={seconds}"))
         .arg("-print_final_stats=1"))?;
     step.done();
