@@ -1,6 +1,7 @@
 //! `boxd`: every role of a boxd host in one binary, chosen by subcommand.
 
 mod bpf;
+mod cluster;
 mod net;
 mod signals;
 mod vmm;
@@ -37,11 +38,28 @@ enum Command {
         #[command(subcommand)]
         command: bpf::BpfCommand,
     },
+    /// The control plane's cluster: create, join, inspect, change membership.
+    Cluster {
+        #[command(flatten)]
+        dir: cluster::DataDir,
+        #[command(subcommand)]
+        command: cluster::ClusterCommand,
+    },
+    /// Run a control-plane node (Raft over QUIC, the replicated state, the admin socket).
+    Control {
+        #[command(flatten)]
+        dir: cluster::DataDir,
+        #[command(subcommand)]
+        command: cluster::ControlCommand,
+    },
     /// The in-guest agent (started by systemd inside every VM).
     Agent,
 }
 
 fn main() {
+    // A CLI whose output is piped into `head` exits quietly when the pipe closes.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BOXD_LOG")
@@ -53,6 +71,8 @@ fn main() {
         Command::Vmm { command } => vmm::main(command),
         Command::Net { command } => net::main(command),
         Command::Bpf { pin, command } => bpf::main(pin, command),
+        Command::Cluster { dir, command } => cluster::main(dir, command),
+        Command::Control { dir, command } => cluster::control_main(dir, command),
         Command::Agent => boxd_agent::server::run()
             .map(|()| 0)
             .map_err(|e| anyhow::anyhow!("agent: {e}")),

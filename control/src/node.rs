@@ -1,0 +1,768 @@
+//! A running control-plane node: its data directory, the Raft instance, the QUIC
+//! endpoint other nodes call, the local admin socket, and the operations every client
+//! of the control plane uses (write, read, status, tokens, membership).
+//!
+//! Data directory layout:
+//! - `node.json`: id, listen and advertised addresses, role
+//! - `ca.pem`, `node.pem`, `node.key` (0600): the cluster CA and this node's identity
+//! - `raft/`: the RocksDB log; `state.db`: the SQLite state machine
+//! - `admin.sock`: the operator's socket (`boxd cluster ...`), guarded by file mode 0600
+//! - `init-pending`: present between `cluster init` and the first start
+
+use crate::log::LogStore;
+use crate::net::{self, AdminOp, CallError, JoinReply, JoinRequest, Peer, Rpc};
+use crate::state::StateMachine;
+use crate::tls::{self, Identity, JoinToken};
+use crate::types::*;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How long a client write or linearizable read may take, forwarding and leader
+/// changes included, before the caller gets a timeout (and may retry with the same id).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Join tokens live this long unless asked otherwise.
+pub const TOKEN_TTL: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeConfig {
+    pub id: NodeId,
+    /// Where the QUIC endpoint binds.
+    pub listen: String,
+    /// Where other nodes dial it (defaults to `listen`).
+    pub advertise: String,
+    pub role: NodeRole,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{0}")]
+    Setup(String),
+    #[error(transparent)]
+    Log(#[from] crate::log::LogOpenError),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("joining: {0}")]
+    Join(CallError),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NodeError {
+    let what = what.into();
+    move |source| NodeError::Io { what, source }
+}
+
+/// 128 random bits, hex: a request id no retry of another request will share.
+pub fn new_request_id() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The Raft timing boxd runs with: elections within about a second of a leader's death.
+pub fn raft_config() -> openraft::Config {
+    openraft::Config {
+        cluster_name: "boxd".into(),
+        heartbeat_interval: 150,
+        election_timeout_min: 600,
+        election_timeout_max: 1200,
+        install_snapshot_timeout: 5000,
+        max_payload_entries: 512,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000),
+        snapshot_max_chunk_size: 4 << 20,
+        max_in_snapshot_log_to_keep: 1000,
+        ..Default::default()
+    }
+}
+
+fn write_private(path: &Path, data: &str) -> Result<(), NodeError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(format!("writing {}", tmp.display())))?;
+    f.write_all(data.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(io(format!("writing {}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(io(format!("renaming {}", path.display())))
+}
+
+fn check_new_dir(dir: &Path) -> Result<(), NodeError> {
+    if dir.join("node.json").exists() {
+        return Err(NodeError::Setup(format!(
+            "{} already holds a node (node.json exists); use another --data-dir, or remove it to start over",
+            dir.display()
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io(format!("securing {}", dir.display())))
+}
+
+fn check_addr(addr: &str, what: &str) -> Result<(), NodeError> {
+    addr.parse::<std::net::SocketAddr>()
+        .map(|_| ())
+        .map_err(|_| {
+            NodeError::Setup(format!(
+                "{what} {addr:?} is not an IP:port (like 10.0.0.1:7946)"
+            ))
+        })
+}
+
+/// `boxd cluster init`: a new cluster of one voter (node 1) with a fresh CA.
+pub fn init(dir: &Path, listen: &str, advertise: Option<&str>) -> Result<NodeConfig, NodeError> {
+    check_addr(listen, "--listen")?;
+    let advertise = advertise.unwrap_or(listen);
+    check_addr(advertise, "--advertise")?;
+    check_new_dir(dir)?;
+    let ca = tls::new_ca()?;
+    let me = tls::issue_node(&ca, 1)?;
+    let cfg = NodeConfig {
+        id: 1,
+        listen: listen.into(),
+        advertise: advertise.into(),
+        role: NodeRole::Server,
+    };
+    write_private(&dir.join("ca.pem"), &ca.cert_pem)?;
+    // The CA key goes into the replicated state at first start (so every voter can
+    // admit nodes); until then it waits here.
+    write_private(
+        &dir.join("init-pending"),
+        &serde_json::to_string(&(ca.cert_pem, ca.key_pem)).expect("json"),
+    )?;
+    write_private(&dir.join("node.pem"), &me.cert_pem)?;
+    write_private(&dir.join("node.key"), &me.key_pem)?;
+    write_private(
+        &dir.join("node.json"),
+        &serde_json::to_string_pretty(&cfg).expect("json"),
+    )?;
+    Ok(cfg)
+}
+
+/// `boxd cluster join TOKEN`: asks the cluster for an id and a certificate, checking the
+/// cluster against the CA fingerprint in the token first.
+pub async fn join(
+    dir: &Path,
+    token: &str,
+    listen: &str,
+    advertise: Option<&str>,
+    role: NodeRole,
+    cpus: u32,
+    memory_mib: u64,
+) -> Result<NodeConfig, NodeError> {
+    let token = JoinToken::parse(token)?;
+    check_addr(listen, "--listen")?;
+    let advertise = advertise.unwrap_or(listen);
+    check_addr(advertise, "--advertise")?;
+    if dir.join("node.json").exists() {
+        check_new_dir(dir)?;
+    }
+    let (key, csr_pem) = tls::new_request()?;
+    let bind: std::net::SocketAddr = "0.0.0.0:0".parse().expect("addr");
+    let endpoint = quinn::Endpoint::client(bind).map_err(io("opening a UDP socket"))?;
+    let peer = Peer::new(
+        endpoint.clone(),
+        net::quic_client(tls::join_client_config(&token.ca_fingerprint)?),
+        &token.addr,
+        tls::CLUSTER_NAME,
+    );
+    let req = JoinRequest {
+        secret: token.secret.clone(),
+        csr_pem,
+        addr: advertise.into(),
+        role,
+        cpus,
+        memory_mib,
+    };
+    let reply: JoinReply = peer
+        .call(&Rpc::Join(req), REQUEST_TIMEOUT)
+        .await
+        .map_err(NodeError::Join)?;
+    endpoint.close(0u32.into(), b"joined");
+    check_new_dir(dir)?;
+    let cfg = NodeConfig {
+        id: reply.id,
+        listen: listen.into(),
+        advertise: advertise.into(),
+        role,
+    };
+    write_private(&dir.join("ca.pem"), &reply.ca_pem)?;
+    write_private(&dir.join("node.pem"), &reply.cert_pem)?;
+    write_private(&dir.join("node.key"), &key.serialize_pem())?;
+    write_private(
+        &dir.join("node.json"),
+        &serde_json::to_string_pretty(&cfg).expect("json"),
+    )?;
+    Ok(cfg)
+}
+
+/// What `boxd cluster status` shows.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub id: NodeId,
+    pub state: String,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub last_log_index: Option<u64>,
+    pub applied: Option<u64>,
+    pub snapshot: Option<u64>,
+    pub members: Vec<Member>,
+    pub nodes: Vec<NodeRow>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Member {
+    pub id: NodeId,
+    pub addr: String,
+    pub voter: bool,
+    /// The last log index known replicated to it (on the leader only).
+    pub matched: Option<u64>,
+}
+
+/// A running node.
+pub struct Node {
+    pub cfg: NodeConfig,
+    pub raft: Raft,
+    pub state: StateMachine,
+    dir: PathBuf,
+    endpoint: quinn::Endpoint,
+    client_config: quinn::ClientConfig,
+    peers: Mutex<HashMap<(NodeId, String), Arc<Peer>>>,
+}
+
+impl Node {
+    /// Opens the data directory and starts Raft and the QUIC endpoint (not yet serving:
+    /// see [`Node::serve`]).
+    pub async fn start(dir: &Path) -> Result<Arc<Self>, NodeError> {
+        let read = |name: &str| {
+            std::fs::read_to_string(dir.join(name)).map_err(|e| {
+                NodeError::Setup(format!(
+                    "{}: {e}; is this a node's data directory? (`boxd cluster init` or `join` makes one)",
+                    dir.join(name).display()
+                ))
+            })
+        };
+        let cfg: NodeConfig = serde_json::from_str(&read("node.json")?)
+            .map_err(|e| NodeError::Setup(format!("{}: {e}", dir.join("node.json").display())))?;
+        let ca_pem = read("ca.pem")?;
+        let me = Identity {
+            cert_pem: read("node.pem")?,
+            key_pem: read("node.key")?,
+        };
+        let log = LogStore::open(&dir.join("raft"))?;
+        let state = StateMachine::open(&dir.join("state.db"))?;
+        let listen: std::net::SocketAddr = cfg.listen.parse().map_err(|_| {
+            NodeError::Setup(format!(
+                "listen address {:?} in node.json is not IP:port",
+                cfg.listen
+            ))
+        })?;
+        let endpoint =
+            quinn::Endpoint::server(net::quic_server(tls::server_config(&ca_pem, &me)?), listen)
+                .map_err(io(format!(
+                    "binding UDP {listen} (another node running from this directory?)"
+                )))?;
+        let client_config = net::quic_client(tls::client_config(&ca_pem, &me)?);
+        let network = net::Network {
+            endpoint: endpoint.clone(),
+            config: client_config.clone(),
+        };
+        let config = Arc::new(
+            raft_config()
+                .validate()
+                .map_err(|e| NodeError::Setup(e.to_string()))?,
+        );
+        let raft = Raft::new(cfg.id, config, network, log, state.clone())
+            .await
+            .map_err(|e| NodeError::Setup(format!("starting Raft: {e}")))?;
+        Ok(Arc::new(Self {
+            cfg,
+            raft,
+            state,
+            dir: dir.to_path_buf(),
+            endpoint,
+            client_config,
+            peers: Mutex::default(),
+        }))
+    }
+
+    /// Serves node RPC and the admin socket until `shutdown` resolves; finishes a pending
+    /// `cluster init` first.
+    pub async fn serve(
+        self: &Arc<Self>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), NodeError> {
+        let rpc = tokio::spawn(self.clone().accept_loop());
+        let admin = crate::admin::listen(self.clone(), &self.dir.join("admin.sock"))?;
+        if let Err(e) = self.finish_init().await {
+            tracing::error!("finishing cluster init: {e}");
+        }
+        shutdown.await;
+        tracing::info!(id = self.cfg.id, "shutting down");
+        admin.abort();
+        rpc.abort();
+        let _ = self.raft.shutdown().await;
+        self.endpoint.close(0u32.into(), b"shutdown");
+        let _ = std::fs::remove_file(self.dir.join("admin.sock"));
+        Ok(())
+    }
+
+    async fn finish_init(&self) -> Result<(), CallError> {
+        let pending = self.dir.join("init-pending");
+        let Ok(text) = std::fs::read_to_string(&pending) else {
+            return Ok(());
+        };
+        let (cert_pem, key_pem): (String, String) = serde_json::from_str(&text)
+            .map_err(|e| CallError::Refused(format!("{}: {e}", pending.display())))?;
+        let mut members = BTreeMap::new();
+        members.insert(
+            self.cfg.id,
+            PeerAddr {
+                addr: self.cfg.advertise.clone(),
+            },
+        );
+        if let Err(e) = self.raft.initialize(members).await {
+            tracing::info!("cluster already initialised: {e}");
+        }
+        let (cpus, memory_mib) = host_capacity();
+        for cmd in [
+            Command::SetClusterCa { cert_pem, key_pem },
+            Command::RegisterNode {
+                id: self.cfg.id,
+                addr: self.cfg.advertise.clone(),
+                role: self.cfg.role,
+                cpus,
+                memory_mib,
+            },
+        ] {
+            match self.write(self.request("operator", cmd)).await?.result {
+                Ok(_) | Err(AppError::AlreadyExists(_)) => {}
+                Err(e) => return Err(CallError::App(e)),
+            }
+        }
+        let _ = std::fs::remove_file(&pending);
+        Ok(())
+    }
+
+    /// A request stamped now, with a fresh id.
+    pub fn request(&self, actor: &str, cmd: Command) -> Request {
+        Request {
+            actor: actor.into(),
+            id: new_request_id(),
+            at_ms: now_ms(),
+            cmd,
+        }
+    }
+
+    fn peer(&self, id: NodeId, addr: &str) -> Arc<Peer> {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers
+            .entry((id, addr.to_string()))
+            .or_insert_with(|| {
+                Arc::new(Peer::new(
+                    self.endpoint.clone(),
+                    self.client_config.clone(),
+                    addr,
+                    &tls::node_name(id),
+                ))
+            })
+            .clone()
+    }
+
+    /// The leader as this node knows it.
+    fn leader(&self) -> Option<(NodeId, String)> {
+        let m = self.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let addr = m.membership_config.membership().get_node(&id)?.addr.clone();
+        Some((id, addr))
+    }
+
+    /// Runs `local` here if this node leads, else sends `rpc` to the leader; retries
+    /// through elections until [`REQUEST_TIMEOUT`].
+    async fn via_leader<T, F, Fut>(&self, rpc: impl Fn() -> Rpc, local: F) -> Result<T, CallError>
+    where
+        T: serde::de::DeserializeOwned,
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, CallError>>,
+    {
+        let deadline = Instant::now() + REQUEST_TIMEOUT;
+        let mut last = CallError::NoLeader;
+        while Instant::now() < deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let res = match self.leader() {
+                Some((id, _)) if id == self.cfg.id => local().await,
+                Some((id, addr)) => {
+                    self.peer(id, &addr)
+                        .call::<T>(&rpc(), left.min(net::CALL_TIMEOUT))
+                        .await
+                }
+                None => Err(CallError::NoLeader),
+            };
+            match res {
+                Err(
+                    e @ (CallError::NoLeader | CallError::NotLeader(_) | CallError::Unreachable(_)),
+                ) => {
+                    last = e;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                // A timed-out call may or may not have been applied; the caller retries
+                // with the same request id, which makes that safe.
+                other => return other,
+            }
+        }
+        Err(match last {
+            CallError::NoLeader => CallError::Timeout(
+                "no leader was elected in time (is a majority of voters up?)".into(),
+            ),
+            e => CallError::Timeout(e.to_string()),
+        })
+    }
+
+    /// Proposes a command through the leader; the reply once it is committed and applied.
+    pub async fn write(&self, req: Request) -> Result<Reply, CallError> {
+        self.via_leader(|| Rpc::Write(req.clone()), || self.write_local(req.clone()))
+            .await
+    }
+
+    async fn write_local(&self, req: Request) -> Result<Reply, CallError> {
+        match self.raft.client_write(req).await {
+            Ok(r) => Ok(r.data),
+            Err(e) => Err(match e.forward_to_leader() {
+                Some(f) => f
+                    .leader_id
+                    .map(CallError::NotLeader)
+                    .unwrap_or(CallError::NoLeader),
+                None => CallError::Raft(e.to_string()),
+            }),
+        }
+    }
+
+    /// A read; `linearizable` confirms leadership with a quorum first (through the leader),
+    /// otherwise it is served from this node's state as applied so far.
+    pub async fn read(&self, q: Query, linearizable: bool) -> Result<QueryReply, CallError> {
+        if !linearizable {
+            return self
+                .state
+                .query(&q)
+                .map_err(|e| CallError::Raft(e.to_string()));
+        }
+        self.via_leader(|| Rpc::Read(q.clone()), || self.read_local(q.clone()))
+            .await
+    }
+
+    async fn read_local(&self, q: Query) -> Result<QueryReply, CallError> {
+        match self.raft.ensure_linearizable().await {
+            Ok(_) => self
+                .state
+                .query(&q)
+                .map_err(|e| CallError::Raft(e.to_string())),
+            Err(e) => Err(match e.forward_to_leader() {
+                Some(f) => f
+                    .leader_id
+                    .map(CallError::NotLeader)
+                    .unwrap_or(CallError::NoLeader),
+                None => CallError::Raft(e.to_string()),
+            }),
+        }
+    }
+
+    pub async fn admin(&self, op: AdminOp) -> Result<(), CallError> {
+        self.via_leader(|| Rpc::Admin(op.clone()), || self.admin_local(op.clone()))
+            .await
+    }
+
+    async fn admin_local(&self, op: AdminOp) -> Result<(), CallError> {
+        let map = |e: openraft::error::RaftError<
+            NodeId,
+            openraft::error::ClientWriteError<NodeId, PeerAddr>,
+        >| {
+            match e.forward_to_leader() {
+                Some(f) => f
+                    .leader_id
+                    .map(CallError::NotLeader)
+                    .unwrap_or(CallError::NoLeader),
+                None => CallError::Raft(e.to_string()),
+            }
+        };
+        let membership = self.raft.metrics().borrow().membership_config.clone();
+        let known = |id: NodeId| membership.membership().get_node(&id).is_some();
+        match op {
+            AdminOp::AddLearner { id, addr } => {
+                self.raft
+                    .add_learner(id, PeerAddr { addr }, false)
+                    .await
+                    .map_err(map)?;
+            }
+            AdminOp::AddVoter { id } => {
+                let Some(node) = membership.membership().get_node(&id).cloned() else {
+                    return Err(CallError::Refused(format!(
+                        "node {id} is not in the cluster; join it first (`boxd cluster join TOKEN`)"
+                    )));
+                };
+                // Wait for it to catch up before it counts towards the quorum.
+                self.raft.add_learner(id, node, true).await.map_err(map)?;
+                self.raft
+                    .change_membership(
+                        openraft::ChangeMembers::AddVoterIds(BTreeSet::from([id])),
+                        false,
+                    )
+                    .await
+                    .map_err(map)?;
+            }
+            AdminOp::Remove { id } => {
+                if !known(id) {
+                    return Err(CallError::Refused(format!("node {id} is not a member")));
+                }
+                let voters: BTreeSet<NodeId> = membership.membership().voter_ids().collect();
+                if voters.contains(&id) {
+                    if voters.len() == 1 {
+                        return Err(CallError::Refused("cannot remove the last voter".into()));
+                    }
+                    self.raft
+                        .change_membership(
+                            openraft::ChangeMembers::RemoveVoters(BTreeSet::from([id])),
+                            false,
+                        )
+                        .await
+                        .map_err(map)?;
+                }
+                self.raft
+                    .change_membership(
+                        openraft::ChangeMembers::RemoveNodes(BTreeSet::from([id])),
+                        false,
+                    )
+                    .await
+                    .map_err(map)?;
+                let reply = self
+                    .write_local(self.request("operator", Command::RemoveNode { id }))
+                    .await?;
+                if let Err(e) = reply.result
+                    && !matches!(e, AppError::NotFound(_))
+                {
+                    return Err(CallError::App(e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `boxd cluster token`: a one-time join token valid for `ttl`.
+    pub async fn token(&self, ttl: Duration) -> Result<String, CallError> {
+        let Some((ca, _)) = self.state.cluster_ca() else {
+            return Err(CallError::Refused(
+                "the cluster CA is not replicated here yet; retry in a moment".into(),
+            ));
+        };
+        let token = JoinToken::new(&self.cfg.advertise, &ca);
+        let cmd = Command::CreateJoinToken {
+            hash: token.hash(),
+            expires_ms: now_ms() + ttl.as_millis() as u64,
+        };
+        self.write(self.request("operator", cmd))
+            .await?
+            .result
+            .map_err(CallError::App)?;
+        Ok(token.to_string())
+    }
+
+    async fn handle_join(&self, req: JoinRequest) -> Result<JoinReply, CallError> {
+        check_addr(&req.addr, "the joining node's address")
+            .map_err(|e| CallError::Refused(e.to_string()))?;
+        let consume = Command::ConsumeJoinToken {
+            hash: tls::secret_hash(&req.secret),
+            addr: req.addr.clone(),
+            role: req.role,
+        };
+        let reply = self.write(self.request("join", consume)).await?;
+        let Applied::Node { id } = reply.result.map_err(CallError::App)? else {
+            return Err(CallError::Raft("unexpected reply to a join".into()));
+        };
+        let register = Command::RegisterNode {
+            id,
+            addr: req.addr.clone(),
+            role: req.role,
+            cpus: req.cpus,
+            memory_mib: req.memory_mib,
+        };
+        self.write(self.request(&format!("node:{id}"), register))
+            .await?
+            .result
+            .map_err(CallError::App)?;
+        self.admin(AdminOp::AddLearner {
+            id,
+            addr: req.addr.clone(),
+        })
+        .await?;
+        self.wait_applied(reply.index).await;
+        let (ca_pem, ca_key) = self.state.cluster_ca().ok_or_else(|| {
+            CallError::Refused("the cluster CA is not replicated here yet".into())
+        })?;
+        let cert_pem = tls::sign_request(
+            &Identity {
+                cert_pem: ca_pem.clone(),
+                key_pem: ca_key,
+            },
+            &req.csr_pem,
+            id,
+        )
+        .map_err(|e| CallError::Refused(format!("certificate request: {e}")))?;
+        tracing::info!(id, addr = req.addr, "node joined");
+        Ok(JoinReply {
+            id,
+            cert_pem,
+            ca_pem,
+        })
+    }
+
+    /// Waits (bounded) until this node's state machine has applied `index`.
+    pub async fn wait_applied(&self, index: u64) {
+        let mut w = self.state.watch_applied();
+        let _ = tokio::time::timeout(REQUEST_TIMEOUT, w.wait_for(|&a| a >= index)).await;
+    }
+
+    pub fn status(&self) -> Status {
+        let m = self.raft.metrics().borrow().clone();
+        let voters: BTreeSet<NodeId> = m.membership_config.membership().voter_ids().collect();
+        let members = m
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, n)| Member {
+                id: *id,
+                addr: n.addr.clone(),
+                voter: voters.contains(id),
+                matched: m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(id).cloned().flatten())
+                    .map(|l| l.index),
+            })
+            .collect();
+        let nodes = match self.state.query(&Query::Nodes) {
+            Ok(QueryReply::Nodes { nodes }) => nodes,
+            _ => Vec::new(),
+        };
+        Status {
+            id: self.cfg.id,
+            state: format!("{:?}", m.state).to_lowercase(),
+            leader: m.current_leader,
+            term: m.current_term,
+            last_log_index: m.last_log_index,
+            applied: m.last_applied.map(|l| l.index),
+            snapshot: m.snapshot.map(|l| l.index),
+            members,
+            nodes,
+        }
+    }
+
+    async fn accept_loop(self: Arc<Self>) {
+        while let Some(incoming) = self.endpoint.accept().await {
+            let node = self.clone();
+            tokio::spawn(async move {
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => return tracing::debug!("incoming connection failed: {e}"),
+                };
+                let peer = conn
+                    .peer_identity()
+                    .and_then(|i| {
+                        i.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                            .ok()
+                    })
+                    .and_then(|certs| tls::peer_node_id(&certs));
+                if let Some(id) = peer
+                    && node.state.is_revoked(id)
+                {
+                    return conn.close(1u32.into(), b"node removed from the cluster");
+                }
+                while let Ok((send, recv)) = conn.accept_bi().await {
+                    let node = node.clone();
+                    tokio::spawn(async move { node.serve_stream(peer, send, recv).await });
+                }
+            });
+        }
+    }
+
+    async fn serve_stream(
+        self: Arc<Self>,
+        peer: Option<NodeId>,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
+        let Ok(body) = recv.read_to_end(net::MAX_MESSAGE).await else {
+            return;
+        };
+        let reply = match serde_json::from_slice::<Rpc>(&body) {
+            Err(e) => encode::<()>(Err(CallError::Refused(format!("undecodable request: {e}")))),
+            Ok(rpc) => self.dispatch(peer, rpc).await,
+        };
+        let _ = send.write_all(&reply).await;
+        let _ = send.finish();
+    }
+
+    async fn dispatch(&self, peer: Option<NodeId>, rpc: Rpc) -> Vec<u8> {
+        if peer.is_none() && !matches!(rpc, Rpc::Join(_)) {
+            return encode::<()>(Err(CallError::Refused(
+                "a node certificate is required for this call".into(),
+            )));
+        }
+        match rpc {
+            Rpc::AppendEntries(r) => encode(Ok(self.raft.append_entries(r).await)),
+            Rpc::Vote(r) => encode(Ok(self.raft.vote(r).await)),
+            Rpc::InstallSnapshot(r) => encode(Ok(self.raft.install_snapshot(r).await)),
+            Rpc::Write(r) => encode(self.write_local(r).await),
+            Rpc::Read(q) => encode(self.read_local(q).await),
+            Rpc::Admin(op) => encode(self.admin_local(op).await),
+            Rpc::Join(j) => encode(self.handle_join(j).await),
+        }
+    }
+}
+
+fn encode<T: Serialize>(r: Result<T, CallError>) -> Vec<u8> {
+    serde_json::to_vec(&r).unwrap_or_else(|e| {
+        serde_json::to_vec(&Err::<(), _>(CallError::Refused(format!(
+            "unencodable reply: {e}"
+        ))))
+        .expect("json")
+    })
+}
+
+/// This machine's vCPUs and memory (MiB): what a node offers to the scheduler.
+pub fn host_capacity() -> (u32, u64) {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    (cpus, host_memory_mib())
+}
+
+fn host_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb / 1024)
+        .unwrap_or(0)
+}

@@ -1,0 +1,1309 @@
+//! The state machine: every committed command applied to SQLite, deterministically.
+//!
+//! One database file per node (`state.db`). A batch of log entries is applied in one
+//! transaction together with the applied log id and membership, so the file is always
+//! at a log boundary: after a crash the node resumes from what the file says it applied.
+//! Each command runs inside a savepoint: a refusal (duplicate name, quota, exhausted
+//! pool) rolls back whatever the command had done, and only the audit row and the
+//! request's reply remain. Applying never reads the clock or any other local input.
+//!
+//! Snapshots are the database file itself (`VACUUM INTO`), so a new or lagging node
+//! installs exactly the bytes the leader had.
+
+use crate::types::*;
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+/// Never edit one that has shipped: append a new one.
+const MIGRATIONS: &[&str] = &[
+    // 1: the first schema.
+    "CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+     CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+     CREATE TABLE users (fingerprint TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE,
+                         created_ms INTEGER NOT NULL, machine_quota INTEGER NOT NULL);
+     CREATE TABLE keys (fingerprint TEXT PRIMARY KEY,
+                        user TEXT NOT NULL REFERENCES users(fingerprint) ON DELETE CASCADE,
+                        public_key TEXT NOT NULL);
+     CREATE TABLE nodes (id INTEGER PRIMARY KEY, addr TEXT NOT NULL, role TEXT NOT NULL,
+                         cpus INTEGER NOT NULL, memory_mib INTEGER NOT NULL,
+                         healthy INTEGER NOT NULL);
+     CREATE TABLE pools (name TEXT PRIMARY KEY, network INTEGER NOT NULL, prefix INTEGER NOT NULL);
+     CREATE TABLE machines (name TEXT PRIMARY KEY, owner TEXT NOT NULL REFERENCES users(fingerprint),
+                            cpus INTEGER NOT NULL, memory_mib INTEGER NOT NULL, disk_gib INTEGER NOT NULL,
+                            state TEXT NOT NULL, node INTEGER NOT NULL REFERENCES nodes(id),
+                            ipv4 INTEGER NOT NULL UNIQUE, domain TEXT, ports TEXT NOT NULL,
+                            parent TEXT, created_ms INTEGER NOT NULL);
+     CREATE INDEX machines_owner ON machines(owner);
+     CREATE INDEX machines_node ON machines(node);
+     CREATE TABLE allocations (ipv4 INTEGER PRIMARY KEY, pool TEXT NOT NULL REFERENCES pools(name),
+                               machine TEXT NOT NULL UNIQUE);
+     CREATE TABLE join_tokens (hash TEXT PRIMARY KEY, expires_ms INTEGER NOT NULL,
+                               used_by INTEGER);
+     CREATE TABLE secrets (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+     CREATE TABLE revoked (id INTEGER PRIMARY KEY);
+     CREATE TABLE requests (id TEXT PRIMARY KEY, at_ms INTEGER NOT NULL, reply TEXT NOT NULL);
+     CREATE INDEX requests_at ON requests(at_ms);
+     CREATE TABLE audit (idx INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, actor TEXT NOT NULL,
+                         op TEXT NOT NULL, args TEXT NOT NULL, result TEXT NOT NULL);",
+];
+
+/// How long a request id is remembered for deduplication (a client retrying later than
+/// this gets a second application).
+pub const DEDUP_WINDOW_MS: u64 = 24 * 3600 * 1000;
+/// Machines per user unless `SetQuota` says otherwise.
+pub const DEFAULT_MACHINE_QUOTA: u32 = 10;
+/// Exposed ports per machine.
+pub const MAX_PORTS: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(
+        "state database {path} is unreadable or corrupt ({reason}); this node cannot serve. \
+         Move it aside (or remove the node's data directory) and rejoin the cluster with a \
+         new token (`boxd cluster token` on a healthy node): the state is rebuilt from the \
+         other nodes"
+    )]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("state database {path}: {source}")]
+    Sql {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("state database {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Opens (creating and migrating) the state database and checks its integrity.
+pub fn open_db(path: &Path) -> Result<Connection, StateError> {
+    let sql = |source| StateError::Sql {
+        path: path.to_path_buf(),
+        source,
+    };
+    let corrupt = |reason: String| StateError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let conn = Connection::open(path).map_err(sql)?;
+    let check: String = conn
+        .query_row("PRAGMA quick_check", [], |r| r.get(0))
+        .map_err(|e| corrupt(e.to_string()))?;
+    if check != "ok" {
+        return Err(corrupt(check));
+    }
+    conn.execute_batch(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;",
+    )
+    .map_err(|e| corrupt(e.to_string()))?;
+    let version: usize = conn
+        .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
+        .map_err(|e| corrupt(e.to_string()))? as usize;
+    if version > MIGRATIONS.len() {
+        return Err(corrupt(format!(
+            "schema version {version} is newer than this boxd ({}); run the newer boxd",
+            MIGRATIONS.len()
+        )));
+    }
+    for (i, m) in MIGRATIONS.iter().enumerate().skip(version) {
+        conn.execute_batch(&format!(
+            "BEGIN; {m}; PRAGMA user_version = {}; COMMIT;",
+            i + 1
+        ))
+        .map_err(sql)?;
+    }
+    Ok(conn)
+}
+
+/// The last snapshot built or installed: its meta and the database file's bytes.
+type CurrentSnapshot = (SnapshotMeta, Vec<u8>);
+
+/// The SQLite state machine shared by the Raft core (which applies) and the node's
+/// readers. One connection behind a mutex: statements are short and local.
+#[derive(Clone)]
+pub struct StateMachine {
+    pub(crate) db: Arc<Mutex<Connection>>,
+    path: PathBuf,
+    snapshot: Arc<Mutex<Option<CurrentSnapshot>>>,
+    snapshot_seq: Arc<std::sync::atomic::AtomicU64>,
+    applied: tokio::sync::watch::Sender<u64>,
+}
+
+impl StateMachine {
+    pub fn open(path: &Path) -> Result<Self, StateError> {
+        let conn = open_db(path)?;
+        let applied = read_applied(&conn)
+            .map_err(|e| StateError::Sql {
+                path: path.to_path_buf(),
+                source: e,
+            })?
+            .map(|l| l.index)
+            .unwrap_or(0);
+        Ok(Self {
+            db: Arc::new(Mutex::new(conn)),
+            path: path.to_path_buf(),
+            snapshot: Arc::default(),
+            snapshot_seq: Arc::default(),
+            applied: tokio::sync::watch::channel(applied).0,
+        })
+    }
+
+    /// The applied index, as a watch: reconcilers wake when it moves.
+    pub fn watch_applied(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+
+    /// Answers a read from the local state (as fresh as this node's applied index).
+    pub fn query(&self, q: &Query) -> Result<QueryReply, rusqlite::Error> {
+        let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        query(&db, q)
+    }
+
+    /// Whether node `id` was removed from the cluster (its certificate is refused).
+    pub fn is_revoked(&self, id: NodeId) -> bool {
+        let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        db.query_row("SELECT 1 FROM revoked WHERE id = ?1", [id], |_| Ok(()))
+            .optional()
+            .map(|o| o.is_some())
+            .unwrap_or(false)
+    }
+
+    /// The cluster CA, once `SetClusterCa` has been applied.
+    pub fn cluster_ca(&self) -> Option<(String, String)> {
+        let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        let get = |n: &str| -> Option<String> {
+            db.query_row("SELECT value FROM secrets WHERE name = ?1", [n], |r| {
+                r.get(0)
+            })
+            .optional()
+            .ok()
+            .flatten()
+        };
+        Some((get("ca_cert")?, get("ca_key")?))
+    }
+
+    fn storage_err(&self, e: impl std::fmt::Display) -> StorageError {
+        let io = std::io::Error::other(format!("state database {}: {e}", self.path.display()));
+        openraft::StorageIOError::write_state_machine(&io).into()
+    }
+}
+
+fn read_applied(conn: &Connection) -> rusqlite::Result<Option<LogId>> {
+    let v: Option<String> = conn
+        .query_row("SELECT v FROM meta WHERE k = 'applied'", [], |r| r.get(0))
+        .optional()?;
+    Ok(v.and_then(|s| serde_json::from_str(&s).ok()))
+}
+
+fn read_membership(conn: &Connection) -> rusqlite::Result<StoredMembership> {
+    let v: Option<String> = conn
+        .query_row("SELECT v FROM meta WHERE k = 'membership'", [], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    Ok(v.and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default())
+}
+
+fn set_meta(tx: &Transaction, k: &str, v: &impl serde::Serialize) -> rusqlite::Result<()> {
+    let v = serde_json::to_string(v).expect("log ids and memberships serialise");
+    tx.execute(
+        "INSERT OR REPLACE INTO meta (k, v) VALUES (?1, ?2)",
+        params![k, v],
+    )?;
+    Ok(())
+}
+
+/// A DNS label: what a machine's name must be, since it becomes `<name>.<zone>`.
+pub fn valid_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn parse_cidr(s: &str) -> Option<(u32, u8)> {
+    let (ip, len) = s.split_once('/')?;
+    let ip: std::net::Ipv4Addr = ip.parse().ok()?;
+    let len: u8 = len.parse().ok()?;
+    if !(8..=32).contains(&len) {
+        return None;
+    }
+    let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+    let ip = u32::from(ip);
+    (ip & mask == ip).then_some((ip, len))
+}
+
+/// Usable addresses of a pool: all but network and broadcast below /31.
+fn pool_range(network: u32, prefix: u8) -> (u32, u32) {
+    let size = 1u64 << (32 - prefix);
+    let last = (u64::from(network) + size - 1) as u32;
+    if prefix >= 31 {
+        (network, last)
+    } else {
+        (network + 1, last - 1)
+    }
+}
+
+type Res<T> = Result<T, AppError>;
+
+fn sql(e: rusqlite::Error) -> AppError {
+    // Only reachable on a schema bug: every constraint is checked before writing.
+    AppError::Invalid(format!("internal: {e}"))
+}
+
+/// Applies one command inside the caller's savepoint.
+fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
+    let now = req.at_ms;
+    match &req.cmd {
+        Command::SetSetting { key, value } => {
+            if key.is_empty() || key.len() > 128 || value.len() > 65536 {
+                return Err(AppError::Invalid(
+                    "setting keys are 1-128 bytes and values at most 64 KiB".into(),
+                ));
+            }
+            let previous: Option<String> = tx
+                .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .map_err(sql)?;
+            tx.execute(
+                "INSERT OR REPLACE INTO settings (key, value) VALUES (?1, ?2)",
+                params![key, value],
+            )
+            .map_err(sql)?;
+            Ok(Applied::Setting { previous })
+        }
+        Command::CreateUser {
+            fingerprint,
+            name,
+            public_key,
+        } => {
+            if !valid_label(name) {
+                return Err(AppError::Invalid(format!(
+                    "user name {name:?} is not a DNS label (a-z, 0-9, '-', at most 63)"
+                )));
+            }
+            if exists(
+                tx,
+                "SELECT 1 FROM users WHERE fingerprint = ?1",
+                [fingerprint],
+            )? {
+                return Err(AppError::AlreadyExists(format!(
+                    "a user with key {fingerprint} exists"
+                )));
+            }
+            if exists(tx, "SELECT 1 FROM users WHERE name = ?1", [name])? {
+                return Err(AppError::AlreadyExists(format!(
+                    "user name {name:?} is taken; pick another"
+                )));
+            }
+            if exists(
+                tx,
+                "SELECT 1 FROM keys WHERE fingerprint = ?1",
+                [fingerprint],
+            )? {
+                return Err(AppError::AlreadyExists(format!(
+                    "key {fingerprint} belongs to another user"
+                )));
+            }
+            tx.execute(
+                "INSERT INTO users (fingerprint, name, created_ms, machine_quota) VALUES (?1, ?2, ?3, ?4)",
+                params![fingerprint, name, now, DEFAULT_MACHINE_QUOTA],
+            )
+            .map_err(sql)?;
+            tx.execute(
+                "INSERT INTO keys (fingerprint, user, public_key) VALUES (?1, ?1, ?2)",
+                params![fingerprint, public_key],
+            )
+            .map_err(sql)?;
+            Ok(Applied::Done)
+        }
+        Command::AddKey {
+            user,
+            fingerprint,
+            public_key,
+        } => {
+            need_user(tx, user)?;
+            if exists(
+                tx,
+                "SELECT 1 FROM keys WHERE fingerprint = ?1",
+                [fingerprint],
+            )? {
+                return Err(AppError::AlreadyExists(format!(
+                    "key {fingerprint} is already registered"
+                )));
+            }
+            tx.execute(
+                "INSERT INTO keys (fingerprint, user, public_key) VALUES (?1, ?2, ?3)",
+                params![fingerprint, user, public_key],
+            )
+            .map_err(sql)?;
+            Ok(Applied::Done)
+        }
+        Command::RemoveKey { user, fingerprint } => {
+            let n: i64 = tx
+                .query_row("SELECT COUNT(*) FROM keys WHERE user = ?1", [user], |r| {
+                    r.get(0)
+                })
+                .map_err(sql)?;
+            if !exists(
+                tx,
+                "SELECT 1 FROM keys WHERE fingerprint = ?1 AND user = ?2",
+                params![fingerprint, user],
+            )? {
+                return Err(AppError::NotFound(format!(
+                    "key {fingerprint} is not one of {user}'s keys"
+                )));
+            }
+            if n <= 1 {
+                return Err(AppError::Invalid(
+                    "cannot remove a user's last key; add another first".into(),
+                ));
+            }
+            tx.execute("DELETE FROM keys WHERE fingerprint = ?1", [fingerprint])
+                .map_err(sql)?;
+            Ok(Applied::Done)
+        }
+        Command::SetQuota { user, machines } => {
+            need_user(tx, user)?;
+            tx.execute(
+                "UPDATE users SET machine_quota = ?2 WHERE fingerprint = ?1",
+                params![user, machines],
+            )
+            .map_err(sql)?;
+            Ok(Applied::Done)
+        }
+        Command::AddPool { name, cidr } => {
+            let (network, prefix) = parse_cidr(cidr).ok_or_else(|| {
+                AppError::Invalid(format!(
+                    "{cidr:?} is not an IPv4 network (like 203.0.113.0/24, /8 to /32, host bits zero)"
+                ))
+            })?;
+            if exists(tx, "SELECT 1 FROM pools WHERE name = ?1", [name])? {
+                return Err(AppError::AlreadyExists(format!("pool {name:?} exists")));
+            }
+            let (lo, hi) = pool_range(network, prefix);
+            let mut stmt = tx
+                .prepare("SELECT name, network, prefix FROM pools")
+                .map_err(sql)?;
+            let pools = stmt
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, u32>(1)?,
+                        r.get::<_, u8>(2)?,
+                    ))
+                })
+                .map_err(sql)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(sql)?;
+            for (other, n, p) in pools {
+                let (olo, ohi) = pool_range(n, p);
+                if lo <= ohi && olo <= hi {
+                    return Err(AppError::AlreadyExists(format!(
+                        "{cidr} overlaps pool {other:?}"
+                    )));
+                }
+            }
+            tx.execute(
+                "INSERT INTO pools (name, network, prefix) VALUES (?1, ?2, ?3)",
+                params![name, network, prefix],
+            )
+            .map_err(sql)?;
+            Ok(Applied::Done)
+        }
+        Command::RegisterNode {
+            id,
+            addr,
+            role,
+            cpus,
+            memory_mib,
+        } => {
+            tx.execute(
+                "INSERT INTO nodes (id, addr, role, cpus, memory_mib, healthy) VALUES (?1, ?2, ?3, ?4, ?5, 1)
+                 ON CONFLICT(id) DO UPDATE SET addr = ?2, role = ?3, cpus = ?4, memory_mib = ?5",
+                params![id, addr, role.as_str(), cpus, memory_mib],
+            )
+            .map_err(sql)?;
+            Ok(Applied::Node { id: *id })
+        }
+        Command::SetNodeHealth { id, healthy } => {
+            let n = tx
+                .execute(
+                    "UPDATE nodes SET healthy = ?2 WHERE id = ?1",
+                    params![id, healthy],
+                )
+                .map_err(sql)?;
+            if n == 0 {
+                return Err(AppError::NotFound(format!("no node {id}")));
+            }
+            Ok(Applied::Done)
+        }
+        Command::RemoveNode { id } => {
+            let n: i64 = tx
+                .query_row("SELECT COUNT(*) FROM machines WHERE node = ?1", [id], |r| {
+                    r.get(0)
+                })
+                .map_err(sql)?;
+            if n > 0 {
+                return Err(AppError::Invalid(format!(
+                    "node {id} still holds {n} machines; move or remove them first"
+                )));
+            }
+            if tx
+                .execute("DELETE FROM nodes WHERE id = ?1", [id])
+                .map_err(sql)?
+                == 0
+            {
+                return Err(AppError::NotFound(format!("no node {id}")));
+            }
+            // Its certificate stops working everywhere, and its id is never reused.
+            tx.execute("INSERT OR IGNORE INTO revoked (id) VALUES (?1)", [id])
+                .map_err(sql)?;
+            Ok(Applied::Done)
+        }
+        Command::CreateMachine {
+            owner,
+            name,
+            spec,
+            parent,
+        } => create_machine(tx, owner, name, spec, parent, now),
+        Command::SetMachineState { owner, name, state } => {
+            let m = need_machine(tx, owner, name)?;
+            let active = |s: MachineState| {
+                matches!(
+                    s,
+                    MachineState::Creating | MachineState::Running | MachineState::Paused
+                )
+            };
+            if active(*state) && !active(m.state) {
+                // Resuming: the machine stays where its disk is, if that node has room.
+                let node = node_usage(tx, m.node)?;
+                if node.used_cpus + m.spec.cpus > node.cpus
+                    || node.used_memory_mib + m.spec.memory_mib > node.memory_mib
+                {
+                    return Err(AppError::NoCapacity(format!(
+                        "node {} (where {name}'s disk is) has no room to resume it; stop another machine there",
+                        m.node
+                    )));
+                }
+            }
+            tx.execute(
+                "UPDATE machines SET state = ?2 WHERE name = ?1",
+                params![name, state.as_str()],
+            )
+            .map_err(sql)?;
+            Ok(Applied::Machine(need_machine(tx, owner, name)?))
+        }
+        Command::DeleteMachine { owner, name } => {
+            need_machine(tx, owner, name)?;
+            tx.execute("DELETE FROM allocations WHERE machine = ?1", [name])
+                .map_err(sql)?;
+            tx.execute("DELETE FROM machines WHERE name = ?1", [name])
+                .map_err(sql)?;
+            Ok(Applied::Done)
+        }
+        Command::Expose { owner, name, port } | Command::Unexpose { owner, name, port } => {
+            let mut m = need_machine(tx, owner, name)?;
+            if *port == 0 {
+                return Err(AppError::Invalid(
+                    "port 0 cannot be exposed; use 1-65535".into(),
+                ));
+            }
+            let expose = matches!(req.cmd, Command::Expose { .. });
+            match (expose, m.ports.contains(port)) {
+                (true, true) | (false, false) => {}
+                (true, false) => {
+                    if m.ports.len() >= MAX_PORTS {
+                        return Err(AppError::QuotaExceeded(format!(
+                            "{name} already exposes {MAX_PORTS} ports; unexpose one first"
+                        )));
+                    }
+                    m.ports.push(*port);
+                    m.ports.sort_unstable();
+                }
+                (false, true) => m.ports.retain(|p| p != port),
+            }
+            let ports = serde_json::to_string(&m.ports).expect("ports serialise");
+            tx.execute(
+                "UPDATE machines SET ports = ?2 WHERE name = ?1",
+                params![name, ports],
+            )
+            .map_err(sql)?;
+            Ok(Applied::Machine(m))
+        }
+        Command::CreateJoinToken { hash, expires_ms } => {
+            tx.execute(
+                "INSERT OR IGNORE INTO join_tokens (hash, expires_ms, used_by) VALUES (?1, ?2, NULL)",
+                params![hash, expires_ms],
+            )
+            .map_err(sql)?;
+            // Spent and expired tokens are forgotten after a day.
+            tx.execute(
+                "DELETE FROM join_tokens WHERE expires_ms < ?1",
+                params![now.saturating_sub(DEDUP_WINDOW_MS)],
+            )
+            .map_err(sql)?;
+            Ok(Applied::Done)
+        }
+        Command::ConsumeJoinToken { hash, addr, role } => {
+            let row: Option<(u64, Option<u64>)> = tx
+                .query_row(
+                    "SELECT expires_ms, used_by FROM join_tokens WHERE hash = ?1",
+                    [hash],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+                .map_err(sql)?;
+            match row {
+                None => {
+                    return Err(AppError::TokenRejected(
+                        "unknown join token; create one with `boxd cluster token`".into(),
+                    ));
+                }
+                Some((_, Some(by))) => {
+                    return Err(AppError::TokenRejected(format!(
+                        "join token already used (by node {by}); tokens are one-time: create another"
+                    )));
+                }
+                Some((exp, None)) if exp < now => {
+                    return Err(AppError::TokenRejected(
+                        "join token expired; create another with `boxd cluster token`".into(),
+                    ));
+                }
+                Some(_) => {}
+            }
+            let id: u64 = tx
+                .query_row("SELECT MAX(COALESCE((SELECT MAX(id) FROM nodes), 0), COALESCE((SELECT MAX(id) FROM revoked), 0)) + 1", [], |r| r.get(0))
+                .map_err(sql)?;
+            tx.execute(
+                "UPDATE join_tokens SET used_by = ?2 WHERE hash = ?1",
+                params![hash, id],
+            )
+            .map_err(sql)?;
+            tx.execute(
+                "INSERT INTO nodes (id, addr, role, cpus, memory_mib, healthy) VALUES (?1, ?2, ?3, 0, 0, 1)",
+                params![id, addr, role.as_str()],
+            )
+            .map_err(sql)?;
+            Ok(Applied::Node { id })
+        }
+        Command::SetClusterCa { cert_pem, key_pem } => {
+            if exists(tx, "SELECT 1 FROM secrets WHERE name = 'ca_cert'", [])? {
+                return Err(AppError::AlreadyExists(
+                    "the cluster CA is set once, at init".into(),
+                ));
+            }
+            tx.execute(
+                "INSERT INTO secrets (name, value) VALUES ('ca_cert', ?1), ('ca_key', ?2)",
+                params![cert_pem, key_pem],
+            )
+            .map_err(sql)?;
+            Ok(Applied::Done)
+        }
+    }
+}
+
+fn exists(tx: &Connection, q: &str, p: impl rusqlite::Params) -> Res<bool> {
+    tx.query_row(q, p, |_| Ok(()))
+        .optional()
+        .map(|o| o.is_some())
+        .map_err(sql)
+}
+
+fn need_user(tx: &Connection, user: &str) -> Res<()> {
+    if exists(tx, "SELECT 1 FROM users WHERE fingerprint = ?1", [user])? {
+        Ok(())
+    } else {
+        Err(AppError::NotFound(format!("no user {user}")))
+    }
+}
+
+fn need_machine(tx: &Connection, owner: &str, name: &str) -> Res<Machine> {
+    match machine(tx, name).map_err(sql)? {
+        Some(m) if m.owner == owner => Ok(m),
+        // Someone else's machine is reported exactly like a missing one.
+        _ => Err(AppError::NotFound(format!(
+            "no machine named {name:?}; `ls` lists yours"
+        ))),
+    }
+}
+
+fn create_machine(
+    tx: &Connection,
+    owner: &str,
+    name: &str,
+    spec: &MachineSpec,
+    parent: &Option<String>,
+    now: u64,
+) -> Res<Applied> {
+    if !valid_label(name) {
+        return Err(AppError::Invalid(format!(
+            "machine name {name:?} is not a DNS label: 1-63 of a-z, 0-9 and '-', not starting or ending with '-'"
+        )));
+    }
+    if !(1..=64).contains(&spec.cpus)
+        || !(256..=262_144).contains(&spec.memory_mib)
+        || !(1..=4096).contains(&spec.disk_gib)
+    {
+        return Err(AppError::Invalid(format!(
+            "size {}x{} MiB/{} GiB is out of range: cpus 1-64, memory 256 MiB-256 GiB, disk 1-4096 GiB",
+            spec.cpus, spec.memory_mib, spec.disk_gib
+        )));
+    }
+    let quota: Option<u32> = tx
+        .query_row(
+            "SELECT machine_quota FROM users WHERE fingerprint = ?1",
+            [owner],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(sql)?;
+    let quota = quota.ok_or_else(|| AppError::NotFound(format!("no user {owner}")))?;
+    if machine(tx, name).map_err(sql)?.is_some() {
+        return Err(AppError::AlreadyExists(format!(
+            "a machine named {name:?} already exists; pick another name"
+        )));
+    }
+    if let Some(p) = parent {
+        need_machine(tx, owner, p)?;
+    }
+    let have: u32 = tx
+        .query_row(
+            "SELECT COUNT(*) FROM machines WHERE owner = ?1",
+            [owner],
+            |r| r.get(0),
+        )
+        .map_err(sql)?;
+    if have >= quota {
+        return Err(AppError::QuotaExceeded(format!(
+            "you have {have} machines, your quota is {quota}; `rm` one first"
+        )));
+    }
+    let node = schedule(tx, spec)?;
+    let (pool, ip) = allocate(tx)?;
+    tx.execute(
+        "INSERT INTO allocations (ipv4, pool, machine) VALUES (?1, ?2, ?3)",
+        params![ip, pool, name],
+    )
+    .map_err(sql)?;
+    let zone: Option<String> = tx
+        .query_row("SELECT value FROM settings WHERE key = 'zone'", [], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(sql)?;
+    let domain = zone.map(|z| format!("{name}.{z}"));
+    tx.execute(
+        "INSERT INTO machines (name, owner, cpus, memory_mib, disk_gib, state, node, ipv4, domain, ports, parent, created_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, 'creating', ?6, ?7, ?8, '[]', ?9, ?10)",
+        params![name, owner, spec.cpus, spec.memory_mib, spec.disk_gib, node, ip, domain, parent, now],
+    )
+    .map_err(sql)?;
+    Ok(Applied::Machine(
+        machine(tx, name).map_err(sql)?.expect("just inserted"),
+    ))
+}
+
+/// Placement: the healthy node that runs machines with the most free memory that fits
+/// (then most free vCPUs, then the lowest id). Suspended and stopped machines keep their
+/// node but use none of its vCPUs or memory.
+fn schedule(tx: &Connection, spec: &MachineSpec) -> Res<NodeId> {
+    let nodes = nodes(tx).map_err(sql)?;
+    let best = nodes
+        .iter()
+        .filter(|n| n.role.runs_machines() && n.healthy)
+        .filter(|n| {
+            n.used_cpus + spec.cpus <= n.cpus && n.used_memory_mib + spec.memory_mib <= n.memory_mib
+        })
+        .max_by_key(|n| {
+            (
+                n.memory_mib - n.used_memory_mib,
+                n.cpus - n.used_cpus,
+                std::cmp::Reverse(n.id),
+            )
+        });
+    match best {
+        Some(n) => Ok(n.id),
+        None => Err(AppError::NoCapacity(format!(
+            "no node has {} vCPUs and {} MiB free ({} nodes can run machines); add a worker or stop machines",
+            spec.cpus,
+            spec.memory_mib,
+            nodes
+                .iter()
+                .filter(|n| n.role.runs_machines() && n.healthy)
+                .count()
+        ))),
+    }
+}
+
+/// The lowest free address of the first pool (by name) that has one.
+fn allocate(tx: &Connection) -> Res<(String, u32)> {
+    let mut stmt = tx
+        .prepare("SELECT name, network, prefix FROM pools ORDER BY name")
+        .map_err(sql)?;
+    let pools = stmt
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, u32>(1)?,
+                r.get::<_, u8>(2)?,
+            ))
+        })
+        .map_err(sql)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(sql)?;
+    if pools.is_empty() {
+        return Err(AppError::PoolExhausted(
+            "no address pool is configured; add one (`AddPool`)".into(),
+        ));
+    }
+    let mut total = 0u64;
+    for (name, network, prefix) in pools {
+        let (lo, hi) = pool_range(network, prefix);
+        total += u64::from(hi - lo) + 1;
+        let mut used = tx
+            .prepare_cached(
+                "SELECT ipv4 FROM allocations WHERE ipv4 BETWEEN ?1 AND ?2 ORDER BY ipv4",
+            )
+            .map_err(sql)?;
+        let mut next = lo;
+        let mut rows = used.query(params![lo, hi]).map_err(sql)?;
+        while let Some(r) = rows.next().map_err(sql)? {
+            let ip: u32 = r.get(0).map_err(sql)?;
+            if ip != next {
+                break;
+            }
+            if next == hi {
+                next = 0;
+                break;
+            }
+            next += 1;
+        }
+        if next != 0 && next <= hi {
+            return Ok((name, next));
+        }
+    }
+    Err(AppError::PoolExhausted(format!(
+        "all {total} public addresses are allocated; add a pool or remove machines"
+    )))
+}
+
+fn machine_from_row(r: &rusqlite::Row) -> rusqlite::Result<Machine> {
+    let ports: String = r.get(9)?;
+    Ok(Machine {
+        name: r.get(0)?,
+        owner: r.get(1)?,
+        spec: MachineSpec {
+            cpus: r.get(2)?,
+            memory_mib: r.get(3)?,
+            disk_gib: r.get(4)?,
+        },
+        state: MachineState::parse(&r.get::<_, String>(5)?).unwrap_or(MachineState::Stopped),
+        node: r.get(6)?,
+        ipv4: std::net::Ipv4Addr::from(r.get::<_, u32>(7)?).to_string(),
+        domain: r.get(8)?,
+        ports: serde_json::from_str(&ports).unwrap_or_default(),
+        parent: r.get(10)?,
+        created_ms: r.get(11)?,
+    })
+}
+
+const MACHINE_COLS: &str =
+    "name, owner, cpus, memory_mib, disk_gib, state, node, ipv4, domain, ports, parent, created_ms";
+
+fn machine(db: &Connection, name: &str) -> rusqlite::Result<Option<Machine>> {
+    db.query_row(
+        &format!("SELECT {MACHINE_COLS} FROM machines WHERE name = ?1"),
+        [name],
+        machine_from_row,
+    )
+    .optional()
+}
+
+fn node_usage(tx: &Connection, id: NodeId) -> Res<NodeRow> {
+    nodes(tx)
+        .map_err(sql)?
+        .into_iter()
+        .find(|n| n.id == id)
+        .ok_or_else(|| AppError::NotFound(format!("no node {id}")))
+}
+
+fn nodes(db: &Connection) -> rusqlite::Result<Vec<NodeRow>> {
+    let mut stmt = db.prepare_cached(
+        "SELECT n.id, n.addr, n.role, n.cpus, n.memory_mib, n.healthy,
+                COALESCE(SUM(CASE WHEN m.state IN ('creating','running','paused') THEN m.cpus END), 0),
+                COALESCE(SUM(CASE WHEN m.state IN ('creating','running','paused') THEN m.memory_mib END), 0),
+                COUNT(m.name)
+         FROM nodes n LEFT JOIN machines m ON m.node = n.id GROUP BY n.id ORDER BY n.id",
+    )?;
+    stmt.query_map([], |r| {
+        Ok(NodeRow {
+            id: r.get(0)?,
+            addr: r.get(1)?,
+            role: NodeRole::parse(&r.get::<_, String>(2)?).unwrap_or(NodeRole::Worker),
+            cpus: r.get(3)?,
+            memory_mib: r.get(4)?,
+            healthy: r.get(5)?,
+            used_cpus: r.get(6)?,
+            used_memory_mib: r.get(7)?,
+            machines: r.get(8)?,
+        })
+    })?
+    .collect()
+}
+
+/// Answers a read.
+pub fn query(db: &Connection, q: &Query) -> rusqlite::Result<QueryReply> {
+    Ok(match q {
+        Query::Setting { key } => QueryReply::Setting {
+            value: db
+                .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
+                    r.get(0)
+                })
+                .optional()?,
+        },
+        Query::Machine { owner, name } => QueryReply::Machine {
+            machine: machine(db, name)?.filter(|m| &m.owner == owner),
+        },
+        Query::Machines { owner } => {
+            let mut stmt = db.prepare_cached(&format!(
+                "SELECT {MACHINE_COLS} FROM machines WHERE ?1 IS NULL OR owner = ?1 ORDER BY name"
+            ))?;
+            let machines = stmt
+                .query_map([owner], machine_from_row)?
+                .collect::<Result<_, _>>()?;
+            QueryReply::Machines { machines }
+        }
+        Query::Nodes => QueryReply::Nodes { nodes: nodes(db)? },
+        Query::Audit { actor, limit } => {
+            let mut stmt = db.prepare_cached(
+                "SELECT idx, at_ms, actor, op, args, result FROM audit
+                 WHERE ?1 IS NULL OR actor = ?1 ORDER BY idx DESC LIMIT ?2",
+            )?;
+            let entries = stmt
+                .query_map(params![actor, (*limit).min(10_000)], |r| {
+                    Ok(AuditRow {
+                        index: r.get(0)?,
+                        at_ms: r.get(1)?,
+                        actor: r.get(2)?,
+                        op: r.get(3)?,
+                        args: r.get(4)?,
+                        result: r.get(5)?,
+                    })
+                })?
+                .collect::<Result<_, _>>()?;
+            QueryReply::Audit { entries }
+        }
+        Query::Counts => {
+            let applied = read_applied(db)?.map(|l| l.index).unwrap_or(0);
+            let mut tables = Vec::new();
+            for t in [
+                "settings",
+                "users",
+                "keys",
+                "nodes",
+                "pools",
+                "machines",
+                "allocations",
+                "audit",
+                "requests",
+            ] {
+                let n: u64 =
+                    db.query_row(&format!("SELECT COUNT(*) FROM {t}"), [], |r| r.get(0))?;
+                tables.push((t.to_string(), n));
+            }
+            QueryReply::Counts { applied, tables }
+        }
+    })
+}
+
+/// Applies one entry's request: deduplicated by request id, audited, in a savepoint.
+fn apply_request(tx: &mut Transaction, req: &Request, index: u64) -> rusqlite::Result<Reply> {
+    if !req.id.is_empty() {
+        let seen: Option<String> = tx
+            .query_row("SELECT reply FROM requests WHERE id = ?1", [&req.id], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        if let Some(s) = seen.and_then(|s| serde_json::from_str::<Reply>(&s).ok()) {
+            return Ok(s);
+        }
+    }
+    let sp = tx.savepoint()?;
+    let result = apply_cmd(&sp, req);
+    if result.is_ok() {
+        sp.commit()?;
+    } else {
+        drop(sp); // rolls back everything the refused command wrote
+    }
+    let reply = Reply { result, index };
+    let outcome = match &reply.result {
+        Ok(_) => "ok".to_string(),
+        Err(e) => format!("{}: {e}", e.code()),
+    };
+    tx.execute(
+        "INSERT INTO audit (idx, at_ms, actor, op, args, result) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            index,
+            req.at_ms,
+            req.actor,
+            req.cmd.name(),
+            req.cmd.summary(),
+            outcome
+        ],
+    )?;
+    if !req.id.is_empty() {
+        let s = serde_json::to_string(&reply).expect("replies serialise");
+        tx.execute(
+            "INSERT INTO requests (id, at_ms, reply) VALUES (?1, ?2, ?3)",
+            params![req.id, req.at_ms, s],
+        )?;
+        if index.is_multiple_of(1024) {
+            tx.execute(
+                "DELETE FROM requests WHERE at_ms < ?1",
+                [req.at_ms.saturating_sub(DEDUP_WINDOW_MS)],
+            )?;
+        }
+    }
+    Ok(reply)
+}
+
+impl openraft::storage::RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        let applied = read_applied(&db).map_err(|e| self.storage_err(e))?;
+        let membership = read_membership(&db).map_err(|e| self.storage_err(e))?;
+        Ok((applied, membership))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Reply>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut replies = Vec::new();
+        let last = {
+            let mut db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+            let mut tx = db.transaction().map_err(|e| self.storage_err(e))?;
+            let mut last = None;
+            for entry in entries {
+                let index = entry.log_id.index;
+                let reply = match entry.payload {
+                    openraft::EntryPayload::Blank => Reply {
+                        result: Ok(Applied::Done),
+                        index,
+                    },
+                    openraft::EntryPayload::Normal(ref req) => {
+                        apply_request(&mut tx, req, index).map_err(|e| self.storage_err(e))?
+                    }
+                    openraft::EntryPayload::Membership(ref m) => {
+                        let sm = StoredMembership::new(Some(entry.log_id), m.clone());
+                        set_meta(&tx, "membership", &sm).map_err(|e| self.storage_err(e))?;
+                        Reply {
+                            result: Ok(Applied::Done),
+                            index,
+                        }
+                    }
+                };
+                last = Some(entry.log_id);
+                replies.push(reply);
+            }
+            if let Some(l) = last {
+                set_meta(&tx, "applied", &l).map_err(|e| self.storage_err(e))?;
+            }
+            tx.commit().map_err(|e| self.storage_err(e))?;
+            last
+        };
+        if let Some(l) = last {
+            self.applied.send_replace(l.index);
+        }
+        Ok(replies)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let bytes = snapshot.into_inner();
+        let incoming = self.path.with_extension("incoming");
+        let bad = |e: String| -> StorageError {
+            let io =
+                std::io::Error::other(format!("installing snapshot {}: {e}", meta.snapshot_id));
+            openraft::StorageIOError::read_snapshot(Some(meta.signature()), &io).into()
+        };
+        std::fs::write(&incoming, &bytes).map_err(|e| bad(e.to_string()))?;
+        {
+            // Validate before replacing anything: a bad snapshot leaves the state as it was.
+            let check = open_db(&incoming).map_err(|e| bad(e.to_string()))?;
+            let applied = read_applied(&check).map_err(|e| bad(e.to_string()))?;
+            if applied != meta.last_log_id {
+                return Err(bad(format!(
+                    "file says applied {applied:?}, meta says {:?}",
+                    meta.last_log_id
+                )));
+            }
+            check
+                .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+                .map_err(|e| bad(e.to_string()))?;
+        }
+        std::fs::File::open(&incoming)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| bad(e.to_string()))?;
+        {
+            let mut db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+            // Close the current database (checkpointing its WAL) before the rename.
+            let old = std::mem::replace(
+                &mut *db,
+                Connection::open_in_memory().map_err(|e| bad(e.to_string()))?,
+            );
+            drop(old);
+            for ext in ["db-wal", "db-shm"] {
+                let _ = std::fs::remove_file(self.path.with_extension(ext));
+            }
+            std::fs::rename(&incoming, &self.path).map_err(|e| bad(e.to_string()))?;
+            for ext in ["incoming-wal", "incoming-shm"] {
+                let _ = std::fs::remove_file(self.path.with_extension(ext));
+            }
+            *db = open_db(&self.path).map_err(|e| bad(e.to_string()))?;
+        }
+        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Some((meta.clone(), bytes));
+        if let Some(l) = meta.last_log_id {
+            self.applied.send_replace(l.index);
+        }
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
+        let s = self.snapshot.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(s.as_ref().map(|(meta, bytes)| Snapshot {
+            meta: meta.clone(),
+            snapshot: Box::new(Cursor::new(bytes.clone())),
+        }))
+    }
+}
+
+impl openraft::RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        let tmp = self
+            .path
+            .with_extension(format!("snap-{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let (applied, membership) = {
+            let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+            // A consistent copy of the whole database at this applied index.
+            db.execute("VACUUM INTO ?1", [tmp.to_string_lossy()])
+                .map_err(|e| self.storage_err(e))?;
+            (
+                read_applied(&db).map_err(|e| self.storage_err(e))?,
+                read_membership(&db).map_err(|e| self.storage_err(e))?,
+            )
+        };
+        let bytes = std::fs::read(&tmp).map_err(|e| self.storage_err(e))?;
+        let _ = std::fs::remove_file(&tmp);
+        let seq = self
+            .snapshot_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let meta = SnapshotMeta {
+            last_log_id: applied,
+            last_membership: membership,
+            snapshot_id: format!(
+                "{}-{seq}",
+                applied.map(|l| l.to_string()).unwrap_or_default()
+            ),
+        };
+        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((meta.clone(), bytes.clone()));
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(bytes)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::storage::RaftStateMachine;
+
+    fn entry(index: u64, cmd: Command) -> Entry {
+        Entry {
+            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: openraft::EntryPayload::Normal(Request {
+                actor: "test".into(),
+                id: format!("r{index}"),
+                at_ms: 1000 + index,
+                cmd,
+            }),
+        }
+    }
+
+    #[tokio::test]
+    async fn commands_apply_refuse_cleanly_and_snapshot() {
+        let dir = std::env::temp_dir().join(format!("boxd-state-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut sm = StateMachine::open(&dir.join("state.db")).unwrap();
+        let spec = MachineSpec {
+            cpus: 1,
+            memory_mib: 512,
+            disk_gib: 10,
+        };
+        let mk = |name: &str| Command::CreateMachine {
+            owner: "fp".into(),
+            name: name.into(),
+            spec,
+            parent: None,
+        };
+        let cmds = vec![
+            Command::CreateUser {
+                fingerprint: "fp".into(),
+                name: "alice".into(),
+                public_key: "ssh-ed25519 AAA".into(),
+            },
+            Command::RegisterNode {
+                id: 1,
+                addr: "127.0.0.1:1".into(),
+                role: NodeRole::Server,
+                cpus: 4,
+                memory_mib: 4096,
+            },
+            mk("a"), // no pool yet
+            Command::AddPool {
+                name: "p".into(),
+                cidr: "203.0.113.0/30".into(),
+            },
+            Command::AddPool {
+                name: "q".into(),
+                cidr: "203.0.113.2/31".into(),
+            }, // overlaps
+            mk("a"),
+            mk("a"), // duplicate
+            mk("Bad_Name"),
+            mk("b"),
+            mk("c"), // the /30 has 2 addresses
+            Command::SetQuota {
+                user: "fp".into(),
+                machines: 2,
+            },
+            Command::DeleteMachine {
+                owner: "fp".into(),
+                name: "b".into(),
+            },
+            mk("c"),
+            Command::AddPool {
+                name: "r".into(),
+                cidr: "198.51.100.0/24".into(),
+            },
+            mk("d"), // quota 2
+        ];
+        let entries: Vec<Entry> = cmds
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| entry(i as u64 + 1, c))
+            .collect();
+        let replies = sm.apply(entries.clone()).await.unwrap();
+        let codes: Vec<&str> = replies
+            .iter()
+            .map(|r| r.result.as_ref().map(|_| "ok").unwrap_or_else(|e| e.code()))
+            .collect();
+        assert_eq!(
+            codes,
+            [
+                "ok",
+                "ok",
+                "pool_exhausted",
+                "ok",
+                "already_exists",
+                "ok",
+                "already_exists",
+                "invalid",
+                "ok",
+                "pool_exhausted",
+                "ok",
+                "ok",
+                "ok",
+                "ok",
+                "quota_exceeded"
+            ]
+        );
+        let Ok(Applied::Machine(a)) = &replies[5].result else {
+            panic!()
+        };
+        assert_eq!((a.ipv4.as_str(), a.node), ("203.0.113.1", 1));
+        // The freed address is reused.
+        let Ok(Applied::Machine(c)) = &replies[12].result else {
+            panic!()
+        };
+        assert_eq!(c.ipv4, "203.0.113.2");
+        // Replaying the same entries (same request ids) changes nothing.
+        let again = sm.apply(entries).await.unwrap();
+        assert_eq!(again, replies);
+        let counts = sm.query(&Query::Counts).unwrap();
+        let QueryReply::Counts { applied, tables } = counts else {
+            panic!()
+        };
+        assert_eq!(applied, 15);
+        let get = |t: &str| tables.iter().find(|(n, _)| n == t).unwrap().1;
+        assert_eq!(
+            (get("machines"), get("allocations"), get("audit")),
+            (2, 2, 15)
+        );
+        // A snapshot installed elsewhere reproduces the same state.
+        let snap = openraft::RaftSnapshotBuilder::build_snapshot(&mut sm)
+            .await
+            .unwrap();
+        let mut other = StateMachine::open(&dir.join("other.db")).unwrap();
+        other
+            .install_snapshot(&snap.meta, snap.snapshot)
+            .await
+            .unwrap();
+        assert_eq!(
+            other.query(&Query::Machines { owner: None }).unwrap(),
+            sm.query(&Query::Machines { owner: None }).unwrap()
+        );
+        assert_eq!(
+            other.applied_state().await.unwrap().0.map(|l| l.index),
+            Some(15)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_corrupt_database_is_refused_with_the_way_out() {
+        let dir = std::env::temp_dir().join(format!("boxd-corrupt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.db");
+        drop(open_db(&path).unwrap());
+        let mut bytes = std::fs::read(&path).unwrap();
+        for b in bytes.iter_mut().skip(100).take(4000) {
+            *b ^= 0x5a;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let err = open_db(&path)
+            .expect_err("corruption is detected")
+            .to_string();
+        assert!(err.contains("corrupt") && err.contains("rejoin"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
