@@ -47,6 +47,9 @@ impl LogStore {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_paranoid_checks(true);
+        // A damaged write-ahead log is an error, never a silently shortened log: entries
+        // this node acknowledged may be what a quorum counted on.
+        opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::AbsoluteConsistency);
         let cfs = [LOGS, META].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|e| LogOpenError {
             path: path.to_path_buf(),

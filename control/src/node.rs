@@ -312,16 +312,19 @@ impl Node {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), NodeError> {
         let rpc = tokio::spawn(self.clone().accept_loop());
-        let admin = crate::admin::listen(self.clone(), &self.dir.join("admin.sock"))?;
+        // The admin socket opens once a fresh cluster is fully set up, so the first
+        // command an operator sends finds the CA and this node registered.
         if let Err(e) = self.finish_init().await {
             tracing::error!("finishing cluster init: {e}");
         }
+        let admin = crate::admin::listen(self.clone(), &self.dir.join("admin.sock"))?;
         shutdown.await;
         tracing::info!(id = self.cfg.id, "shutting down");
         admin.abort();
         rpc.abort();
         let _ = self.raft.shutdown().await;
         self.endpoint.close(0u32.into(), b"shutdown");
+        self.state.checkpoint();
         let _ = std::fs::remove_file(self.dir.join("admin.sock"));
         Ok(())
     }

@@ -163,6 +163,14 @@ impl StateMachine {
         query(&db, q)
     }
 
+    /// Folds the write-ahead log into the database file (at a clean shutdown).
+    pub fn checkpoint(&self) {
+        let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = db.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)") {
+            tracing::warn!("checkpointing {}: {e}", self.path.display());
+        }
+    }
+
     /// Whether node `id` was removed from the cluster (its certificate is refused).
     pub fn is_revoked(&self, id: NodeId) -> bool {
         let db = self.db.lock().unwrap_or_else(|p| p.into_inner());

@@ -1,7 +1,9 @@
 //! Helpers for boxd's end-to-end tests: the emulated KVM host and the paths tests share.
 
 pub mod bpf;
+pub mod cluster;
 pub mod guest;
+pub mod linearizable;
 pub mod net;
 pub mod pkt;
 pub mod qemu;

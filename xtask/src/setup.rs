@@ -49,6 +49,15 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "nftables",
         "the kernel DNAT peer in `cargo xtask bench bpf`",
     ),
+    (
+        "librocksdb-dev",
+        "the Raft log's RocksDB, linked statically (with its compression libraries)",
+    ),
+    (
+        "libclang-dev",
+        "bindgen generates the RocksDB bindings at build time",
+    ),
+    ("etcd-server", "the peer in `cargo xtask bench control`"),
     ("curl", "a real TLS client for the SNI parser's tests"),
     ("openssl", "a real TLS client for the SNI parser's tests"),
 ];

@@ -1,0 +1,588 @@
+//! The control plane under faults: real `boxd control run` processes in network
+//! namespaces, a stream of writes and linearizable reads from concurrent clients through
+//! the nodes' admin sockets, while leaders are killed with SIGKILL, minorities and
+//! leaders are cut off, and nodes restart on their disks. Afterwards every node must
+//! hold every acknowledged write exactly once, agree with every other node, and the
+//! history must be linearizable (checked, see tests/src/linearizable.rs).
+
+use anyhow::{Context, Result, bail, ensure};
+use boxd_control::admin::{AdminRequest, Client};
+use boxd_control::types::{AppError, Command, MachineSpec, Query, QueryReply, Request};
+use boxd_tests::cluster::Cluster;
+use boxd_tests::linearizable::{self, Kind, Op};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn boxd() -> Option<PathBuf> {
+    if !nix_root() {
+        eprintln!("SKIP: network namespaces need root");
+        return None;
+    }
+    match boxd_tests::guest::boxd_binary() {
+        Ok(p) => Some(p),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn nix_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+const KEYS: u64 = 3;
+const CLIENTS: usize = 4;
+
+/// Concurrent clients writing unique values and reading registers, recording every
+/// operation with its invocation and return times.
+struct Workload {
+    stop: Arc<AtomicBool>,
+    history: Arc<Mutex<Vec<Op>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Workload {
+    fn start(sockets: Vec<PathBuf>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let history = Arc::new(Mutex::new(Vec::new()));
+        let t0 = Instant::now();
+        let threads = (0..CLIENTS)
+            .map(|c| {
+                let (stop, history, sockets) = (stop.clone(), history.clone(), sockets.clone());
+                std::thread::spawn(move || client(c, &sockets, &stop, &history, t0))
+            })
+            .collect();
+        Self {
+            stop,
+            history,
+            threads,
+        }
+    }
+
+    fn finish(self) -> Vec<Op> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().expect("client thread");
+        }
+        Arc::try_unwrap(self.history)
+            .expect("threads joined")
+            .into_inner()
+            .unwrap()
+    }
+}
+
+fn client(c: usize, sockets: &[PathBuf], stop: &AtomicBool, history: &Mutex<Vec<Op>>, t0: Instant) {
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ (c as u64 + 1);
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let now = || t0.elapsed().as_nanos() as u64;
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let key = format!("k{}", next() % KEYS);
+        let first = (next() % sockets.len() as u64) as usize;
+        if next() % 3 == 0 {
+            let call = now();
+            let q = AdminRequest::Read {
+                query: Query::Setting { key: key.clone() },
+                linearizable: true,
+            };
+            let got = Client::connect(&sockets[first], Duration::from_secs(3))
+                .and_then(|mut cl| cl.call::<QueryReply>(&q));
+            if let Ok(QueryReply::Setting { value }) = got {
+                history.lock().unwrap().push(Op {
+                    key,
+                    kind: Kind::Read(value),
+                    call,
+                    ret: Some(now()),
+                });
+            }
+        } else {
+            let value = format!("c{c}-{n}");
+            let req = Request {
+                actor: format!("client-{c}"),
+                id: format!("w-{c}-{n}"),
+                at_ms: 0,
+                cmd: Command::SetSetting {
+                    key: key.clone(),
+                    value: value.clone(),
+                },
+            };
+            let call = now();
+            let mut ret = None;
+            // A write whose answer was lost is retried with the same id on other nodes:
+            // it must still apply once.
+            for attempt in 0..3 {
+                let sock = &sockets[(first + attempt) % sockets.len()];
+                let got = Client::connect(sock, Duration::from_secs(3)).and_then(|mut cl| {
+                    cl.call::<boxd_control::types::Reply>(&AdminRequest::Write(req.clone()))
+                });
+                if let Ok(reply) = got {
+                    assert!(reply.result.is_ok(), "write refused: {reply:?}");
+                    ret = Some(now());
+                    break;
+                }
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+            history.lock().unwrap().push(Op {
+                key,
+                kind: Kind::Write(value),
+                call,
+                ret,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(15));
+    }
+}
+
+/// Waits until every node has applied the same index, then checks that they hold the
+/// same state, that each acknowledged write is in every node's audit log exactly once,
+/// and that the history is linearizable.
+fn verify(cluster: &Cluster, history: &[Op]) -> Result<()> {
+    let n = cluster.nodes.len();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let counts = loop {
+        let counts: Vec<QueryReply> = (0..n)
+            .map(|i| -> Result<QueryReply> {
+                Ok(cluster.client(i)?.call(&AdminRequest::Read {
+                    query: Query::Counts,
+                    linearizable: false,
+                })?)
+            })
+            .collect::<Result<_>>()?;
+        if counts.windows(2).all(|w| w[0] == w[1]) {
+            break counts;
+        }
+        if Instant::now() > deadline {
+            bail!("nodes did not converge: {counts:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    eprintln!("converged: {:?}", counts[0]);
+    let mut audits = Vec::new();
+    for i in 0..n {
+        let q = Query::Audit {
+            actor: None,
+            limit: 10_000,
+        };
+        let QueryReply::Audit { entries } = cluster.client(i)?.call(&AdminRequest::Read {
+            query: q,
+            linearizable: false,
+        })?
+        else {
+            bail!("unexpected reply")
+        };
+        ensure!(
+            entries.len() < 10_000,
+            "audit log too long to compare whole"
+        );
+        audits.push(entries);
+    }
+    ensure!(
+        audits.windows(2).all(|w| w[0] == w[1]),
+        "audit logs differ between nodes"
+    );
+    let mut applied: HashMap<String, usize> = HashMap::new();
+    for e in audits[0].iter().filter(|e| e.op == "set_setting") {
+        let v: serde_json::Value = serde_json::from_str(&e.args)?;
+        *applied
+            .entry(v["value"].as_str().context("value")?.to_string())
+            .or_default() += 1;
+    }
+    let (mut acked, mut unknown) = (0, 0);
+    for op in history {
+        if let Kind::Write(v) = &op.kind {
+            let times = applied.get(v).copied().unwrap_or(0);
+            match op.ret {
+                Some(_) => {
+                    acked += 1;
+                    ensure!(times == 1, "acknowledged write {v} applied {times} times");
+                }
+                None => {
+                    unknown += 1;
+                    ensure!(times <= 1, "unacknowledged write {v} applied {times} times");
+                }
+            }
+        }
+    }
+    ensure!(
+        applied.values().all(|&t| t == 1),
+        "a write was applied twice"
+    );
+    let reads = history
+        .iter()
+        .filter(|o| matches!(o.kind, Kind::Read(_)))
+        .count();
+    eprintln!(
+        "{acked} acknowledged writes, {unknown} without an answer, {reads} linearizable reads"
+    );
+    ensure!(
+        acked > 50 && reads > 20,
+        "too little traffic went through to mean anything"
+    );
+    let t = Instant::now();
+    linearizable::check(history).map_err(|e| anyhow::anyhow!(e))?;
+    eprintln!(
+        "history of {} operations is linearizable (checked in {:?})",
+        history.len(),
+        t.elapsed()
+    );
+    Ok(())
+}
+
+fn pause(s: f64) {
+    std::thread::sleep(Duration::from_secs_f64(s));
+}
+
+#[test]
+fn three_voters_survive_kills_partitions_and_restarts() -> Result<()> {
+    let Some(boxd) = boxd() else { return Ok(()) };
+    let mut c = Cluster::netns(&boxd, "bxr3", 3, 77)?;
+    let sockets = (0..3).map(|i| c.socket(i)).collect();
+    let w = Workload::start(sockets);
+    let step = |what: &str| eprintln!("[{:?}] {what}", Instant::now());
+    pause(1.5);
+
+    let l = c.leader(Duration::from_secs(10))?;
+    step(&format!("kill -9 the leader (node {})", l + 1));
+    c.kill9(l);
+    pause(3.0);
+    let l2 = c.leader(Duration::from_secs(10))?;
+    ensure!(l2 != l, "a new leader was elected");
+    c.start(l)?;
+    pause(1.5);
+
+    let l = c.leader(Duration::from_secs(10))?;
+    let f = (l + 1) % 3;
+    step(&format!("partition a follower (node {}) away", f + 1));
+    c.set_connected(f, false)?;
+    pause(3.0);
+    c.set_connected(f, true)?;
+    pause(1.5);
+
+    let l = c.leader(Duration::from_secs(10))?;
+    step(&format!("partition the leader (node {}) away", l + 1));
+    c.set_connected(l, false)?;
+    pause(4.0);
+    c.set_connected(l, true)?;
+    pause(1.5);
+
+    step("kill -9 every node, restart all on their disks");
+    for i in 0..3 {
+        c.kill9(i);
+    }
+    for i in 0..3 {
+        c.start(i)?;
+    }
+    pause(3.0);
+    let history = w.finish();
+    verify(&c, &history)
+}
+
+#[test]
+fn five_voters_lose_quorum_and_recover_it() -> Result<()> {
+    let Some(boxd) = boxd() else { return Ok(()) };
+    let mut c = Cluster::netns(&boxd, "bxr5", 5, 78)?;
+    let sockets = (0..5).map(|i| c.socket(i)).collect();
+    let w = Workload::start(sockets);
+    pause(1.5);
+    let l = c.leader(Duration::from_secs(10))?;
+    let (a, b) = ((l + 1) % 5, (l + 2) % 5);
+    eprintln!("partition a minority (nodes {} and {})", a + 1, b + 1);
+    c.set_connected(a, false)?;
+    c.set_connected(b, false)?;
+    pause(2.0);
+    eprintln!(
+        "kill -9 the leader (node {}): two of five left, no quorum",
+        l + 1
+    );
+    c.kill9(l);
+    pause(3.0);
+    eprintln!("restart the leader on its disk: quorum again");
+    c.start(l)?;
+    pause(3.0);
+    c.set_connected(a, true)?;
+    c.set_connected(b, true)?;
+    pause(1.5);
+    let l = c.leader(Duration::from_secs(10))?;
+    eprintln!(
+        "partition the leader (node {}) and one follower away",
+        l + 1
+    );
+    let f = (l + 3) % 5;
+    c.set_connected(l, false)?;
+    c.set_connected(f, false)?;
+    pause(4.0);
+    c.set_connected(l, true)?;
+    c.set_connected(f, true)?;
+    pause(2.0);
+    let history = w.finish();
+    verify(&c, &history)
+}
+
+fn write(cl: &mut Client, cmd: Command) -> Result<Result<boxd_control::types::Applied, AppError>> {
+    let req = Request {
+        actor: "test".into(),
+        id: String::new(),
+        at_ms: 0,
+        cmd,
+    };
+    Ok(cl
+        .call::<boxd_control::types::Reply>(&AdminRequest::Write(req))?
+        .result)
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() -> Result<()> {
+    let Some(boxd) = boxd() else { return Ok(()) };
+    let mut c = Cluster::loopback(&boxd, "bad", 1, 7300)?;
+    let mut cl = c.client(0)?;
+    let counts = |cl: &mut Client| -> Result<QueryReply> {
+        Ok(cl.call(&AdminRequest::Read {
+            query: Query::Counts,
+            linearizable: true,
+        })?)
+    };
+    let strip = |q: QueryReply| match q {
+        // The audit log records refusals too; everything else must stay as it was.
+        QueryReply::Counts { tables, .. } => tables
+            .into_iter()
+            .filter(|(t, _)| t != "audit" && t != "requests")
+            .collect::<Vec<_>>(),
+        other => panic!("{other:?}"),
+    };
+    // Capacity as an operator with overcommit would declare it (this host has 2 CPUs).
+    let capacity = Command::RegisterNode {
+        id: 1,
+        addr: c.nodes[0].addr.clone(),
+        role: boxd_control::types::NodeRole::Server,
+        cpus: 64,
+        memory_mib: 65536,
+    };
+    write(&mut cl, capacity)??;
+    write(
+        &mut cl,
+        Command::CreateUser {
+            fingerprint: "SHA256:u".into(),
+            name: "u".into(),
+            public_key: "k".into(),
+        },
+    )??;
+    write(
+        &mut cl,
+        Command::AddPool {
+            name: "p".into(),
+            cidr: "192.0.2.0/30".into(),
+        },
+    )??;
+    write(
+        &mut cl,
+        Command::SetQuota {
+            user: "SHA256:u".into(),
+            machines: 3,
+        },
+    )??;
+    let spec = MachineSpec {
+        cpus: 1,
+        memory_mib: 256,
+        disk_gib: 1,
+    };
+    let mk = |name: &str| Command::CreateMachine {
+        owner: "SHA256:u".into(),
+        name: name.into(),
+        spec,
+        parent: None,
+    };
+    write(&mut cl, mk("one"))??;
+    let before = strip(counts(&mut cl)?);
+    let refusals = [
+        (mk("one"), "already_exists"),
+        (mk("-bad"), "invalid"),
+        (mk(&"x".repeat(64)), "invalid"),
+        (
+            Command::CreateMachine {
+                owner: "SHA256:u".into(),
+                name: "huge".into(),
+                spec: MachineSpec { cpus: 1000, ..spec },
+                parent: None,
+            },
+            "invalid",
+        ),
+        (
+            Command::CreateMachine {
+                owner: "SHA256:nobody".into(),
+                name: "x".into(),
+                spec,
+                parent: None,
+            },
+            "not_found",
+        ),
+        (
+            Command::AddPool {
+                name: "bad".into(),
+                cidr: "192.0.2.1/24".into(),
+            },
+            "invalid",
+        ),
+        (
+            Command::AddPool {
+                name: "over".into(),
+                cidr: "192.0.2.0/29".into(),
+            },
+            "already_exists",
+        ),
+    ];
+    for (cmd, code) in refusals {
+        let got = write(&mut cl, cmd.clone())?;
+        ensure!(
+            got.as_ref().err().map(AppError::code) == Some(code),
+            "{cmd:?} gave {got:?}, expected {code}"
+        );
+    }
+    ensure!(
+        strip(counts(&mut cl)?) == before,
+        "a refused command changed the state"
+    );
+    write(&mut cl, mk("two"))??;
+    // The /30 has two addresses: the third machine finds the pool exhausted...
+    let got = write(&mut cl, mk("three"))?;
+    ensure!(matches!(got, Err(AppError::PoolExhausted(_))), "{got:?}");
+    write(
+        &mut cl,
+        Command::AddPool {
+            name: "q".into(),
+            cidr: "198.51.100.0/24".into(),
+        },
+    )??;
+    write(&mut cl, mk("three"))??;
+    // ...and the fourth runs into the quota of 3.
+    let got = write(&mut cl, mk("four"))?;
+    ensure!(matches!(got, Err(AppError::QuotaExceeded(_))), "{got:?}");
+
+    // Joining: a forged secret, the wrong cluster's CA, a spent token.
+    let token: String = cl.call(&AdminRequest::Token { ttl_s: 600 })?;
+    let (head, secret) = token.rsplit_once('.').context("token format")?;
+    let (addr_part, _fingerprint) = head.rsplit_once('.').context("token format")?;
+    let forged = format!("{head}.{}", "0".repeat(64));
+    let other_ca = format!("{addr_part}.{}.{secret}", "ab".repeat(32));
+    let join = |t: &str, dir: &str| {
+        std::process::Command::new(&boxd)
+            .args([
+                "cluster",
+                "join",
+                t,
+                "--listen",
+                "127.0.0.1:7399",
+                "--data-dir",
+            ])
+            .arg(std::env::temp_dir().join(dir))
+            .output()
+            .unwrap()
+    };
+    let out = join(&forged, "boxd-forged");
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("unknown join token"),
+        "forged token: {err}"
+    );
+    let out = join(&other_ca, "boxd-otherca");
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("not the one in the join token"),
+        "other CA: {err}"
+    );
+    ensure!(
+        !std::env::temp_dir().join("boxd-forged/node.json").exists(),
+        "a refused join left a node directory"
+    );
+    let QueryReply::Nodes { nodes } = cl.call(&AdminRequest::Read {
+        query: Query::Nodes,
+        linearizable: true,
+    })?
+    else {
+        bail!("nodes")
+    };
+    ensure!(
+        nodes.len() == 1,
+        "a refused join registered a node: {nodes:?}"
+    );
+
+    // Corrupted files: the node refuses to start, names the file and the way out.
+    drop(cl);
+    c.stop(0)?;
+    let dir = c.nodes[0].dir.clone();
+    ensure!(
+        !dir.join("state.db-wal").exists()
+            || std::fs::metadata(dir.join("state.db-wal"))?.len() == 0,
+        "a clean stop checkpoints the state database"
+    );
+    let db = dir.join("state.db");
+    let saved = std::fs::read(&db)?;
+    let mut bytes = saved.clone();
+    for b in bytes.iter_mut().skip(100) {
+        *b ^= 0xa5;
+    }
+    std::fs::write(&db, &bytes)?;
+    let err = start_fails(&boxd, &dir)?;
+    ensure!(
+        err.contains("state.db") && err.contains("corrupt") && err.contains("rejoin"),
+        "corrupt SQLite: {err}"
+    );
+    std::fs::write(&db, &saved)?;
+    let mut damaged = 0;
+    for f in std::fs::read_dir(dir.join("raft"))? {
+        let p = f?.path();
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        if name.ends_with(".log") || name.ends_with(".sst") {
+            let mut b = std::fs::read(&p)?;
+            let mid = b.len() / 2;
+            for x in b.iter_mut().skip(mid).take(64) {
+                *x ^= 0xff;
+            }
+            std::fs::write(&p, b)?;
+            damaged += 1;
+        }
+    }
+    ensure!(damaged > 0, "no RocksDB files to damage");
+    let err = start_fails(&boxd, &dir)?;
+    ensure!(
+        err.contains("Raft log") && err.contains("rejoin"),
+        "corrupt RocksDB: {err}"
+    );
+    Ok(())
+}
+
+/// Runs `boxd control run` on `dir`, expecting it to refuse to start; its stderr.
+fn start_fails(boxd: &std::path::Path, dir: &std::path::Path) -> Result<String> {
+    let mut child = std::process::Command::new(boxd)
+        .args(["control", "run", "--data-dir"])
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let mut err = String::new();
+            std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err)?;
+            ensure!(
+                !status.success(),
+                "boxd control run succeeded on damaged files: {err}"
+            );
+            return Ok(err);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            bail!("boxd control run started on damaged files");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
