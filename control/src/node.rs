@@ -247,6 +247,62 @@ pub struct Node {
     endpoint: quinn::Endpoint,
     client_config: quinn::ClientConfig,
     peers: Mutex<HashMap<(NodeId, String), Arc<Peer>>>,
+    proposals: tokio::sync::mpsc::Sender<Waiting>,
+}
+
+/// A write waiting to be proposed, and where its reply goes.
+type Waiting = (
+    Request,
+    tokio::sync::oneshot::Sender<Result<Reply, CallError>>,
+);
+
+/// Writes queued for proposal at most (callers wait when it is full).
+const PROPOSAL_QUEUE: usize = 4096;
+/// Requests in one log entry at most.
+const MAX_BATCH: usize = 512;
+/// Log entries being proposed at once: while they are made durable, the next writes
+/// gather into the next batch.
+const IN_FLIGHT: usize = 2;
+
+/// Batches queued writes into log entries (see [`Proposal`]).
+async fn proposer(raft: Raft, mut queue: tokio::sync::mpsc::Receiver<Waiting>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+    while let Some(first) = queue.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let (requests, waiters): (Vec<Request>, Vec<_>) = batch.into_iter().unzip();
+            match raft.client_write(Proposal { requests }).await {
+                Ok(r) => {
+                    for (w, reply) in waiters.into_iter().zip(r.data) {
+                        let _ = w.send(Ok(reply));
+                    }
+                }
+                Err(e) => {
+                    let err = match e.forward_to_leader() {
+                        Some(f) => f
+                            .leader_id
+                            .map(CallError::NotLeader)
+                            .unwrap_or(CallError::NoLeader),
+                        None => CallError::Raft(e.to_string()),
+                    };
+                    for w in waiters {
+                        let _ = w.send(Err(err.clone()));
+                    }
+                }
+            }
+        });
+    }
 }
 
 impl Node {
@@ -294,8 +350,11 @@ impl Node {
         let raft = Raft::new(cfg.id, config, network, log, state.clone())
             .await
             .map_err(|e| NodeError::Setup(format!("starting Raft: {e}")))?;
+        let (proposals, queue) = tokio::sync::mpsc::channel(PROPOSAL_QUEUE);
+        tokio::spawn(proposer(raft.clone(), queue));
         Ok(Arc::new(Self {
             cfg,
+            proposals,
             raft,
             state,
             dir: dir.to_path_buf(),
@@ -447,16 +506,14 @@ impl Node {
     }
 
     async fn write_local(&self, req: Request) -> Result<Reply, CallError> {
-        match self.raft.client_write(req).await {
-            Ok(r) => Ok(r.data),
-            Err(e) => Err(match e.forward_to_leader() {
-                Some(f) => f
-                    .leader_id
-                    .map(CallError::NotLeader)
-                    .unwrap_or(CallError::NoLeader),
-                None => CallError::Raft(e.to_string()),
-            }),
-        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.proposals
+            .send((req, tx))
+            .await
+            .map_err(|_| CallError::Raft("the node is shutting down".into()))?;
+        rx.await.map_err(|_| {
+            CallError::Raft("the write was dropped (the node is shutting down)".into())
+        })?
     }
 
     /// A read; `linearizable` confirms leadership with a quorum first (through the leader),

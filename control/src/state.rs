@@ -46,8 +46,10 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE revoked (id INTEGER PRIMARY KEY);
      CREATE TABLE requests (id TEXT PRIMARY KEY, at_ms INTEGER NOT NULL, reply TEXT NOT NULL);
      CREATE INDEX requests_at ON requests(at_ms);
-     CREATE TABLE audit (idx INTEGER PRIMARY KEY, at_ms INTEGER NOT NULL, actor TEXT NOT NULL,
-                         op TEXT NOT NULL, args TEXT NOT NULL, result TEXT NOT NULL);",
+     CREATE TABLE audit (seq INTEGER PRIMARY KEY, idx INTEGER NOT NULL, at_ms INTEGER NOT NULL,
+                         actor TEXT NOT NULL, op TEXT NOT NULL, args TEXT NOT NULL,
+                         result TEXT NOT NULL);
+     CREATE INDEX audit_actor ON audit(actor);",
 ];
 
 /// How long a request id is remembered for deduplication (a client retrying later than
@@ -895,7 +897,7 @@ pub fn query(db: &Connection, q: &Query) -> rusqlite::Result<QueryReply> {
         Query::Audit { actor, limit } => {
             let mut stmt = db.prepare_cached(
                 "SELECT idx, at_ms, actor, op, args, result FROM audit
-                 WHERE ?1 IS NULL OR actor = ?1 ORDER BY idx DESC LIMIT ?2",
+                 WHERE ?1 IS NULL OR actor = ?1 ORDER BY seq DESC LIMIT ?2",
             )?;
             let entries = stmt
                 .query_map(params![actor, (*limit).min(10_000)], |r| {
@@ -995,7 +997,7 @@ impl openraft::storage::RaftStateMachine<TypeConfig> for StateMachine {
         Ok((applied, membership))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Reply>, StorageError>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Vec<Reply>>, StorageError>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
@@ -1008,20 +1010,17 @@ impl openraft::storage::RaftStateMachine<TypeConfig> for StateMachine {
             for entry in entries {
                 let index = entry.log_id.index;
                 let reply = match entry.payload {
-                    openraft::EntryPayload::Blank => Reply {
-                        result: Ok(Applied::Done),
-                        index,
-                    },
-                    openraft::EntryPayload::Normal(ref req) => {
-                        apply_request(&mut tx, req, index).map_err(|e| self.storage_err(e))?
-                    }
+                    openraft::EntryPayload::Blank => Vec::new(),
+                    openraft::EntryPayload::Normal(ref p) => p
+                        .requests
+                        .iter()
+                        .map(|req| apply_request(&mut tx, req, index))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| self.storage_err(e))?,
                     openraft::EntryPayload::Membership(ref m) => {
                         let sm = StoredMembership::new(Some(entry.log_id), m.clone());
                         set_meta(&tx, "membership", &sm).map_err(|e| self.storage_err(e))?;
-                        Reply {
-                            result: Ok(Applied::Done),
-                            index,
-                        }
+                        Vec::new()
                     }
                 };
                 last = Some(entry.log_id);
@@ -1156,11 +1155,13 @@ mod tests {
     fn entry(index: u64, cmd: Command) -> Entry {
         Entry {
             log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
-            payload: openraft::EntryPayload::Normal(Request {
-                actor: "test".into(),
-                id: format!("r{index}"),
-                at_ms: 1000 + index,
-                cmd,
+            payload: openraft::EntryPayload::Normal(Proposal {
+                requests: vec![Request {
+                    actor: "test".into(),
+                    id: format!("r{index}"),
+                    at_ms: 1000 + index,
+                    cmd,
+                }],
             }),
         }
     }
@@ -1229,7 +1230,13 @@ mod tests {
             .enumerate()
             .map(|(i, c)| entry(i as u64 + 1, c))
             .collect();
-        let replies = sm.apply(entries.clone()).await.unwrap();
+        let replies: Vec<Reply> = sm
+            .apply(entries.clone())
+            .await
+            .unwrap()
+            .into_iter()
+            .flatten()
+            .collect();
         let codes: Vec<&str> = replies
             .iter()
             .map(|r| r.result.as_ref().map(|_| "ok").unwrap_or_else(|e| e.code()))
@@ -1264,7 +1271,13 @@ mod tests {
         };
         assert_eq!(c.ipv4, "203.0.113.2");
         // Replaying the same entries (same request ids) changes nothing.
-        let again = sm.apply(entries).await.unwrap();
+        let again: Vec<Reply> = sm
+            .apply(entries)
+            .await
+            .unwrap()
+            .into_iter()
+            .flatten()
+            .collect();
         assert_eq!(again, replies);
         let counts = sm.query(&Query::Counts).unwrap();
         let QueryReply::Counts { applied, tables } = counts else {

@@ -22,8 +22,8 @@ impl std::fmt::Display for PeerAddr {
 openraft::declare_raft_types!(
     /// boxd's Raft: JSON commands in, command results out, SQLite files as snapshots.
     pub TypeConfig:
-        D = Request,
-        R = Reply,
+        D = Proposal,
+        R = Vec<Reply>,
         NodeId = NodeId,
         Node = PeerAddr,
         Entry = openraft::Entry<TypeConfig>,
@@ -39,6 +39,13 @@ pub type StoredMembership = openraft::StoredMembership<NodeId, PeerAddr>;
 pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, PeerAddr>;
 pub type Snapshot = openraft::Snapshot<TypeConfig>;
 pub type StorageError = openraft::StorageError<NodeId>;
+
+/// One log entry's worth of client commands: the leader batches the writes that arrive
+/// while the previous batch is being made durable, so one fsync commits many.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    pub requests: Vec<Request>,
+}
 
 /// One client command as it travels through the log: who asked, a request id that makes
 /// a retried command apply once, the wall-clock time the leader stamped, and the command.

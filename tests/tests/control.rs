@@ -248,7 +248,8 @@ fn three_voters_survive_kills_partitions_and_restarts() -> Result<()> {
     let mut c = Cluster::netns(&boxd, "bxr3", 3, 77)?;
     let sockets = (0..3).map(|i| c.socket(i)).collect();
     let w = Workload::start(sockets);
-    let step = |what: &str| eprintln!("[{:?}] {what}", Instant::now());
+    let t0 = Instant::now();
+    let step = |what: &str| eprintln!("[{:5.1} s] {what}", t0.elapsed().as_secs_f64());
     pause(1.5);
 
     let l = c.leader(Duration::from_secs(10))?;

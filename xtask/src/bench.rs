@@ -359,3 +359,15 @@ fn build_bench(bin: &str) -> Result<()> {
     step.done();
     Ok(())
 }
+
+/// `cargo xtask bench control`: committed writes per second and commit latency, 1 and 3
+/// voters on loopback, against etcd in the same run (tests/src/bin/controlbench.rs).
+pub fn control(seconds: f64) -> Result<()> {
+    crate::setup::setup()?;
+    crate::build_boxd()?;
+    build_bench("boxd-controlbench")?;
+    crate::util::run(
+        Command::new(boxd_tests::target_dir().join("release/boxd-controlbench"))
+            .arg(seconds.to_string()),
+    )
+}

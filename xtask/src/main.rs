@@ -95,6 +95,9 @@ enum BenchKind {
     /// The eBPF data path: ns per packet (router, SNAT, SNI parse) and forwarding on
     /// veth against the kernel's IP forwarding with an nftables DNAT rule.
     Bpf,
+    /// The control plane: committed writes per second and commit latency with 1 and 3
+    /// voters, against etcd with 1 and 3 members.
+    Control,
 }
 
 fn parse_forward(s: &str) -> Result<(u16, u16), String> {
@@ -150,6 +153,11 @@ fn main() -> Result<()> {
             seconds,
             ..
         } => bench::bpf(seconds),
+        Task::Bench {
+            what: BenchKind::Control,
+            seconds,
+            ..
+        } => bench::control(seconds),
         Task::CaptureHellos { count } => {
             setup::setup()?;
             setup::ensure_packages(&[("chromium", "the browser whose ClientHellos are captured")])?;
