@@ -10,6 +10,7 @@ pub mod admin;
 pub mod log;
 pub mod net;
 pub mod node;
+pub mod reconcile;
 pub mod state;
 pub mod tls;
 pub mod types;

@@ -31,7 +31,8 @@ const MIGRATIONS: &[&str] = &[
                          cpus INTEGER NOT NULL, memory_mib INTEGER NOT NULL,
                          healthy INTEGER NOT NULL);
      CREATE TABLE pools (name TEXT PRIMARY KEY, network INTEGER NOT NULL, prefix INTEGER NOT NULL);
-     CREATE TABLE machines (name TEXT PRIMARY KEY, owner TEXT NOT NULL REFERENCES users(fingerprint),
+     CREATE TABLE machines (name TEXT PRIMARY KEY, vid INTEGER NOT NULL UNIQUE,
+                            owner TEXT NOT NULL REFERENCES users(fingerprint),
                             cpus INTEGER NOT NULL, memory_mib INTEGER NOT NULL, disk_gib INTEGER NOT NULL,
                             state TEXT NOT NULL, node INTEGER NOT NULL REFERENCES nodes(id),
                             ipv4 INTEGER NOT NULL UNIQUE, domain TEXT, ports TEXT NOT NULL,
@@ -712,10 +713,24 @@ fn create_machine(
         .optional()
         .map_err(sql)?;
     let domain = zone.map(|z| format!("{name}.{z}"));
+    // Machine ids are never reused: the data path's counters and ports are keyed by them.
+    let vid: u64 = tx
+        .query_row("SELECT v FROM meta WHERE k = 'next_vid'", [], |r| {
+            r.get::<_, String>(0)
+        })
+        .optional()
+        .map_err(sql)?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
     tx.execute(
-        "INSERT INTO machines (name, owner, cpus, memory_mib, disk_gib, state, node, ipv4, domain, ports, parent, created_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, 'creating', ?6, ?7, ?8, '[]', ?9, ?10)",
-        params![name, owner, spec.cpus, spec.memory_mib, spec.disk_gib, node, ip, domain, parent, now],
+        "INSERT OR REPLACE INTO meta (k, v) VALUES ('next_vid', ?1)",
+        [(vid + 1).to_string()],
+    )
+    .map_err(sql)?;
+    tx.execute(
+        "INSERT INTO machines (name, vid, owner, cpus, memory_mib, disk_gib, state, node, ipv4, domain, ports, parent, created_ms)
+         VALUES (?1, ?11, ?2, ?3, ?4, ?5, 'creating', ?6, ?7, ?8, '[]', ?9, ?10)",
+        params![name, owner, spec.cpus, spec.memory_mib, spec.disk_gib, node, ip, domain, parent, now, vid],
     )
     .map_err(sql)?;
     Ok(Applied::Machine(
@@ -810,6 +825,7 @@ fn allocate(tx: &Connection) -> Res<(String, u32)> {
 fn machine_from_row(r: &rusqlite::Row) -> rusqlite::Result<Machine> {
     let ports: String = r.get(9)?;
     Ok(Machine {
+        id: r.get(12)?,
         name: r.get(0)?,
         owner: r.get(1)?,
         spec: MachineSpec {
@@ -827,8 +843,7 @@ fn machine_from_row(r: &rusqlite::Row) -> rusqlite::Result<Machine> {
     })
 }
 
-const MACHINE_COLS: &str =
-    "name, owner, cpus, memory_mib, disk_gib, state, node, ipv4, domain, ports, parent, created_ms";
+const MACHINE_COLS: &str = "name, owner, cpus, memory_mib, disk_gib, state, node, ipv4, domain, ports, parent, created_ms, vid";
 
 fn machine(db: &Connection, name: &str) -> rusqlite::Result<Option<Machine>> {
     db.query_row(

@@ -337,6 +337,8 @@ impl MachineState {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Machine {
+    /// A number never reused, for the data path (counters, ports: `bx<id>`).
+    pub id: u64,
     pub name: String,
     pub owner: String,
     pub spec: MachineSpec,

@@ -587,3 +587,213 @@ fn start_fails(boxd: &std::path::Path, dir: &std::path::Path) -> Result<String> 
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The data-path reconciler: machines created, changed and removed through Raft show
+/// up in the real eBPF maps of the node (and only what belongs there), and a restarted
+/// node reconciles to the same maps.
+#[test]
+fn the_data_path_follows_the_replicated_state() -> Result<()> {
+    use boxd_tests::bpf::{Datapath, run_ok, veth};
+    use boxd_tests::net::Netns;
+    let Some(boxd) = boxd() else { return Ok(()) };
+    if let Some(why) = boxd_tests::bpf::tools_missing() {
+        eprintln!("SKIP: {why}");
+        return Ok(());
+    }
+    let id = format!("{}", std::process::id() % 100_000);
+    let host = Netns::new(&format!("bxk{id}"))?;
+    let peer = Netns::new(&format!("bxq{id}"))?;
+    veth(&host.name, "up0", &peer.name, "c0")?;
+    host.ip(&["addr", "add", "198.51.100.1/24", "dev", "up0"])?;
+    peer.ip(&["addr", "add", "198.51.100.9/24", "dev", "c0"])?;
+    // Machine 1's host port; machine 3 never gets one.
+    veth(&host.name, "bx1", &peer.name, "v1")?;
+    let dp = Datapath::up(
+        &host.name,
+        &format!("rec{id}"),
+        &["--uplink", "up0", "--node-id", "1"],
+    )?;
+    let dir = std::env::temp_dir().join(format!("boxd-reconcile-{id}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    let in_host = |args: &[&str]| {
+        let mut c = boxd_tests::bpf::in_ns(&host.name, boxd.to_str().unwrap(), args);
+        c.arg("--data-dir").arg(&dir);
+        c
+    };
+    run_ok(in_host(&["cluster", "init", "--listen", "127.0.0.1:7350"]))?;
+    let start = || -> Result<std::process::Child> {
+        let mut c = in_host(&["control", "run", "--bpf-pin-dir", dp.pin.to_str().unwrap()]);
+        let child = c
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Client::connect(&dir.join("admin.sock"), Duration::from_secs(1)).is_err() {
+            ensure!(Instant::now() < deadline, "the node did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(child)
+    };
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut node = Kill(start()?);
+    let mut cl = Client::connect(&dir.join("admin.sock"), Duration::from_secs(15))?;
+    use boxd_control::types::{MachineState, NodeRole};
+    let reg = |id, addr: &str, role| Command::RegisterNode {
+        id,
+        addr: addr.into(),
+        role,
+        cpus: 64,
+        memory_mib: 65536,
+    };
+    write(&mut cl, reg(1, "127.0.0.1:7350", NodeRole::Server))??;
+    write(&mut cl, reg(2, "198.51.100.9:7946", NodeRole::Worker))??;
+    write(
+        &mut cl,
+        Command::CreateUser {
+            fingerprint: "SHA256:o".into(),
+            name: "o".into(),
+            public_key: "k".into(),
+        },
+    )??;
+    write(
+        &mut cl,
+        Command::AddPool {
+            name: "pub".into(),
+            cidr: "203.0.113.0/24".into(),
+        },
+    )??;
+    write(
+        &mut cl,
+        Command::SetSetting {
+            key: "zone".into(),
+            value: "boxd.test".into(),
+        },
+    )??;
+    let spec = MachineSpec {
+        cpus: 1,
+        memory_mib: 512,
+        disk_gib: 1,
+    };
+    let mk = |name: &str| Command::CreateMachine {
+        owner: "SHA256:o".into(),
+        name: name.into(),
+        spec,
+        parent: None,
+    };
+    write(&mut cl, mk("a"))??; // node 1 (lowest id of two equal nodes), id 1, port bx1
+    write(
+        &mut cl,
+        Command::SetNodeHealth {
+            id: 1,
+            healthy: false,
+        },
+    )??;
+    write(&mut cl, mk("b"))??; // node 2: node 1 is unhealthy
+    write(
+        &mut cl,
+        Command::SetNodeHealth {
+            id: 1,
+            healthy: true,
+        },
+    )??;
+    write(&mut cl, mk("c"))??; // node 1, no port yet: not in the maps
+
+    let wait = |what: &str, ok: &dyn Fn(&serde_json::Value) -> bool| -> Result<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let v = dp.json(&["vms"])?;
+            if ok(&v) {
+                return Ok(v);
+            }
+            ensure!(Instant::now() < deadline, "{what}: maps hold {v}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let row = |v: &serde_json::Value, ip: &str| {
+        v.as_array()
+            .and_then(|a| a.iter().find(|r| r["public"] == ip).cloned())
+    };
+    let v = wait("machines a and b in the maps", &|v| {
+        row(v, "203.0.113.1").is_some() && row(v, "203.0.113.2").is_some()
+    })?;
+    let a = row(&v, "203.0.113.1").unwrap();
+    let b = row(&v, "203.0.113.2").unwrap();
+    ensure!(
+        a["state"] == "stopped" && a["node"] == 1 && a["port"] == "bx1" && a["vm_id"] == 1,
+        "a: {a}"
+    );
+    ensure!(b["node"] == 2 && b["port"].is_null(), "b: {b}");
+    ensure!(row(&v, "203.0.113.3").is_none(), "c has no port yet: {v}");
+    let domains = dp.json(&["domains"])?;
+    ensure!(
+        domains.to_string().contains("a.boxd.test") && domains.to_string().contains("b.boxd.test"),
+        "{domains}"
+    );
+
+    let set = |cl: &mut Client, name: &str, state| {
+        write(
+            cl,
+            Command::SetMachineState {
+                owner: "SHA256:o".into(),
+                name: name.into(),
+                state,
+            },
+        )
+    };
+    set(&mut cl, "a", MachineState::Running)??;
+    wait("a running", &|v| {
+        row(v, "203.0.113.1").is_some_and(|r| r["state"] == "running")
+    })?;
+    set(&mut cl, "a", MachineState::Suspended)??;
+    wait("a suspended", &|v| {
+        row(v, "203.0.113.1").is_some_and(|r| r["state"] == "suspended")
+    })?;
+    // The port appears later (as the worker would create it): the next resync adds c.
+    veth(&host.name, "bx3", &peer.name, "v3")?;
+    wait("c once its port exists", &|v| {
+        row(v, "203.0.113.3").is_some()
+    })?;
+    write(
+        &mut cl,
+        Command::DeleteMachine {
+            owner: "SHA256:o".into(),
+            name: "b".into(),
+        },
+    )??;
+    let before = wait("b removed", &|v| row(v, "203.0.113.2").is_none())?;
+
+    // A restarted node reconciles to the same maps.
+    drop(cl);
+    drop(node);
+    node = Kill(start()?);
+    std::thread::sleep(Duration::from_millis(2500));
+    let strip = |v: &serde_json::Value| {
+        let mut rows: Vec<(String, String, String)> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["public"].to_string(),
+                    r["state"].to_string(),
+                    r["port"].to_string(),
+                )
+            })
+            .collect();
+        rows.sort();
+        rows
+    };
+    ensure!(
+        strip(&dp.json(&["vms"])?) == strip(&before),
+        "maps changed across a restart"
+    );
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

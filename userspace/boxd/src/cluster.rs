@@ -79,7 +79,12 @@ pub enum ClusterCommand {
 #[derive(Subcommand)]
 pub enum ControlCommand {
     /// Run this node of the control plane until SIGTERM or SIGINT.
-    Run,
+    Run {
+        /// Keep the eBPF data path pinned here in line with the replicated state
+        /// (machines' public addresses, states, domains, other nodes).
+        #[arg(long)]
+        bpf_pin_dir: Option<PathBuf>,
+    },
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -103,10 +108,14 @@ fn print_json(v: &impl serde::Serialize) {
 
 pub fn control_main(dir: DataDir, cmd: ControlCommand) -> Exit {
     match cmd {
-        ControlCommand::Run => {
+        ControlCommand::Run { bpf_pin_dir } => {
             let rt = runtime()?;
             rt.block_on(async {
                 let node = Node::start(&dir.data_dir).await?;
+                if let Some(pin) = bpf_pin_dir {
+                    let pin = boxd_datapath::PinDir(pin);
+                    boxd_control::reconcile::spawn(node.clone(), crate::reconcile::BpfMaps { pin });
+                }
                 tracing::info!(
                     id = node.cfg.id,
                     listen = node.cfg.listen,

@@ -3,6 +3,7 @@
 mod bpf;
 mod cluster;
 mod net;
+mod reconcile;
 mod signals;
 mod vmm;
 
