@@ -38,6 +38,8 @@ pub enum Rpc {
     Admin(AdminOp),
     /// A node without a certificate asking to join (the only call it may make).
     Join(JoinRequest),
+    /// Liveness probe from the leader's health checker.
+    Ping,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -250,6 +250,11 @@ pub struct Node {
     proposals: tokio::sync::mpsc::Sender<Waiting>,
 }
 
+/// How often the leader probes the other nodes.
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// Missed probes in a row before a node is recorded unhealthy.
+pub const HEALTH_FAILURES: u32 = 3;
+
 /// A write waiting to be proposed, and where its reply goes.
 type Waiting = (
     Request,
@@ -371,6 +376,7 @@ impl Node {
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<(), NodeError> {
         let rpc = tokio::spawn(self.clone().accept_loop());
+        let health = tokio::spawn(self.clone().health_loop());
         // The admin socket opens once a fresh cluster is fully set up, so the first
         // command an operator sends finds the CA and this node registered.
         if let Err(e) = self.finish_init().await {
@@ -381,6 +387,7 @@ impl Node {
         tracing::info!(id = self.cfg.id, "shutting down");
         admin.abort();
         rpc.abort();
+        health.abort();
         let _ = self.raft.shutdown().await;
         self.endpoint.close(0u32.into(), b"shutdown");
         self.state.checkpoint();
@@ -734,6 +741,54 @@ impl Node {
         }
     }
 
+    /// On the leader: probes every registered node each [`HEALTH_INTERVAL`] and records
+    /// a node unhealthy after [`HEALTH_FAILURES`] missed probes in a row (the scheduler
+    /// then places nothing there), healthy again at its first answer.
+    async fn health_loop(self: Arc<Self>) {
+        let mut missed: HashMap<NodeId, u32> = HashMap::new();
+        loop {
+            tokio::time::sleep(HEALTH_INTERVAL).await;
+            if self.leader().map(|(id, _)| id) != Some(self.cfg.id) {
+                missed.clear();
+                continue;
+            }
+            let Ok(QueryReply::Nodes { nodes }) = self.state.query(&Query::Nodes) else {
+                continue;
+            };
+            let probes = nodes.iter().filter(|n| n.id != self.cfg.id).map(|n| {
+                let peer = self.peer(n.id, &n.addr);
+                async move {
+                    (
+                        n.id,
+                        n.healthy,
+                        peer.call::<NodeId>(&Rpc::Ping, HEALTH_INTERVAL)
+                            .await
+                            .is_ok(),
+                    )
+                }
+            });
+            for (id, healthy, up) in futures::future::join_all(probes).await {
+                let m = missed.entry(id).or_default();
+                *m = if up { 0 } else { m.saturating_add(1) };
+                let now_healthy = if up {
+                    true
+                } else if *m >= HEALTH_FAILURES {
+                    false
+                } else {
+                    healthy
+                };
+                if now_healthy != healthy {
+                    tracing::warn!(id, healthy = now_healthy, "node health changed");
+                    let cmd = Command::SetNodeHealth {
+                        id,
+                        healthy: now_healthy,
+                    };
+                    let _ = self.write(self.request("health", cmd)).await;
+                }
+            }
+        }
+    }
+
     async fn accept_loop(self: Arc<Self>) {
         while let Some(incoming) = self.endpoint.accept().await {
             let node = self.clone();
@@ -793,6 +848,7 @@ impl Node {
             Rpc::Read(q) => encode(self.read_local(q).await),
             Rpc::Admin(op) => encode(self.admin_local(op).await),
             Rpc::Join(j) => encode(self.handle_join(j).await),
+            Rpc::Ping => encode(Ok(self.cfg.id)),
         }
     }
 }

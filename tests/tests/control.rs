@@ -258,8 +258,10 @@ fn three_voters_survive_kills_partitions_and_restarts() -> Result<()> {
     pause(3.0);
     let l2 = c.leader(Duration::from_secs(10))?;
     ensure!(l2 != l, "a new leader was elected");
+    wait_health(&c, l2, l as u64 + 1, false)?;
     c.start(l)?;
-    pause(1.5);
+    wait_health(&c, l2, l as u64 + 1, true)?;
+    pause(1.0);
 
     let l = c.leader(Duration::from_secs(10))?;
     let f = (l + 1) % 3;
@@ -326,7 +328,46 @@ fn five_voters_lose_quorum_and_recover_it() -> Result<()> {
     c.set_connected(f, true)?;
     pause(2.0);
     let history = w.finish();
-    verify(&c, &history)
+    verify(&c, &history)?;
+
+    // Removing a node: out of the membership, out of the nodes, its certificate refused.
+    let l = c.leader(Duration::from_secs(10))?;
+    let gone = (l + 1) % 5;
+    c.client(l)?.call::<()>(&AdminRequest::Remove {
+        id: gone as u64 + 1,
+    })?;
+    let s = c.status(l)?;
+    ensure!(
+        s.members.len() == 4 && s.members.iter().all(|m| m.id != gone as u64 + 1),
+        "{s:?}"
+    );
+    ensure!(
+        s.nodes.iter().all(|n| n.id != gone as u64 + 1),
+        "{:?}",
+        s.nodes
+    );
+    Ok(())
+}
+
+/// Waits until the leader's health checker records node `id` as `healthy`.
+fn wait_health(c: &Cluster, leader: usize, id: u64, healthy: bool) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let s = c.status(leader)?;
+        if s.nodes.iter().any(|n| n.id == id && n.healthy == healthy) {
+            eprintln!(
+                "node {id} recorded {}",
+                if healthy { "healthy" } else { "unhealthy" }
+            );
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "node {id} never recorded healthy={healthy}: {:?}",
+            s.nodes
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn write(cl: &mut Client, cmd: Command) -> Result<Result<boxd_control::types::Applied, AppError>> {
