@@ -22,8 +22,10 @@ const MIGRATIONS: &[&str] = &[
     // 1: the first schema.
     "CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
      CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+     CREATE TABLE teams (name TEXT PRIMARY KEY, cpus INTEGER NOT NULL, memory_mib INTEGER NOT NULL);
      CREATE TABLE users (fingerprint TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE,
-                         created_ms INTEGER NOT NULL, machine_quota INTEGER NOT NULL);
+                         created_ms INTEGER NOT NULL, machine_quota INTEGER NOT NULL,
+                         team TEXT REFERENCES teams(name));
      CREATE TABLE keys (fingerprint TEXT PRIMARY KEY,
                         user TEXT NOT NULL REFERENCES users(fingerprint) ON DELETE CASCADE,
                         public_key TEXT NOT NULL);
@@ -392,6 +394,40 @@ fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
             .map_err(sql)?;
             Ok(Applied::Done)
         }
+        Command::SetTeam {
+            name,
+            cpus,
+            memory_mib,
+        } => {
+            if !valid_label(name) {
+                return Err(AppError::Invalid(format!(
+                    "team name {name:?} is not a DNS label"
+                )));
+            }
+            tx.execute(
+                "INSERT INTO teams (name, cpus, memory_mib) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(name) DO UPDATE SET cpus = ?2, memory_mib = ?3",
+                params![name, cpus, memory_mib],
+            )
+            .map_err(sql)?;
+            Ok(Applied::Done)
+        }
+        Command::SetUserTeam { user, team } => {
+            need_user(tx, user)?;
+            if let Some(t) = team
+                && !exists(tx, "SELECT 1 FROM teams WHERE name = ?1", [t])?
+            {
+                return Err(AppError::NotFound(format!(
+                    "no team {t:?}; create it with SetTeam"
+                )));
+            }
+            tx.execute(
+                "UPDATE users SET team = ?2 WHERE fingerprint = ?1",
+                params![user, team],
+            )
+            .map_err(sql)?;
+            Ok(Applied::Done)
+        }
         Command::AddPool { name, cidr } => {
             let (network, prefix) = parse_cidr(cidr).ok_or_else(|| {
                 AppError::Invalid(format!(
@@ -496,6 +532,7 @@ fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
                 )
             };
             if active(*state) && !active(m.state) {
+                team_room(tx, owner, &m.spec)?;
                 // Resuming: the machine stays where its disk is, if that node has room.
                 let node = node_usage(tx, m.node)?;
                 if node.used_cpus + m.spec.cpus > node.cpus
@@ -699,6 +736,7 @@ fn create_machine(
             "you have {have} machines, your quota is {quota}; `rm` one first"
         )));
     }
+    team_room(tx, owner, spec)?;
     let node = schedule(tx, spec)?;
     let (pool, ip) = allocate(tx)?;
     tx.execute(
@@ -736,6 +774,40 @@ fn create_machine(
     Ok(Applied::Machine(
         machine(tx, name).map_err(sql)?.expect("just inserted"),
     ))
+}
+
+/// A team shares a pool of vCPUs and memory: the machines of all its members that are
+/// not suspended or stopped, plus `spec`, must fit in it.
+fn team_room(tx: &Connection, owner: &str, spec: &MachineSpec) -> Res<()> {
+    let team: Option<(String, u32, u64)> = tx
+        .query_row(
+            "SELECT t.name, t.cpus, t.memory_mib FROM users u JOIN teams t ON t.name = u.team
+             WHERE u.fingerprint = ?1",
+            [owner],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()
+        .map_err(sql)?;
+    let Some((team, cpus, memory)) = team else {
+        return Ok(());
+    };
+    let (used_cpus, used_mem): (u32, u64) = tx
+        .query_row(
+            "SELECT COALESCE(SUM(m.cpus), 0), COALESCE(SUM(m.memory_mib), 0) FROM machines m
+             JOIN users u ON u.fingerprint = m.owner
+             WHERE u.team = ?1 AND m.state IN ('creating', 'running', 'paused')",
+            [&team],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map_err(sql)?;
+    if used_cpus + spec.cpus > cpus || used_mem + spec.memory_mib > memory {
+        return Err(AppError::QuotaExceeded(format!(
+            "team {team} uses {used_cpus}/{cpus} vCPUs and {used_mem}/{memory} MiB; {} vCPUs and {} MiB more \
+             do not fit: stop or suspend a machine, or ask for a bigger pool",
+            spec.cpus, spec.memory_mib
+        )));
+    }
+    Ok(())
 }
 
 /// Placement: the healthy node that runs machines with the most free memory that fits
@@ -933,6 +1005,7 @@ pub fn query(db: &Connection, q: &Query) -> rusqlite::Result<QueryReply> {
             let mut tables = Vec::new();
             for t in [
                 "settings",
+                "teams",
                 "users",
                 "keys",
                 "nodes",
@@ -1320,6 +1393,117 @@ mod tests {
         assert_eq!(
             other.applied_state().await.unwrap().0.map(|l| l.index),
             Some(15)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn teams_share_a_pool_of_vcpus_and_memory() {
+        let dir = std::env::temp_dir().join(format!("boxd-teams-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut sm = StateMachine::open(&dir.join("state.db")).unwrap();
+        let spec = MachineSpec {
+            cpus: 2,
+            memory_mib: 1024,
+            disk_gib: 10,
+        };
+        let mk = |owner: &str, name: &str| Command::CreateMachine {
+            owner: owner.into(),
+            name: name.into(),
+            spec,
+            parent: None,
+        };
+        let set = |owner: &str, name: &str, state| Command::SetMachineState {
+            owner: owner.into(),
+            name: name.into(),
+            state,
+        };
+        let user = |fp: &str| Command::CreateUser {
+            fingerprint: fp.into(),
+            name: fp.into(),
+            public_key: "k".into(),
+        };
+        let cmds = vec![
+            Command::RegisterNode {
+                id: 1,
+                addr: "a:1".into(),
+                role: NodeRole::Worker,
+                cpus: 64,
+                memory_mib: 65536,
+            },
+            Command::AddPool {
+                name: "p".into(),
+                cidr: "198.51.100.0/24".into(),
+            },
+            user("ann"),
+            user("bob"),
+            Command::SetTeam {
+                name: "t".into(),
+                cpus: 4,
+                memory_mib: 4096,
+            },
+            Command::SetUserTeam {
+                user: "ann".into(),
+                team: Some("t".into()),
+            },
+            Command::SetUserTeam {
+                user: "bob".into(),
+                team: Some("t".into()),
+            },
+            Command::SetUserTeam {
+                user: "bob".into(),
+                team: Some("nope".into()),
+            },
+            mk("ann", "a1"),
+            mk("bob", "b1"),
+            mk("bob", "b2"),                           // 6 vCPUs > 4
+            set("ann", "a1", MachineState::Suspended), // frees 2
+            mk("bob", "b2"),
+            set("ann", "a1", MachineState::Running), // no room to resume
+            Command::SetTeam {
+                name: "t".into(),
+                cpus: 6,
+                memory_mib: 8192,
+            },
+            set("ann", "a1", MachineState::Running),
+        ];
+        let entries: Vec<Entry> = cmds
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| entry(i as u64 + 1, c))
+            .collect();
+        let replies: Vec<Reply> = sm
+            .apply(entries)
+            .await
+            .unwrap()
+            .into_iter()
+            .flatten()
+            .collect();
+        let codes: Vec<&str> = replies
+            .iter()
+            .map(|r| r.result.as_ref().map(|_| "ok").unwrap_or_else(|e| e.code()))
+            .collect();
+        assert_eq!(
+            codes,
+            [
+                "ok",
+                "ok",
+                "ok",
+                "ok",
+                "ok",
+                "ok",
+                "ok",
+                "not_found",
+                "ok",
+                "ok",
+                "quota_exceeded",
+                "ok",
+                "ok",
+                "quota_exceeded",
+                "ok",
+                "ok"
+            ]
         );
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -89,6 +89,17 @@ pub enum Command {
         user: String,
         machines: u32,
     },
+    /// Creates a team or resizes its shared vCPU/memory pool.
+    SetTeam {
+        name: String,
+        cpus: u32,
+        memory_mib: u64,
+    },
+    /// Puts a user in a team (or takes them out).
+    SetUserTeam {
+        user: String,
+        team: Option<String>,
+    },
     AddPool {
         name: String,
         cidr: String,
@@ -159,6 +170,8 @@ impl Command {
             Command::AddKey { .. } => "add_key",
             Command::RemoveKey { .. } => "remove_key",
             Command::SetQuota { .. } => "set_quota",
+            Command::SetTeam { .. } => "set_team",
+            Command::SetUserTeam { .. } => "set_user_team",
             Command::AddPool { .. } => "add_pool",
             Command::RegisterNode { .. } => "register_node",
             Command::SetNodeHealth { .. } => "set_node_health",

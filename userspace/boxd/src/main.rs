@@ -64,7 +64,7 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BOXD_LOG")
-                .unwrap_or_else(|_| "info,openraft=warn".into()),
+                .unwrap_or_else(|_| "info,openraft=warn,quinn_udp=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
