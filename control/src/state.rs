@@ -101,6 +101,7 @@ pub fn open_db(path: &Path) -> Result<Connection, StateError> {
     if check != "ok" {
         return Err(corrupt(check));
     }
+    conn.set_prepared_statement_cache_capacity(128);
     conn.execute_batch(
         "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;",
     )
@@ -179,7 +180,7 @@ impl StateMachine {
     /// Whether node `id` was removed from the cluster (its certificate is refused).
     pub fn is_revoked(&self, id: NodeId) -> bool {
         let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
-        db.query_row("SELECT 1 FROM revoked WHERE id = ?1", [id], |_| Ok(()))
+        row1(&db, "SELECT 1 FROM revoked WHERE id = ?1", [id], |_| Ok(()))
             .optional()
             .map(|o| o.is_some())
             .unwrap_or(false)
@@ -189,7 +190,7 @@ impl StateMachine {
     pub fn cluster_ca(&self) -> Option<(String, String)> {
         let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
         let get = |n: &str| -> Option<String> {
-            db.query_row("SELECT value FROM secrets WHERE name = ?1", [n], |r| {
+            row1(&db, "SELECT value FROM secrets WHERE name = ?1", [n], |r| {
                 r.get(0)
             })
             .optional()
@@ -224,7 +225,8 @@ fn read_membership(conn: &Connection) -> rusqlite::Result<StoredMembership> {
 
 fn set_meta(tx: &Transaction, k: &str, v: &impl serde::Serialize) -> rusqlite::Result<()> {
     let v = serde_json::to_string(v).expect("log ids and memberships serialise");
-    tx.execute(
+    exec(
+        tx,
         "INSERT OR REPLACE INTO meta (k, v) VALUES (?1, ?2)",
         params![k, v],
     )?;
@@ -266,6 +268,22 @@ fn pool_range(network: u32, prefix: u8) -> (u32, u32) {
 
 type Res<T> = Result<T, AppError>;
 
+/// Executes a statement through the connection's statement cache: applying runs the
+/// same few statements thousands of times a second, parsing them once is worth it.
+fn exec(c: &Connection, sql: &str, p: impl rusqlite::Params) -> rusqlite::Result<usize> {
+    c.prepare_cached(sql)?.execute(p)
+}
+
+/// One row through the statement cache.
+fn row1<T>(
+    c: &Connection,
+    sql: &str,
+    p: impl rusqlite::Params,
+    f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    c.prepare_cached(sql)?.query_row(p, f)
+}
+
 fn sql(e: rusqlite::Error) -> AppError {
     // Only reachable on a schema bug: every constraint is checked before writing.
     AppError::Invalid(format!("internal: {e}"))
@@ -281,13 +299,16 @@ fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
                     "setting keys are 1-128 bytes and values at most 64 KiB".into(),
                 ));
             }
-            let previous: Option<String> = tx
-                .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
-                    r.get(0)
-                })
-                .optional()
-                .map_err(sql)?;
-            tx.execute(
+            let previous: Option<String> = row1(
+                tx,
+                "SELECT value FROM settings WHERE key = ?1",
+                [key],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql)?;
+            exec(
+                tx,
                 "INSERT OR REPLACE INTO settings (key, value) VALUES (?1, ?2)",
                 params![key, value],
             )
@@ -327,12 +348,13 @@ fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
                     "key {fingerprint} belongs to another user"
                 )));
             }
-            tx.execute(
+            exec(tx,
                 "INSERT INTO users (fingerprint, name, created_ms, machine_quota) VALUES (?1, ?2, ?3, ?4)",
                 params![fingerprint, name, now, DEFAULT_MACHINE_QUOTA],
             )
             .map_err(sql)?;
-            tx.execute(
+            exec(
+                tx,
                 "INSERT INTO keys (fingerprint, user, public_key) VALUES (?1, ?1, ?2)",
                 params![fingerprint, public_key],
             )
@@ -354,7 +376,8 @@ fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
                     "key {fingerprint} is already registered"
                 )));
             }
-            tx.execute(
+            exec(
+                tx,
                 "INSERT INTO keys (fingerprint, user, public_key) VALUES (?1, ?2, ?3)",
                 params![fingerprint, user, public_key],
             )
@@ -362,11 +385,13 @@ fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
             Ok(Applied::Done)
         }
         Command::RemoveKey { user, fingerprint } => {
-            let n: i64 = tx
-                .query_row("SELECT COUNT(*) FROM keys WHERE user = ?1", [user], |r| {
-                    r.get(0)
-                })
-                .map_err(sql)?;
+            let n: i64 = row1(
+                tx,
+                "SELECT COUNT(*) FROM keys WHERE user = ?1",
+                [user],
+                |r| r.get(0),
+            )
+            .map_err(sql)?;
             if !exists(
                 tx,
                 "SELECT 1 FROM keys WHERE fingerprint = ?1 AND user = ?2",
@@ -381,13 +406,13 @@ fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
                     "cannot remove a user's last key; add another first".into(),
                 ));
             }
-            tx.execute("DELETE FROM keys WHERE fingerprint = ?1", [fingerprint])
-                .map_err(sql)?;
+            exec(tx, "DELETE FROM keys WHERE fingerprint = ?1", [fingerprint]).map_err(sql)?;
             Ok(Applied::Done)
         }
         Command::SetQuota { user, machines } => {
             need_user(tx, user)?;
-            tx.execute(
+            exec(
+                tx,
                 "UPDATE users SET machine_quota = ?2 WHERE fingerprint = ?1",
                 params![user, machines],
             )
@@ -404,7 +429,8 @@ fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
                     "team name {name:?} is not a DNS label"
                 )));
             }
-            tx.execute(
+            exec(
+                tx,
                 "INSERT INTO teams (name, cpus, memory_mib) VALUES (?1, ?2, ?3)
                  ON CONFLICT(name) DO UPDATE SET cpus = ?2, memory_mib = ?3",
                 params![name, cpus, memory_mib],
@@ -421,7 +447,8 @@ fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
                     "no team {t:?}; create it with SetTeam"
                 )));
             }
-            tx.execute(
+            exec(
+                tx,
                 "UPDATE users SET team = ?2 WHERE fingerprint = ?1",
                 params![user, team],
             )
@@ -460,7 +487,8 @@ fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
                     )));
                 }
             }
-            tx.execute(
+            exec(
+                tx,
                 "INSERT INTO pools (name, network, prefix) VALUES (?1, ?2, ?3)",
                 params![name, network, prefix],
             )
@@ -474,7 +502,7 @@ fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
             cpus,
             memory_mib,
         } => {
-            tx.execute(
+            exec(tx,
                 "INSERT INTO nodes (id, addr, role, cpus, memory_mib, healthy) VALUES (?1, ?2, ?3, ?4, ?5, 1)
                  ON CONFLICT(id) DO UPDATE SET addr = ?2, role = ?3, cpus = ?4, memory_mib = ?5",
                 params![id, addr, role.as_str(), cpus, memory_mib],
@@ -483,38 +511,35 @@ fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
             Ok(Applied::Node { id: *id })
         }
         Command::SetNodeHealth { id, healthy } => {
-            let n = tx
-                .execute(
-                    "UPDATE nodes SET healthy = ?2 WHERE id = ?1",
-                    params![id, healthy],
-                )
-                .map_err(sql)?;
+            let n = exec(
+                tx,
+                "UPDATE nodes SET healthy = ?2 WHERE id = ?1",
+                params![id, healthy],
+            )
+            .map_err(sql)?;
             if n == 0 {
                 return Err(AppError::NotFound(format!("no node {id}")));
             }
             Ok(Applied::Done)
         }
         Command::RemoveNode { id } => {
-            let n: i64 = tx
-                .query_row("SELECT COUNT(*) FROM machines WHERE node = ?1", [id], |r| {
-                    r.get(0)
-                })
-                .map_err(sql)?;
+            let n: i64 = row1(
+                tx,
+                "SELECT COUNT(*) FROM machines WHERE node = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .map_err(sql)?;
             if n > 0 {
                 return Err(AppError::Invalid(format!(
                     "node {id} still holds {n} machines; move or remove them first"
                 )));
             }
-            if tx
-                .execute("DELETE FROM nodes WHERE id = ?1", [id])
-                .map_err(sql)?
-                == 0
-            {
+            if exec(tx, "DELETE FROM nodes WHERE id = ?1", [id]).map_err(sql)? == 0 {
                 return Err(AppError::NotFound(format!("no node {id}")));
             }
             // Its certificate stops working everywhere, and its id is never reused.
-            tx.execute("INSERT OR IGNORE INTO revoked (id) VALUES (?1)", [id])
-                .map_err(sql)?;
+            exec(tx, "INSERT OR IGNORE INTO revoked (id) VALUES (?1)", [id]).map_err(sql)?;
             Ok(Applied::Done)
         }
         Command::CreateMachine {
@@ -544,7 +569,8 @@ fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
                     )));
                 }
             }
-            tx.execute(
+            exec(
+                tx,
                 "UPDATE machines SET state = ?2 WHERE name = ?1",
                 params![name, state.as_str()],
             )
@@ -553,10 +579,8 @@ fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
         }
         Command::DeleteMachine { owner, name } => {
             need_machine(tx, owner, name)?;
-            tx.execute("DELETE FROM allocations WHERE machine = ?1", [name])
-                .map_err(sql)?;
-            tx.execute("DELETE FROM machines WHERE name = ?1", [name])
-                .map_err(sql)?;
+            exec(tx, "DELETE FROM allocations WHERE machine = ?1", [name]).map_err(sql)?;
+            exec(tx, "DELETE FROM machines WHERE name = ?1", [name]).map_err(sql)?;
             Ok(Applied::Done)
         }
         Command::Expose { owner, name, port } | Command::Unexpose { owner, name, port } => {
@@ -581,7 +605,8 @@ fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
                 (false, true) => m.ports.retain(|p| p != port),
             }
             let ports = serde_json::to_string(&m.ports).expect("ports serialise");
-            tx.execute(
+            exec(
+                tx,
                 "UPDATE machines SET ports = ?2 WHERE name = ?1",
                 params![name, ports],
             )
@@ -589,13 +614,14 @@ fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
             Ok(Applied::Machine(m))
         }
         Command::CreateJoinToken { hash, expires_ms } => {
-            tx.execute(
+            exec(tx,
                 "INSERT OR IGNORE INTO join_tokens (hash, expires_ms, used_by) VALUES (?1, ?2, NULL)",
                 params![hash, expires_ms],
             )
             .map_err(sql)?;
             // Spent and expired tokens are forgotten after a day.
-            tx.execute(
+            exec(
+                tx,
                 "DELETE FROM join_tokens WHERE expires_ms < ?1",
                 params![now.saturating_sub(DEDUP_WINDOW_MS)],
             )
@@ -603,14 +629,14 @@ fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
             Ok(Applied::Done)
         }
         Command::ConsumeJoinToken { hash, addr, role } => {
-            let row: Option<(u64, Option<u64>)> = tx
-                .query_row(
-                    "SELECT expires_ms, used_by FROM join_tokens WHERE hash = ?1",
-                    [hash],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()
-                .map_err(sql)?;
+            let row: Option<(u64, Option<u64>)> = row1(
+                tx,
+                "SELECT expires_ms, used_by FROM join_tokens WHERE hash = ?1",
+                [hash],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(sql)?;
             match row {
                 None => {
                     return Err(AppError::TokenRejected(
@@ -629,15 +655,15 @@ fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
                 }
                 Some(_) => {}
             }
-            let id: u64 = tx
-                .query_row("SELECT MAX(COALESCE((SELECT MAX(id) FROM nodes), 0), COALESCE((SELECT MAX(id) FROM revoked), 0)) + 1", [], |r| r.get(0))
+            let id: u64 = row1(tx, "SELECT MAX(COALESCE((SELECT MAX(id) FROM nodes), 0), COALESCE((SELECT MAX(id) FROM revoked), 0)) + 1", [], |r| r.get(0))
                 .map_err(sql)?;
-            tx.execute(
+            exec(
+                tx,
                 "UPDATE join_tokens SET used_by = ?2 WHERE hash = ?1",
                 params![hash, id],
             )
             .map_err(sql)?;
-            tx.execute(
+            exec(tx,
                 "INSERT INTO nodes (id, addr, role, cpus, memory_mib, healthy) VALUES (?1, ?2, ?3, 0, 0, 1)",
                 params![id, addr, role.as_str()],
             )
@@ -650,7 +676,8 @@ fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
                     "the cluster CA is set once, at init".into(),
                 ));
             }
-            tx.execute(
+            exec(
+                tx,
                 "INSERT INTO secrets (name, value) VALUES ('ca_cert', ?1), ('ca_key', ?2)",
                 params![cert_pem, key_pem],
             )
@@ -661,7 +688,7 @@ fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
 }
 
 fn exists(tx: &Connection, q: &str, p: impl rusqlite::Params) -> Res<bool> {
-    tx.query_row(q, p, |_| Ok(()))
+    row1(tx, q, p, |_| Ok(()))
         .optional()
         .map(|o| o.is_some())
         .map_err(sql)
@@ -707,14 +734,14 @@ fn create_machine(
             spec.cpus, spec.memory_mib, spec.disk_gib
         )));
     }
-    let quota: Option<u32> = tx
-        .query_row(
-            "SELECT machine_quota FROM users WHERE fingerprint = ?1",
-            [owner],
-            |r| r.get(0),
-        )
-        .optional()
-        .map_err(sql)?;
+    let quota: Option<u32> = row1(
+        tx,
+        "SELECT machine_quota FROM users WHERE fingerprint = ?1",
+        [owner],
+        |r| r.get(0),
+    )
+    .optional()
+    .map_err(sql)?;
     let quota = quota.ok_or_else(|| AppError::NotFound(format!("no user {owner}")))?;
     if machine(tx, name).map_err(sql)?.is_some() {
         return Err(AppError::AlreadyExists(format!(
@@ -724,13 +751,13 @@ fn create_machine(
     if let Some(p) = parent {
         need_machine(tx, owner, p)?;
     }
-    let have: u32 = tx
-        .query_row(
-            "SELECT COUNT(*) FROM machines WHERE owner = ?1",
-            [owner],
-            |r| r.get(0),
-        )
-        .map_err(sql)?;
+    let have: u32 = row1(
+        tx,
+        "SELECT COUNT(*) FROM machines WHERE owner = ?1",
+        [owner],
+        |r| r.get(0),
+    )
+    .map_err(sql)?;
     if have >= quota {
         return Err(AppError::QuotaExceeded(format!(
             "you have {have} machines, your quota is {quota}; `rm` one first"
@@ -739,33 +766,36 @@ fn create_machine(
     team_room(tx, owner, spec)?;
     let node = schedule(tx, spec)?;
     let (pool, ip) = allocate(tx)?;
-    tx.execute(
+    exec(
+        tx,
         "INSERT INTO allocations (ipv4, pool, machine) VALUES (?1, ?2, ?3)",
         params![ip, pool, name],
     )
     .map_err(sql)?;
-    let zone: Option<String> = tx
-        .query_row("SELECT value FROM settings WHERE key = 'zone'", [], |r| {
-            r.get(0)
-        })
-        .optional()
-        .map_err(sql)?;
+    let zone: Option<String> = row1(
+        tx,
+        "SELECT value FROM settings WHERE key = 'zone'",
+        [],
+        |r| r.get(0),
+    )
+    .optional()
+    .map_err(sql)?;
     let domain = zone.map(|z| format!("{name}.{z}"));
     // Machine ids are never reused: the data path's counters and ports are keyed by them.
-    let vid: u64 = tx
-        .query_row("SELECT v FROM meta WHERE k = 'next_vid'", [], |r| {
-            r.get::<_, String>(0)
-        })
-        .optional()
-        .map_err(sql)?
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
-    tx.execute(
+    let vid: u64 = row1(tx, "SELECT v FROM meta WHERE k = 'next_vid'", [], |r| {
+        r.get::<_, String>(0)
+    })
+    .optional()
+    .map_err(sql)?
+    .and_then(|v| v.parse().ok())
+    .unwrap_or(1);
+    exec(
+        tx,
         "INSERT OR REPLACE INTO meta (k, v) VALUES ('next_vid', ?1)",
         [(vid + 1).to_string()],
     )
     .map_err(sql)?;
-    tx.execute(
+    exec(tx,
         "INSERT INTO machines (name, vid, owner, cpus, memory_mib, disk_gib, state, node, ipv4, domain, ports, parent, created_ms)
          VALUES (?1, ?11, ?2, ?3, ?4, ?5, 'creating', ?6, ?7, ?8, '[]', ?9, ?10)",
         params![name, owner, spec.cpus, spec.memory_mib, spec.disk_gib, node, ip, domain, parent, now, vid],
@@ -779,27 +809,27 @@ fn create_machine(
 /// A team shares a pool of vCPUs and memory: the machines of all its members that are
 /// not suspended or stopped, plus `spec`, must fit in it.
 fn team_room(tx: &Connection, owner: &str, spec: &MachineSpec) -> Res<()> {
-    let team: Option<(String, u32, u64)> = tx
-        .query_row(
-            "SELECT t.name, t.cpus, t.memory_mib FROM users u JOIN teams t ON t.name = u.team
+    let team: Option<(String, u32, u64)> = row1(
+        tx,
+        "SELECT t.name, t.cpus, t.memory_mib FROM users u JOIN teams t ON t.name = u.team
              WHERE u.fingerprint = ?1",
-            [owner],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .optional()
-        .map_err(sql)?;
+        [owner],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )
+    .optional()
+    .map_err(sql)?;
     let Some((team, cpus, memory)) = team else {
         return Ok(());
     };
-    let (used_cpus, used_mem): (u32, u64) = tx
-        .query_row(
-            "SELECT COALESCE(SUM(m.cpus), 0), COALESCE(SUM(m.memory_mib), 0) FROM machines m
+    let (used_cpus, used_mem): (u32, u64) = row1(
+        tx,
+        "SELECT COALESCE(SUM(m.cpus), 0), COALESCE(SUM(m.memory_mib), 0) FROM machines m
              JOIN users u ON u.fingerprint = m.owner
              WHERE u.team = ?1 AND m.state IN ('creating', 'running', 'paused')",
-            [&team],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .map_err(sql)?;
+        [&team],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .map_err(sql)?;
     if used_cpus + spec.cpus > cpus || used_mem + spec.memory_mib > memory {
         return Err(AppError::QuotaExceeded(format!(
             "team {team} uses {used_cpus}/{cpus} vCPUs and {used_mem}/{memory} MiB; {} vCPUs and {} MiB more \
@@ -918,7 +948,8 @@ fn machine_from_row(r: &rusqlite::Row) -> rusqlite::Result<Machine> {
 const MACHINE_COLS: &str = "name, owner, cpus, memory_mib, disk_gib, state, node, ipv4, domain, ports, parent, created_ms, vid";
 
 fn machine(db: &Connection, name: &str) -> rusqlite::Result<Option<Machine>> {
-    db.query_row(
+    row1(
+        db,
         &format!("SELECT {MACHINE_COLS} FROM machines WHERE name = ?1"),
         [name],
         machine_from_row,
@@ -962,11 +993,13 @@ fn nodes(db: &Connection) -> rusqlite::Result<Vec<NodeRow>> {
 pub fn query(db: &Connection, q: &Query) -> rusqlite::Result<QueryReply> {
     Ok(match q {
         Query::Setting { key } => QueryReply::Setting {
-            value: db
-                .query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
-                    r.get(0)
-                })
-                .optional()?,
+            value: row1(
+                db,
+                "SELECT value FROM settings WHERE key = ?1",
+                [key],
+                |r| r.get(0),
+            )
+            .optional()?,
         },
         Query::Machine { owner, name } => QueryReply::Machine {
             machine: machine(db, name)?.filter(|m| &m.owner == owner),
@@ -1015,8 +1048,7 @@ pub fn query(db: &Connection, q: &Query) -> rusqlite::Result<QueryReply> {
                 "audit",
                 "requests",
             ] {
-                let n: u64 =
-                    db.query_row(&format!("SELECT COUNT(*) FROM {t}"), [], |r| r.get(0))?;
+                let n: u64 = row1(db, &format!("SELECT COUNT(*) FROM {t}"), [], |r| r.get(0))?;
                 tables.push((t.to_string(), n));
             }
             QueryReply::Counts { applied, tables }
@@ -1027,11 +1059,13 @@ pub fn query(db: &Connection, q: &Query) -> rusqlite::Result<QueryReply> {
 /// Applies one entry's request: deduplicated by request id, audited, in a savepoint.
 fn apply_request(tx: &mut Transaction, req: &Request, index: u64) -> rusqlite::Result<Reply> {
     if !req.id.is_empty() {
-        let seen: Option<String> = tx
-            .query_row("SELECT reply FROM requests WHERE id = ?1", [&req.id], |r| {
-                r.get(0)
-            })
-            .optional()?;
+        let seen: Option<String> = row1(
+            tx,
+            "SELECT reply FROM requests WHERE id = ?1",
+            [&req.id],
+            |r| r.get(0),
+        )
+        .optional()?;
         if let Some(s) = seen.and_then(|s| serde_json::from_str::<Reply>(&s).ok()) {
             return Ok(s);
         }
@@ -1048,7 +1082,8 @@ fn apply_request(tx: &mut Transaction, req: &Request, index: u64) -> rusqlite::R
         Ok(_) => "ok".to_string(),
         Err(e) => format!("{}: {e}", e.code()),
     };
-    tx.execute(
+    exec(
+        tx,
         "INSERT INTO audit (idx, at_ms, actor, op, args, result) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         params![
             index,
@@ -1061,12 +1096,14 @@ fn apply_request(tx: &mut Transaction, req: &Request, index: u64) -> rusqlite::R
     )?;
     if !req.id.is_empty() {
         let s = serde_json::to_string(&reply).expect("replies serialise");
-        tx.execute(
+        exec(
+            tx,
             "INSERT INTO requests (id, at_ms, reply) VALUES (?1, ?2, ?3)",
             params![req.id, req.at_ms, s],
         )?;
         if index.is_multiple_of(1024) {
-            tx.execute(
+            exec(
+                tx,
                 "DELETE FROM requests WHERE at_ms < ?1",
                 [req.at_ms.saturating_sub(DEDUP_WINDOW_MS)],
             )?;
