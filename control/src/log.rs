@@ -18,9 +18,11 @@ const META: &str = "meta";
 
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "Raft log {path} cannot be opened ({reason}). If the files are damaged, this node's log \
-     is lost: remove the node's data directory and rejoin with a new token (`boxd cluster \
-     token` on a healthy node); the other nodes hold every committed entry"
+    "Raft log {path} cannot be opened ({reason}). If its files are damaged, this node's \
+     log is lost. In a cluster: on a healthy node run `boxd cluster remove <this node's \
+     id>`, move this data directory aside, and join again with a new token (`boxd cluster \
+     token`): the other nodes hold every committed entry. A single-node cluster has no \
+     other copy: restore the data directory from a backup"
 )]
 pub struct LogOpenError {
     pub path: PathBuf,
@@ -157,7 +159,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged: Option<LogId> = self.get_meta("last_purged")?;
-        let last = self.last_entry_id()?.or(last_purged);
+        let last = self.last_entry_id()?.max(last_purged);
         Ok(LogState {
             last_purged_log_id: last_purged,
             last_log_id: last,
@@ -227,12 +229,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        // Record the purge point first: a crash between the two leaves extra entries, never
-        // a hole the log state doesn't know about.
-        self.put_meta("last_purged", &log_id)
-            .map_err(|e| StorageIOError::write(&e))?;
+        // The purge point and the deletion in one synced batch: after a crash the log
+        // state never claims entries that are gone, nor keeps a hole it doesn't know of.
+        let mut batch = WriteBatch::default();
+        let marker = serde_json::to_vec(&log_id).map_err(|e| StorageIOError::write(&io_err(e)))?;
+        batch.put_cf(self.cf(META), "last_purged", marker);
+        batch.delete_range_cf(self.cf(LOGS), key(0), key(log_id.index + 1));
         self.db
-            .delete_range_cf(self.cf(LOGS), key(0), key(log_id.index + 1))
+            .write_opt(batch, &Self::synced())
             .map_err(|e| StorageIOError::write_logs(&io_err(e)).into())
     }
 }

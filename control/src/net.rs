@@ -19,6 +19,8 @@ use std::time::Duration;
 
 /// Largest request or reply on one stream: snapshot chunks are at most 4 MiB.
 pub const MAX_MESSAGE: usize = 16 << 20;
+/// Largest request from a peer without a certificate (a join request).
+pub const MAX_ANONYMOUS: usize = 64 << 10;
 /// Deadline of a call that doesn't say otherwise.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -40,6 +42,10 @@ pub enum Rpc {
     Join(JoinRequest),
     /// Liveness probe from the leader's health checker.
     Ping,
+    /// The leader hands the CA key to a node it just made a voter.
+    CaKey {
+        key_pem: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

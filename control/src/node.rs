@@ -82,7 +82,8 @@ pub fn raft_config() -> openraft::Config {
         install_snapshot_timeout: 5000,
         max_payload_entries: 512,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000),
-        snapshot_max_chunk_size: 4 << 20,
+        // Chunks travel as JSON arrays (up to 4 bytes per byte): 1 MiB fits MAX_MESSAGE.
+        snapshot_max_chunk_size: 1 << 20,
         max_in_snapshot_log_to_keep: 1000,
         ..Default::default()
     }
@@ -143,12 +144,10 @@ pub fn init(dir: &Path, listen: &str, advertise: Option<&str>) -> Result<NodeCon
         role: NodeRole::Server,
     };
     write_private(&dir.join("ca.pem"), &ca.cert_pem)?;
-    // The CA key goes into the replicated state at first start (so every voter can
-    // admit nodes); until then it waits here.
-    write_private(
-        &dir.join("init-pending"),
-        &serde_json::to_string(&(ca.cert_pem, ca.key_pem)).expect("json"),
-    )?;
+    // The CA key stays on voters only (never in the replicated log); the certificate is
+    // replicated at first start.
+    write_private(&dir.join("ca.key"), &ca.key_pem)?;
+    write_private(&dir.join("init-pending"), &ca.cert_pem)?;
     write_private(&dir.join("node.pem"), &me.cert_pem)?;
     write_private(&dir.join("node.key"), &me.key_pem)?;
     write_private(
@@ -250,6 +249,9 @@ pub struct Node {
     proposals: tokio::sync::mpsc::Sender<Waiting>,
 }
 
+/// How long `add-voter` waits for a learner to catch up.
+pub const CATCH_UP: Duration = Duration::from_secs(60);
+
 /// How often the leader probes the other nodes.
 pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 /// Missed probes in a row before a node is recorded unhealthy.
@@ -272,6 +274,7 @@ const IN_FLIGHT: usize = 2;
 /// Batches queued writes into log entries (see [`Proposal`]).
 async fn proposer(raft: Raft, mut queue: tokio::sync::mpsc::Receiver<Waiting>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+    let mut stamp = 0u64;
     while let Some(first) = queue.recv().await {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
@@ -282,6 +285,12 @@ async fn proposer(raft: Raft, mut queue: tokio::sync::mpsc::Receiver<Waiting>) {
                 Ok(w) => batch.push(w),
                 Err(_) => break,
             }
+        }
+        // The leader stamps the time (never earlier than its last stamp): the state
+        // machine's only clock.
+        stamp = stamp.max(now_ms());
+        for (r, _) in &mut batch {
+            r.at_ms = stamp;
         }
         let raft = raft.clone();
         tokio::spawn(async move {
@@ -397,11 +406,9 @@ impl Node {
 
     async fn finish_init(&self) -> Result<(), CallError> {
         let pending = self.dir.join("init-pending");
-        let Ok(text) = std::fs::read_to_string(&pending) else {
+        let Ok(cert_pem) = std::fs::read_to_string(&pending) else {
             return Ok(());
         };
-        let (cert_pem, key_pem): (String, String) = serde_json::from_str(&text)
-            .map_err(|e| CallError::Refused(format!("{}: {e}", pending.display())))?;
         let mut members = BTreeMap::new();
         members.insert(
             self.cfg.id,
@@ -414,7 +421,7 @@ impl Node {
         }
         let (cpus, memory_mib) = host_capacity();
         for cmd in [
-            Command::SetClusterCa { cert_pem, key_pem },
+            Command::SetClusterCa { cert_pem },
             Command::RegisterNode {
                 id: self.cfg.id,
                 addr: self.cfg.advertise.clone(),
@@ -478,7 +485,14 @@ impl Node {
         while Instant::now() < deadline {
             let left = deadline.saturating_duration_since(Instant::now());
             let res = match self.leader() {
-                Some((id, _)) if id == self.cfg.id => local().await,
+                Some((id, _)) if id == self.cfg.id => {
+                    match tokio::time::timeout(left, local()).await {
+                        Ok(r) => r,
+                        Err(_) => Err(CallError::Timeout(format!(
+                            "no answer in {REQUEST_TIMEOUT:?}"
+                        ))),
+                    }
+                }
                 Some((id, addr)) => {
                     self.peer(id, &addr)
                         .call::<T>(&rpc(), left.min(net::CALL_TIMEOUT))
@@ -585,8 +599,17 @@ impl Node {
                         "node {id} is not in the cluster; join it first (`boxd cluster join TOKEN`)"
                     )));
                 };
-                // Wait for it to catch up before it counts towards the quorum.
-                self.raft.add_learner(id, node, true).await.map_err(map)?;
+                // Wait (bounded) for it to catch up before it counts towards the quorum.
+                match tokio::time::timeout(CATCH_UP, self.raft.add_learner(id, node, true)).await {
+                    Ok(r) => {
+                        r.map_err(map)?;
+                    }
+                    Err(_) => {
+                        return Err(CallError::Timeout(format!(
+                            "node {id} did not catch up within {CATCH_UP:?}; is `boxd control run` running there?"
+                        )));
+                    }
+                }
                 self.raft
                     .change_membership(
                         openraft::ChangeMembers::AddVoterIds(BTreeSet::from([id])),
@@ -594,31 +617,85 @@ impl Node {
                     )
                     .await
                     .map_err(map)?;
+                // A voter may lead, and the leader admits joining nodes: it needs the CA key.
+                let key = std::fs::read_to_string(self.dir.join("ca.key")).map_err(|e| {
+                    CallError::Refused(format!(
+                        "this leader has no CA key ({e}); cannot hand it to node {id}"
+                    ))
+                })?;
+                let addr = membership
+                    .membership()
+                    .get_node(&id)
+                    .map(|n| n.addr.clone())
+                    .unwrap_or_default();
+                // The new voter accepts the key from a node its own log lists as a voter:
+                // retry (bounded) while it catches up with the membership change.
+                let peer = self.peer(id, &addr);
+                let mut tries = 0;
+                loop {
+                    match peer
+                        .call::<()>(
+                            &Rpc::CaKey {
+                                key_pem: key.clone(),
+                            },
+                            net::CALL_TIMEOUT,
+                        )
+                        .await
+                    {
+                        Ok(()) => break,
+                        Err(e) if tries < 50 => {
+                            tries += 1;
+                            tracing::debug!("handing the CA key to node {id}: {e}; retrying");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
             }
             AdminOp::Remove { id } => {
-                if !known(id) {
-                    return Err(CallError::Refused(format!("node {id} is not a member")));
+                let nodes = match self.state.query(&Query::Nodes) {
+                    Ok(QueryReply::Nodes { nodes }) => nodes,
+                    _ => Vec::new(),
+                };
+                let row = nodes.iter().find(|n| n.id == id);
+                if let Some(n) = row
+                    && n.machines > 0
+                {
+                    return Err(CallError::App(AppError::Invalid(format!(
+                        "node {id} still holds {} machines; move or remove them first",
+                        n.machines
+                    ))));
+                }
+                if !known(id) && row.is_none() {
+                    return Err(CallError::Refused(format!(
+                        "node {id} is not in the cluster"
+                    )));
                 }
                 let voters: BTreeSet<NodeId> = membership.membership().voter_ids().collect();
                 if voters.contains(&id) {
                     if voters.len() == 1 {
                         return Err(CallError::Refused("cannot remove the last voter".into()));
                     }
+                    // Kept as a learner for now: if this leader removes itself and steps
+                    // down, the retry on the next leader still finds it and finishes.
                     self.raft
                         .change_membership(
                             openraft::ChangeMembers::RemoveVoters(BTreeSet::from([id])),
+                            true,
+                        )
+                        .await
+                        .map_err(map)?;
+                }
+                if known(id) {
+                    self.raft
+                        .change_membership(
+                            openraft::ChangeMembers::RemoveNodes(BTreeSet::from([id])),
                             false,
                         )
                         .await
                         .map_err(map)?;
                 }
-                self.raft
-                    .change_membership(
-                        openraft::ChangeMembers::RemoveNodes(BTreeSet::from([id])),
-                        false,
-                    )
-                    .await
-                    .map_err(map)?;
+                // Last, the revocation: its certificate is refused from now on.
                 let reply = self
                     .write_local(self.request("operator", Command::RemoveNode { id }))
                     .await?;
@@ -634,7 +711,7 @@ impl Node {
 
     /// `boxd cluster token`: a one-time join token valid for `ttl`.
     pub async fn token(&self, ttl: Duration) -> Result<String, CallError> {
-        let Some((ca, _)) = self.state.cluster_ca() else {
+        let Some(ca) = self.state.cluster_ca() else {
             return Err(CallError::Refused(
                 "the cluster CA is not replicated here yet; retry in a moment".into(),
             ));
@@ -651,38 +728,75 @@ impl Node {
         Ok(token.to_string())
     }
 
+    /// A joining node's request, admitted by the leader (a voter: it holds the CA key).
     async fn handle_join(&self, req: JoinRequest) -> Result<JoinReply, CallError> {
+        self.via_leader(|| Rpc::Join(req.clone()), || self.join_local(req.clone()))
+            .await
+    }
+
+    async fn join_local(&self, req: JoinRequest) -> Result<JoinReply, CallError> {
         check_addr(&req.addr, "the joining node's address")
             .map_err(|e| CallError::Refused(e.to_string()))?;
-        let consume = Command::ConsumeJoinToken {
-            hash: tls::secret_hash(&req.secret),
-            addr: req.addr.clone(),
-            role: req.role,
+        let hash = tls::secret_hash(&req.secret);
+        // Strangers cost a read, not a log entry: an unknown token is refused here.
+        let q = Query::JoinToken {
+            hash: hash.clone(),
+            now_ms: now_ms(),
         };
-        let reply = self.write(self.request("join", consume)).await?;
+        let known = matches!(
+            self.read_local(q).await?,
+            QueryReply::JoinToken { valid: true }
+        );
+        // Request ids derived from the token: a join retried after a lost reply (same
+        // token) gets the same node id instead of "token already used".
+        let consume = Request {
+            actor: "join".into(),
+            id: format!("join:{hash}"),
+            at_ms: now_ms(),
+            cmd: Command::ConsumeJoinToken {
+                hash: hash.clone(),
+                addr: req.addr.clone(),
+                role: req.role,
+            },
+        };
+        if !known {
+            // Maybe a retry of a join that spent it: the request id answers that.
+            if !self.state.replied(&consume.id) {
+                return Err(CallError::App(AppError::TokenRejected(
+                    "unknown join token (or already used, or expired); create one with `boxd cluster token`".into(),
+                )));
+            }
+        }
+        let reply = self.write_local(consume).await?;
         let Applied::Node { id } = reply.result.map_err(CallError::App)? else {
             return Err(CallError::Raft("unexpected reply to a join".into()));
         };
-        let register = Command::RegisterNode {
-            id,
-            addr: req.addr.clone(),
-            role: req.role,
-            cpus: req.cpus,
-            memory_mib: req.memory_mib,
+        let register = Request {
+            actor: format!("node:{id}"),
+            id: format!("join-register:{hash}"),
+            at_ms: now_ms(),
+            cmd: Command::RegisterNode {
+                id,
+                addr: req.addr.clone(),
+                role: req.role,
+                cpus: req.cpus,
+                memory_mib: req.memory_mib,
+            },
         };
-        self.write(self.request(&format!("node:{id}"), register))
+        self.write_local(register)
             .await?
             .result
             .map_err(CallError::App)?;
-        self.admin(AdminOp::AddLearner {
+        self.admin_local(AdminOp::AddLearner {
             id,
             addr: req.addr.clone(),
         })
         .await?;
-        self.wait_applied(reply.index).await;
-        let (ca_pem, ca_key) = self.state.cluster_ca().ok_or_else(|| {
+        let ca_pem = self.state.cluster_ca().ok_or_else(|| {
             CallError::Refused("the cluster CA is not replicated here yet".into())
         })?;
+        let ca_key = std::fs::read_to_string(self.dir.join("ca.key"))
+            .map_err(|e| CallError::Refused(format!("this leader has no CA key: {e}")))?;
         let cert_pem = tls::sign_request(
             &Identity {
                 cert_pem: ca_pem.clone(),
@@ -823,7 +937,13 @@ impl Node {
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) {
-        let Ok(body) = recv.read_to_end(net::MAX_MESSAGE).await else {
+        // Strangers (no certificate) may only ask to join: a small request.
+        let limit = if peer.is_some() {
+            net::MAX_MESSAGE
+        } else {
+            net::MAX_ANONYMOUS
+        };
+        let Ok(body) = recv.read_to_end(limit).await else {
             return;
         };
         let reply = match serde_json::from_slice::<Rpc>(&body) {
@@ -835,19 +955,60 @@ impl Node {
     }
 
     async fn dispatch(&self, peer: Option<NodeId>, rpc: Rpc) -> Vec<u8> {
-        if peer.is_none() && !matches!(rpc, Rpc::Join(_)) {
-            return encode::<()>(Err(CallError::Refused(
-                "a node certificate is required for this call".into(),
-            )));
+        let refuse = |why: String| encode::<()>(Err(CallError::Refused(why)));
+        let Some(peer) = peer else {
+            return match rpc {
+                Rpc::Join(j) => encode(self.handle_join(j).await),
+                _ => refuse("a node certificate is required for this call".into()),
+            };
+        };
+        // Checked per request: a removed node's open connections stop working too.
+        if self.state.is_revoked(peer) {
+            return refuse(format!("node {peer} was removed from the cluster"));
         }
+        // Raft messages speak for the node that sends them: a certificate for node 3 can't
+        // campaign or lead as node 1.
+        let claimed = match &rpc {
+            Rpc::AppendEntries(r) => Some(r.vote.leader_id.node_id),
+            Rpc::Vote(r) => Some(r.vote.leader_id.node_id),
+            Rpc::InstallSnapshot(r) => Some(r.vote.leader_id.node_id),
+            _ => None,
+        };
+        if let Some(c) = claimed
+            && c != peer
+        {
+            return refuse(format!("node {peer} sent a Raft message as node {c}"));
+        }
+        let voter = || {
+            self.raft
+                .metrics()
+                .borrow()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .any(|v| v == peer)
+        };
         match rpc {
             Rpc::AppendEntries(r) => encode(Ok(self.raft.append_entries(r).await)),
             Rpc::Vote(r) => encode(Ok(self.raft.vote(r).await)),
             Rpc::InstallSnapshot(r) => encode(Ok(self.raft.install_snapshot(r).await)),
             Rpc::Write(r) => encode(self.write_local(r).await),
             Rpc::Read(q) => encode(self.read_local(q).await),
+            // Membership and keys: voters only.
+            Rpc::Admin(_) | Rpc::CaKey { .. } if !voter() => refuse(format!(
+                "node {peer} is not a voter: membership changes come from voters"
+            )),
             Rpc::Admin(op) => encode(self.admin_local(op).await),
-            Rpc::Join(j) => encode(self.handle_join(j).await),
+            Rpc::Join(j) => encode(self.join_local(j).await),
+            Rpc::CaKey { key_pem } => {
+                let path = self.dir.join("ca.key");
+                if path.exists() {
+                    return encode(Ok(()));
+                }
+                encode(
+                    write_private(&path, &key_pem).map_err(|e| CallError::Refused(e.to_string())),
+                )
+            }
             Rpc::Ping => encode(Ok(self.cfg.id)),
         }
     }

@@ -67,11 +67,21 @@ pub const MAX_PORTS: usize = 16;
 pub enum StateError {
     #[error(
         "state database {path} is unreadable or corrupt ({reason}); this node cannot serve. \
-         Move it aside (or remove the node's data directory) and rejoin the cluster with a \
-         new token (`boxd cluster token` on a healthy node): the state is rebuilt from the \
-         other nodes"
+         In a cluster: on a healthy node run `boxd cluster remove <this node's id>`, move \
+         this data directory aside, and join again with a new token (`boxd cluster token`): \
+         the state is rebuilt from the other nodes. A single-node cluster has no other copy: \
+         restore the data directory from a backup"
     )]
     Corrupt { path: PathBuf, reason: String },
+    #[error(
+        "state database {path} has schema version {found}, newer than this boxd knows ({known}): \
+         it was written by a newer boxd. Run that version (do not delete the file)"
+    )]
+    TooNew {
+        path: PathBuf,
+        found: usize,
+        known: usize,
+    },
     #[error("state database {path}: {source}")]
     Sql {
         path: PathBuf,
@@ -102,18 +112,17 @@ pub fn open_db(path: &Path) -> Result<Connection, StateError> {
         return Err(corrupt(check));
     }
     conn.set_prepared_statement_cache_capacity(128);
-    conn.execute_batch(
-        "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;",
-    )
-    .map_err(|e| corrupt(e.to_string()))?;
+    conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
+        .map_err(|e| corrupt(e.to_string()))?;
     let version: usize = conn
         .query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))
         .map_err(|e| corrupt(e.to_string()))? as usize;
     if version > MIGRATIONS.len() {
-        return Err(corrupt(format!(
-            "schema version {version} is newer than this boxd ({}); run the newer boxd",
-            MIGRATIONS.len()
-        )));
+        return Err(StateError::TooNew {
+            path: path.to_path_buf(),
+            found: version,
+            known: MIGRATIONS.len(),
+        });
     }
     for (i, m) in MIGRATIONS.iter().enumerate().skip(version) {
         conn.execute_batch(&format!(
@@ -177,6 +186,20 @@ impl StateMachine {
         }
     }
 
+    /// Whether a request with this id has been applied (and its reply kept).
+    pub fn replied(&self, id: &str) -> bool {
+        let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        row1(
+            &db,
+            "SELECT 1 FROM requests WHERE id = ?1",
+            [id],
+            |_| Ok(()),
+        )
+        .optional()
+        .map(|o| o.is_some())
+        .unwrap_or(false)
+    }
+
     /// Whether node `id` was removed from the cluster (its certificate is refused).
     pub fn is_revoked(&self, id: NodeId) -> bool {
         let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
@@ -186,8 +209,8 @@ impl StateMachine {
             .unwrap_or(false)
     }
 
-    /// The cluster CA, once `SetClusterCa` has been applied.
-    pub fn cluster_ca(&self) -> Option<(String, String)> {
+    /// The cluster CA's certificate, once `SetClusterCa` has been applied.
+    pub fn cluster_ca(&self) -> Option<String> {
         let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
         let get = |n: &str| -> Option<String> {
             row1(&db, "SELECT value FROM secrets WHERE name = ?1", [n], |r| {
@@ -197,7 +220,7 @@ impl StateMachine {
             .ok()
             .flatten()
         };
-        Some((get("ca_cert")?, get("ca_key")?))
+        get("ca_cert")
     }
 
     fn storage_err(&self, e: impl std::fmt::Display) -> StorageError {
@@ -284,9 +307,11 @@ fn row1<T>(
     c.prepare_cached(sql)?.query_row(p, f)
 }
 
+/// A failure of this node's database while applying (disk full, I/O error, a schema
+/// bug) is not a refusal: recording it as one would make this node's state differ from
+/// the others'. It stops the apply instead (see [`apply_request`]).
 fn sql(e: rusqlite::Error) -> AppError {
-    // Only reachable on a schema bug: every constraint is checked before writing.
-    AppError::Invalid(format!("internal: {e}"))
+    AppError::Internal(e.to_string())
 }
 
 /// Applies one command inside the caller's savepoint.
@@ -670,7 +695,7 @@ fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
             .map_err(sql)?;
             Ok(Applied::Node { id })
         }
-        Command::SetClusterCa { cert_pem, key_pem } => {
+        Command::SetClusterCa { cert_pem } => {
             if exists(tx, "SELECT 1 FROM secrets WHERE name = 'ca_cert'", [])? {
                 return Err(AppError::AlreadyExists(
                     "the cluster CA is set once, at init".into(),
@@ -678,8 +703,8 @@ fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
             }
             exec(
                 tx,
-                "INSERT INTO secrets (name, value) VALUES ('ca_cert', ?1), ('ca_key', ?2)",
-                params![cert_pem, key_pem],
+                "INSERT INTO secrets (name, value) VALUES ('ca_cert', ?1)",
+                params![cert_pem],
             )
             .map_err(sql)?;
             Ok(Applied::Done)
@@ -1001,6 +1026,16 @@ pub fn query(db: &Connection, q: &Query) -> rusqlite::Result<QueryReply> {
             )
             .optional()?,
         },
+        Query::JoinToken { hash, now_ms } => QueryReply::JoinToken {
+            valid: row1(
+                db,
+                "SELECT 1 FROM join_tokens WHERE hash = ?1 AND used_by IS NULL AND expires_ms >= ?2",
+                params![hash, now_ms],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some(),
+        },
         Query::Machine { owner, name } => QueryReply::Machine {
             machine: machine(db, name)?.filter(|m| &m.owner == owner),
         },
@@ -1056,6 +1091,11 @@ pub fn query(db: &Connection, q: &Query) -> rusqlite::Result<QueryReply> {
     })
 }
 
+/// An apply failure that is this node's, not the command's (stops the apply).
+fn internal(msg: String) -> rusqlite::Error {
+    rusqlite::Error::ToSqlConversionFailure(Box::new(std::io::Error::other(msg)))
+}
+
 /// Applies one entry's request: deduplicated by request id, audited, in a savepoint.
 fn apply_request(tx: &mut Transaction, req: &Request, index: u64) -> rusqlite::Result<Reply> {
     if !req.id.is_empty() {
@@ -1066,12 +1106,20 @@ fn apply_request(tx: &mut Transaction, req: &Request, index: u64) -> rusqlite::R
             |r| r.get(0),
         )
         .optional()?;
-        if let Some(s) = seen.and_then(|s| serde_json::from_str::<Reply>(&s).ok()) {
-            return Ok(s);
+        if let Some(s) = seen {
+            return serde_json::from_str::<Reply>(&s)
+                .map_err(|e| internal(format!("stored reply of request {}: {e}", req.id)));
         }
     }
     let sp = tx.savepoint()?;
     let result = apply_cmd(&sp, req);
+    if let Err(AppError::Internal(e)) = &result {
+        return Err(internal(format!(
+            "applying {} (request {}): {e}",
+            req.cmd.name(),
+            req.id
+        )));
+    }
     if result.is_ok() {
         sp.commit()?;
     } else {
@@ -1176,13 +1224,46 @@ impl openraft::storage::RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
-        let bytes = snapshot.into_inner();
+        blocking(|| self.install_blocking(meta, snapshot.into_inner()))
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
+        let s = self.snapshot.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(s.as_ref().map(|(meta, bytes)| Snapshot {
+            meta: meta.clone(),
+            snapshot: Box::new(Cursor::new(bytes.clone())),
+        }))
+    }
+}
+
+impl openraft::RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        blocking(|| self.build_blocking())
+    }
+}
+
+/// Runs file-heavy work (copying or replacing the whole database) without stalling the
+/// runtime's other tasks (heartbeats): on a multi-threaded runtime the thread is handed
+/// over to blocking work for the duration.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+impl StateMachine {
+    fn install_blocking(&self, meta: &SnapshotMeta, bytes: Vec<u8>) -> Result<(), StorageError> {
         let incoming = self.path.with_extension("incoming");
         let bad = |e: String| -> StorageError {
             let io =
                 std::io::Error::other(format!("installing snapshot {}: {e}", meta.snapshot_id));
             openraft::StorageIOError::read_snapshot(Some(meta.signature()), &io).into()
         };
+        // Leftovers of an install a crash interrupted must not be replayed into this one.
+        for ext in ["incoming", "incoming-wal", "incoming-shm"] {
+            let _ = std::fs::remove_file(self.path.with_extension(ext));
+        }
         std::fs::write(&incoming, &bytes).map_err(|e| bad(e.to_string()))?;
         {
             // Validate before replacing anything: a bad snapshot leaves the state as it was.
@@ -1213,29 +1294,38 @@ impl openraft::storage::RaftStateMachine<TypeConfig> for StateMachine {
                 let _ = std::fs::remove_file(self.path.with_extension(ext));
             }
             std::fs::rename(&incoming, &self.path).map_err(|e| bad(e.to_string()))?;
+            // The rename itself must survive a crash: the log may be purged up to this
+            // snapshot next.
+            if let Some(dir) = self.path.parent() {
+                std::fs::File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| bad(e.to_string()))?;
+            }
             for ext in ["incoming-wal", "incoming-shm"] {
                 let _ = std::fs::remove_file(self.path.with_extension(ext));
             }
             *db = open_db(&self.path).map_err(|e| bad(e.to_string()))?;
         }
-        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Some((meta.clone(), bytes));
+        self.keep_snapshot(meta.clone(), bytes);
         if let Some(l) = meta.last_log_id {
             self.applied.send_replace(l.index);
         }
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        let s = self.snapshot.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(s.as_ref().map(|(meta, bytes)| Snapshot {
-            meta: meta.clone(),
-            snapshot: Box::new(Cursor::new(bytes.clone())),
-        }))
+    /// Remembers `meta`'s snapshot as the current one unless a newer one is kept already
+    /// (a build that started before an install finishes after it).
+    fn keep_snapshot(&self, meta: SnapshotMeta, bytes: Vec<u8>) {
+        let mut cur = self.snapshot.lock().unwrap_or_else(|p| p.into_inner());
+        if cur
+            .as_ref()
+            .is_none_or(|(m, _)| m.last_log_id <= meta.last_log_id)
+        {
+            *cur = Some((meta, bytes));
+        }
     }
-}
 
-impl openraft::RaftSnapshotBuilder<TypeConfig> for StateMachine {
-    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+    fn build_blocking(&self) -> Result<Snapshot, StorageError> {
         let tmp = self
             .path
             .with_extension(format!("snap-{}", std::process::id()));
@@ -1263,8 +1353,7 @@ impl openraft::RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 applied.map(|l| l.to_string()).unwrap_or_default()
             ),
         };
-        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) =
-            Some((meta.clone(), bytes.clone()));
+        self.keep_snapshot(meta.clone(), bytes.clone());
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(bytes)),
@@ -1560,7 +1649,10 @@ mod tests {
         let err = open_db(&path)
             .expect_err("corruption is detected")
             .to_string();
-        assert!(err.contains("corrupt") && err.contains("rejoin"), "{err}");
+        assert!(
+            err.contains("corrupt") && err.contains("boxd cluster remove"),
+            "{err}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

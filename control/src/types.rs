@@ -154,10 +154,10 @@ pub enum Command {
         addr: String,
         role: NodeRole,
     },
-    /// The cluster CA, replicated so that any voter can admit a joining node.
+    /// The cluster CA's certificate (its key never enters the log: it lives only in the
+    /// voters' data directories, see docs/control.md).
     SetClusterCa {
         cert_pem: String,
-        key_pem: String,
     },
 }
 
@@ -246,6 +246,9 @@ pub enum AppError {
     NoCapacity(String),
     #[error("{0}")]
     TokenRejected(String),
+    /// This node's database failed while applying; never replicated as a result.
+    #[error("internal: {0}")]
+    Internal(String),
 }
 
 impl AppError {
@@ -259,6 +262,7 @@ impl AppError {
             AppError::PoolExhausted(_) => "pool_exhausted",
             AppError::NoCapacity(_) => "no_capacity",
             AppError::TokenRejected(_) => "token_rejected",
+            AppError::Internal(_) => "internal",
         }
     }
 }
@@ -394,6 +398,11 @@ pub enum Query {
     Setting {
         key: String,
     },
+    /// Whether a join token with this hash exists, unspent and unexpired at `now_ms`.
+    JoinToken {
+        hash: String,
+        now_ms: u64,
+    },
     Machines {
         owner: Option<String>,
     },
@@ -415,6 +424,9 @@ pub enum Query {
 pub enum QueryReply {
     Setting {
         value: Option<String>,
+    },
+    JoinToken {
+        valid: bool,
     },
     Machines {
         machines: Vec<Machine>,

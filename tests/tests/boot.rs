@@ -154,8 +154,9 @@ fn debian_boots_answers_and_keeps_its_disk_across_a_restart() -> Result<()> {
     assert_eq!(code, 0, "{}", vm.log());
     assert!(
         vm.log().contains("powered off"),
-        "the guest should power itself off:\n{}",
-        vm.log()
+        "the guest should power itself off:\n{}\nconsole:\n{}",
+        vm.log(),
+        vm.console_tail(6000)
     );
     assert!(
         !dir.join("control.sock").exists() && !dir.join("vsock.sock").exists(),

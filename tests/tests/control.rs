@@ -556,6 +556,7 @@ fn bad_input_is_refused_and_changes_nothing() -> Result<()> {
         nodes.len() == 1,
         "a refused join registered a node: {nodes:?}"
     );
+    impostors(&c)?;
 
     // Corrupted files: the node refuses to start, names the file and the way out.
     drop(cl);
@@ -575,7 +576,7 @@ fn bad_input_is_refused_and_changes_nothing() -> Result<()> {
     std::fs::write(&db, &bytes)?;
     let err = start_fails(&boxd, &dir)?;
     ensure!(
-        err.contains("state.db") && err.contains("corrupt") && err.contains("rejoin"),
+        err.contains("state.db") && err.contains("corrupt") && err.contains("boxd cluster remove"),
         "corrupt SQLite: {err}"
     );
     std::fs::write(&db, &saved)?;
@@ -596,7 +597,7 @@ fn bad_input_is_refused_and_changes_nothing() -> Result<()> {
     ensure!(damaged > 0, "no RocksDB files to damage");
     let err = start_fails(&boxd, &dir)?;
     ensure!(
-        err.contains("Raft log") && err.contains("rejoin"),
+        err.contains("Raft log") && err.contains("boxd cluster remove"),
         "corrupt RocksDB: {err}"
     );
     Ok(())
@@ -665,6 +666,7 @@ fn the_data_path_follows_the_replicated_state() -> Result<()> {
     let start = || -> Result<std::process::Child> {
         let mut c = in_host(&["control", "run", "--bpf-pin-dir", dp.pin.to_str().unwrap()]);
         let child = c
+            .env("BOXD_LOG", "warn")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .spawn()?;
@@ -837,4 +839,80 @@ fn the_data_path_follows_the_replicated_state() -> Result<()> {
     drop(node);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// Node RPC refuses callers without a certificate (except to join), a certificate from
+/// another CA, a Raft message from a node speaking as another, membership changes from
+/// non-voters, and a removed node.
+fn impostors(c: &Cluster) -> Result<()> {
+    use boxd_control::net::{self, AdminOp, CallError, Peer, Rpc};
+    use boxd_control::tls::{self, Identity};
+    let dir = &c.nodes[0].dir;
+    let ca = Identity {
+        cert_pem: std::fs::read_to_string(dir.join("ca.pem"))?,
+        key_pem: std::fs::read_to_string(dir.join("ca.key"))?,
+    };
+    let addr = c.nodes[0].addr.clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        let dial = |me: &Identity, ca_pem: &str| -> Result<Peer> {
+            let cfg = net::quic_client(tls::client_config(ca_pem, me)?);
+            Ok(Peer::new(endpoint.clone(), cfg, &addr, &tls::node_name(1)))
+        };
+        let t = Duration::from_secs(5);
+        let write = Rpc::Write(Request {
+            actor: "x".into(),
+            id: String::new(),
+            at_ms: 0,
+            cmd: Command::SetSetting {
+                key: "k".into(),
+                value: "v".into(),
+            },
+        });
+        // Node 9: a certificate from the right CA, for a node that never joined.
+        let nine = tls::issue_node(&ca, 9)?;
+        let peer = dial(&nine, &ca.cert_pem)?;
+        let vote: boxd_control::net::Rpc = Rpc::Vote(openraft::raft::VoteRequest {
+            vote: openraft::Vote::new(99, 1),
+            last_log_id: None,
+        });
+        let got = peer.call::<serde_json::Value>(&vote, t).await;
+        ensure!(
+            matches!(&got, Err(CallError::Refused(m)) if m.contains("as node 1")),
+            "a vote from node 9 speaking as node 1: {got:?}"
+        );
+        let got = peer
+            .call::<()>(&Rpc::Admin(AdminOp::Remove { id: 1 }), t)
+            .await;
+        ensure!(
+            matches!(&got, Err(CallError::Refused(m)) if m.contains("not a voter")),
+            "a membership change from a non-voter: {got:?}"
+        );
+        // Another cluster's CA: the TLS handshake fails.
+        let other = tls::new_ca()?;
+        let stranger = tls::issue_node(&other, 2)?;
+        let got = dial(&stranger, &ca.cert_pem)?
+            .call::<serde_json::Value>(&write, t)
+            .await;
+        ensure!(
+            matches!(got, Err(CallError::Unreachable(_))),
+            "another CA's certificate: {got:?}"
+        );
+        // No certificate: only the join call.
+        let anon = Peer::new(
+            endpoint.clone(),
+            net::quic_client(tls::join_client_config(&tls::ca_fingerprint(&ca.cert_pem))?),
+            &addr,
+            tls::CLUSTER_NAME,
+        );
+        let got = anon.call::<serde_json::Value>(&write, t).await;
+        ensure!(
+            matches!(&got, Err(CallError::Refused(m)) if m.contains("certificate is required")),
+            "a write without a certificate: {got:?}"
+        );
+        anyhow::Ok(())
+    })
 }
