@@ -916,3 +916,79 @@ fn impostors(c: &Cluster) -> Result<()> {
         anyhow::Ok(())
     })
 }
+
+/// The operator's CLI against a running node: tables, `--json` field by field, and
+/// errors that say what to do.
+#[test]
+fn the_cluster_cli_prints_tables_json_and_clear_errors() -> Result<()> {
+    let Some(boxd) = boxd() else { return Ok(()) };
+    let c = Cluster::loopback(&boxd, "cli", 1, 7320)?;
+    let dir = c.nodes[0].dir.clone();
+    let cli = |args: &[&str]| -> Result<std::process::Output> {
+        Ok(std::process::Command::new(&boxd)
+            .args(["cluster"])
+            .args(args)
+            .arg("--data-dir")
+            .arg(&dir)
+            .output()?)
+    };
+    let out = cli(&["status", "--json"])?;
+    ensure!(out.status.success(), "{out:?}");
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(
+        s["id"] == 1 && s["state"] == "leader" && s["leader"] == 1,
+        "{s}"
+    );
+    ensure!(
+        s["members"][0]["voter"] == true && s["members"][0]["addr"] == c.nodes[0].addr.as_str(),
+        "{s}"
+    );
+    ensure!(
+        s["nodes"][0]["role"] == "server" && s["nodes"][0]["healthy"] == true,
+        "{s}"
+    );
+    ensure!(s["nodes"][0]["cpus"].as_u64().unwrap_or(0) >= 1, "{s}");
+    let out = cli(&["status"])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        text.contains("node 1 is leader") && text.contains("ID  ADDRESS"),
+        "{text}"
+    );
+    let out = cli(&["token", "--json", "--ttl", "120"])?;
+    let t: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(
+        t["ttl_s"] == 120
+            && t["token"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("boxd1.127.0.0.1:7321.")),
+        "{t}"
+    );
+    let out = cli(&["add-voter", "42"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("not in the cluster") && err.contains("join"),
+        "{err}"
+    );
+    let out = cli(&["remove", "1"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success() && err.contains("last voter"), "{err}");
+    let out = cli(&["join", "not-a-token", "--listen", "127.0.0.1:7399"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success() && err.contains("boxd1."), "{err}");
+    let out = cli(&["init", "--listen", "127.0.0.1:7398"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("already holds a node"),
+        "{err}"
+    );
+    // No node running on a directory: the error says what to start.
+    let out = std::process::Command::new(&boxd)
+        .args(["cluster", "status", "--data-dir", "/nonexistent/boxd"])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && err.contains("boxd control run"),
+        "{err}"
+    );
+    Ok(())
+}
