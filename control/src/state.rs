@@ -53,6 +53,9 @@ const MIGRATIONS: &[&str] = &[
                          actor TEXT NOT NULL, op TEXT NOT NULL, args TEXT NOT NULL,
                          result TEXT NOT NULL);
      CREATE INDEX audit_actor ON audit(actor);",
+    // 2: registration of unknown keys: invites and the allow-list.
+    "CREATE TABLE invites (hash TEXT PRIMARY KEY, expires_ms INTEGER NOT NULL, used_by TEXT);
+     CREATE TABLE allowlist (fingerprint TEXT PRIMARY KEY);",
 ];
 
 /// How long a request id is remembered for deduplication (a client retrying later than
@@ -345,44 +348,48 @@ fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
             name,
             public_key,
         } => {
-            if !valid_label(name) {
-                return Err(AppError::Invalid(format!(
-                    "user name {name:?} is not a DNS label (a-z, 0-9, '-', at most 63)"
-                )));
-            }
-            if exists(
-                tx,
-                "SELECT 1 FROM users WHERE fingerprint = ?1",
-                [fingerprint],
-            )? {
-                return Err(AppError::AlreadyExists(format!(
-                    "a user with key {fingerprint} exists"
-                )));
-            }
-            if exists(tx, "SELECT 1 FROM users WHERE name = ?1", [name])? {
-                return Err(AppError::AlreadyExists(format!(
-                    "user name {name:?} is taken; pick another"
-                )));
-            }
-            if exists(
-                tx,
-                "SELECT 1 FROM keys WHERE fingerprint = ?1",
-                [fingerprint],
-            )? {
-                return Err(AppError::AlreadyExists(format!(
-                    "key {fingerprint} belongs to another user"
-                )));
-            }
-            exec(tx,
-                "INSERT INTO users (fingerprint, name, created_ms, machine_quota) VALUES (?1, ?2, ?3, ?4)",
-                params![fingerprint, name, now, DEFAULT_MACHINE_QUOTA],
-            )
-            .map_err(sql)?;
+            create_user(tx, fingerprint, name, public_key, now)?;
+            Ok(Applied::Done)
+        }
+        Command::Register {
+            fingerprint,
+            public_key,
+            name_hint,
+            invite,
+        } => register(
+            tx,
+            fingerprint,
+            public_key,
+            name_hint,
+            invite.as_deref(),
+            now,
+        ),
+        Command::CreateInvite { hash, expires_ms } => {
             exec(
                 tx,
-                "INSERT INTO keys (fingerprint, user, public_key) VALUES (?1, ?1, ?2)",
-                params![fingerprint, public_key],
+                "INSERT OR IGNORE INTO invites (hash, expires_ms, used_by) VALUES (?1, ?2, NULL)",
+                params![hash, expires_ms],
             )
+            .map_err(sql)?;
+            Ok(Applied::Done)
+        }
+        Command::AllowKey {
+            fingerprint,
+            allowed,
+        } => {
+            if *allowed {
+                exec(
+                    tx,
+                    "INSERT OR IGNORE INTO allowlist (fingerprint) VALUES (?1)",
+                    [fingerprint],
+                )
+            } else {
+                exec(
+                    tx,
+                    "DELETE FROM allowlist WHERE fingerprint = ?1",
+                    [fingerprint],
+                )
+            }
             .map_err(sql)?;
             Ok(Applied::Done)
         }
@@ -710,6 +717,169 @@ fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
             Ok(Applied::Done)
         }
     }
+}
+
+fn create_user(
+    tx: &Connection,
+    fingerprint: &str,
+    name: &str,
+    public_key: &str,
+    now: u64,
+) -> Res<()> {
+    if !valid_label(name) {
+        return Err(AppError::Invalid(format!(
+            "user name {name:?} is not a DNS label (a-z, 0-9, '-', at most 63)"
+        )));
+    }
+    if exists(
+        tx,
+        "SELECT 1 FROM users WHERE fingerprint = ?1",
+        [fingerprint],
+    )? {
+        return Err(AppError::AlreadyExists(format!(
+            "a user with key {fingerprint} exists"
+        )));
+    }
+    if exists(tx, "SELECT 1 FROM users WHERE name = ?1", [name])? {
+        return Err(AppError::AlreadyExists(format!(
+            "user name {name:?} is taken; pick another"
+        )));
+    }
+    if exists(
+        tx,
+        "SELECT 1 FROM keys WHERE fingerprint = ?1",
+        [fingerprint],
+    )? {
+        return Err(AppError::AlreadyExists(format!(
+            "key {fingerprint} belongs to another user"
+        )));
+    }
+    exec(
+        tx,
+        "INSERT INTO users (fingerprint, name, created_ms, machine_quota) VALUES (?1, ?2, ?3, ?4)",
+        params![fingerprint, name, now, DEFAULT_MACHINE_QUOTA],
+    )
+    .map_err(sql)?;
+    exec(
+        tx,
+        "INSERT INTO keys (fingerprint, user, public_key) VALUES (?1, ?1, ?2)",
+        params![fingerprint, public_key],
+    )
+    .map_err(sql)?;
+    Ok(())
+}
+
+/// A user name from what the client offered (the SSH user name, say): a DNS label,
+/// made unique with a numeric suffix.
+fn user_name(tx: &Connection, hint: &str) -> Res<String> {
+    let mut base: String = hint
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_lowercase() || c.is_ascii_digit() {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    base = base
+        .trim_matches('-')
+        .chars()
+        .take(40)
+        .collect::<String>()
+        .trim_end_matches('-')
+        .to_string();
+    if base.is_empty() {
+        base = "user".into();
+    }
+    for n in 1..=1000u32 {
+        let name = if n == 1 {
+            base.clone()
+        } else {
+            format!("{base}-{n}")
+        };
+        if !exists(tx, "SELECT 1 FROM users WHERE name = ?1", [&name])? {
+            return Ok(name);
+        }
+    }
+    Err(AppError::AlreadyExists(format!(
+        "no free user name near {base:?}; offer another"
+    )))
+}
+
+/// An unknown key's first connection: an account, if the registration policy (setting
+/// `registration`: open (default), invite or allowlist) lets it in.
+fn register(
+    tx: &Connection,
+    fingerprint: &str,
+    public_key: &str,
+    hint: &str,
+    invite: Option<&str>,
+    now: u64,
+) -> Res<Applied> {
+    if let Some(name) = row1(
+        tx,
+        "SELECT user FROM keys WHERE fingerprint = ?1",
+        [fingerprint],
+        |r| r.get::<_, String>(0),
+    )
+    .optional()
+    .map_err(sql)?
+    {
+        return Err(AppError::AlreadyExists(format!(
+            "key {fingerprint} is already registered (user {name})"
+        )));
+    }
+    let policy: String = row1(
+        tx,
+        "SELECT value FROM settings WHERE key = 'registration'",
+        [],
+        |r| r.get(0),
+    )
+    .optional()
+    .map_err(sql)?
+    .unwrap_or_else(|| "open".into());
+    match policy.as_str() {
+        "open" => {}
+        "invite" => {
+            let Some(hash) = invite else {
+                return Err(AppError::Forbidden(
+                    "registration here needs an invite; ask the operator for one".into(),
+                ));
+            };
+            let n = exec(
+                tx,
+                "UPDATE invites SET used_by = ?2 WHERE hash = ?1 AND used_by IS NULL AND expires_ms >= ?3",
+                params![hash, fingerprint, now],
+            )
+            .map_err(sql)?;
+            if n == 0 {
+                return Err(AppError::TokenRejected(
+                    "invite unknown, already used or expired; ask the operator for another".into(),
+                ));
+            }
+        }
+        "allowlist" => {
+            if !exists(
+                tx,
+                "SELECT 1 FROM allowlist WHERE fingerprint = ?1",
+                [fingerprint],
+            )? {
+                return Err(AppError::Forbidden(format!(
+                    "key {fingerprint} is not on this server's allow-list; ask the operator to add it"
+                )));
+            }
+        }
+        other => {
+            return Err(AppError::Invalid(format!(
+                "registration policy {other:?} is unknown (open, invite or allowlist)"
+            )));
+        }
+    }
+    let name = user_name(tx, hint)?;
+    create_user(tx, fingerprint, &name, public_key, now)?;
+    Ok(Applied::User { name })
 }
 
 fn exists(tx: &Connection, q: &str, p: impl rusqlite::Params) -> Res<bool> {
@@ -1630,6 +1800,119 @@ mod tests {
                 "ok",
                 "ok"
             ]
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn unknown_keys_register_by_policy() {
+        let dir = std::env::temp_dir().join(format!("boxd-register-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut sm = StateMachine::open(&dir.join("state.db")).unwrap();
+        let reg = |fp: &str, hint: &str, invite: Option<&str>| Command::Register {
+            fingerprint: fp.into(),
+            public_key: format!("ssh-ed25519 {fp}"),
+            name_hint: hint.into(),
+            invite: invite.map(String::from),
+        };
+        let policy = |p: &str| Command::SetSetting {
+            key: "registration".into(),
+            value: p.into(),
+        };
+        let cmds = vec![
+            reg("SHA256:a", "Alice.Smith", None), // open by default: alice-smith
+            reg("SHA256:b", "alice.smith", None), // taken: alice-smith-2
+            reg("SHA256:a", "again", None),       // a key registers once
+            reg("SHA256:c", "---", None),         // nothing usable: user
+            policy("invite"),
+            reg("SHA256:d", "dan", None),
+            Command::CreateInvite {
+                hash: "h1".into(),
+                expires_ms: 5000,
+            },
+            reg("SHA256:d", "dan", Some("h9")),
+            reg("SHA256:d", "dan", Some("h1")),
+            reg("SHA256:e", "eve", Some("h1")), // spent
+            policy("allowlist"),
+            reg("SHA256:f", "fay", None),
+            Command::AllowKey {
+                fingerprint: "SHA256:f".into(),
+                allowed: true,
+            },
+            reg("SHA256:f", "fay", None),
+            policy("closed"),
+            reg("SHA256:g", "gus", None),
+        ];
+        let entries: Vec<Entry> = cmds
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| entry(i as u64 + 1, c))
+            .collect();
+        let replies: Vec<Reply> = sm
+            .apply(entries)
+            .await
+            .unwrap()
+            .into_iter()
+            .flatten()
+            .collect();
+        let got: Vec<String> = replies
+            .iter()
+            .map(|r| match &r.result {
+                Ok(Applied::User { name }) => name.clone(),
+                Ok(_) => "ok".into(),
+                Err(e) => e.code().into(),
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "alice-smith",
+                "alice-smith-2",
+                "already_exists",
+                "user",
+                "ok",
+                "forbidden",
+                "ok",
+                "token_rejected",
+                "dan",
+                "token_rejected",
+                "ok",
+                "forbidden",
+                "ok",
+                "fay",
+                "ok",
+                "invalid"
+            ]
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_older_schema_is_migrated_and_a_newer_one_refused() {
+        let dir = std::env::temp_dir().join(format!("boxd-migrate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.db");
+        {
+            // A database as the first schema left it.
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(&format!("{}; PRAGMA user_version = 1;", MIGRATIONS[0]))
+                .unwrap();
+        }
+        let c = open_db(&path).unwrap();
+        let v: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v as usize, MIGRATIONS.len());
+        c.execute("INSERT INTO allowlist (fingerprint) VALUES ('x')", [])
+            .unwrap();
+        c.execute_batch("PRAGMA user_version = 99").unwrap();
+        drop(c);
+        let err = open_db(&path).expect_err("newer schema").to_string();
+        assert!(
+            err.contains("newer") && err.contains("do not delete"),
+            "{err}"
         );
         let _ = std::fs::remove_dir_all(&dir);
     }

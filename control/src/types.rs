@@ -76,6 +76,25 @@ pub enum Command {
         name: String,
         public_key: String,
     },
+    /// An unknown key's first connection: registers an account if the policy allows.
+    Register {
+        fingerprint: String,
+        public_key: String,
+        /// What the client offered as a name (the SSH user name); made a unique label.
+        name_hint: String,
+        /// The SHA-256 of an invite's secret, when the policy is `invite`.
+        invite: Option<String>,
+    },
+    /// An invite for `registration = invite` (only its hash is stored).
+    CreateInvite {
+        hash: String,
+        expires_ms: u64,
+    },
+    /// Puts a key on (or takes it off) the allow-list for `registration = allowlist`.
+    AllowKey {
+        fingerprint: String,
+        allowed: bool,
+    },
     AddKey {
         user: String,
         fingerprint: String,
@@ -167,6 +186,9 @@ impl Command {
         match self {
             Command::SetSetting { .. } => "set_setting",
             Command::CreateUser { .. } => "create_user",
+            Command::Register { .. } => "register",
+            Command::CreateInvite { .. } => "create_invite",
+            Command::AllowKey { .. } => "allow_key",
             Command::AddKey { .. } => "add_key",
             Command::RemoveKey { .. } => "remove_key",
             Command::SetQuota { .. } => "set_quota",
@@ -191,13 +213,17 @@ impl Command {
     pub fn summary(&self) -> String {
         match self {
             Command::SetClusterCa { .. } => String::new(),
-            Command::CreateJoinToken { expires_ms, .. } => format!("expires_ms={expires_ms}"),
+            Command::CreateJoinToken { expires_ms, .. }
+            | Command::CreateInvite { expires_ms, .. } => {
+                format!("expires_ms={expires_ms}")
+            }
             Command::ConsumeJoinToken { addr, role, .. } => format!("addr={addr} role={role:?}"),
             other => {
                 let mut v = serde_json::to_value(other).unwrap_or_default();
                 if let Some(m) = v.as_object_mut() {
                     m.remove("op");
                     m.remove("public_key");
+                    m.remove("invite");
                 }
                 v.to_string()
             }
@@ -221,6 +247,10 @@ pub enum Applied {
     Machine(Machine),
     Node {
         id: NodeId,
+    },
+    /// A registered account's name.
+    User {
+        name: String,
     },
     /// The setting's previous value.
     Setting {
@@ -246,6 +276,8 @@ pub enum AppError {
     NoCapacity(String),
     #[error("{0}")]
     TokenRejected(String),
+    #[error("{0}")]
+    Forbidden(String),
     /// This node's database failed while applying; never replicated as a result.
     #[error("internal: {0}")]
     Internal(String),
@@ -262,6 +294,7 @@ impl AppError {
             AppError::PoolExhausted(_) => "pool_exhausted",
             AppError::NoCapacity(_) => "no_capacity",
             AppError::TokenRejected(_) => "token_rejected",
+            AppError::Forbidden(_) => "forbidden",
             AppError::Internal(_) => "internal",
         }
     }
