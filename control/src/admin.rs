@@ -20,7 +20,7 @@ pub const MAX_CONNECTIONS: usize = 256;
 #[serde(tag = "req", rename_all = "snake_case")]
 pub enum AdminRequest {
     Status,
-    /// A command; `at_ms` 0 means "stamp it now", an empty id means "make one".
+    /// A command (the leader stamps `at_ms`); an empty id means "make one".
     Write(Request),
     Read {
         query: Query,
@@ -114,9 +114,6 @@ async fn handle(node: &Node, req: AdminRequest) -> String {
     match req {
         AdminRequest::Status => encode(Ok(node.status())),
         AdminRequest::Write(mut r) => {
-            if r.at_ms == 0 {
-                r.at_ms = crate::node::now_ms();
-            }
             if r.id.is_empty() {
                 r.id = crate::node::new_request_id();
             }

@@ -303,13 +303,7 @@ async fn proposer(raft: Raft, mut queue: tokio::sync::mpsc::Receiver<Waiting>) {
                     }
                 }
                 Err(e) => {
-                    let err = match e.forward_to_leader() {
-                        Some(f) => f
-                            .leader_id
-                            .map(CallError::NotLeader)
-                            .unwrap_or(CallError::NoLeader),
-                        None => CallError::Raft(e.to_string()),
-                    };
+                    let err = leader_error(&e);
                     for w in waiters {
                         let _ = w.send(Err(err.clone()));
                     }
@@ -444,7 +438,7 @@ impl Node {
         Request {
             actor: actor.into(),
             id: new_request_id(),
-            at_ms: now_ms(),
+            at_ms: 0, // stamped by the leader's proposer
             cmd,
         }
     }
@@ -556,13 +550,7 @@ impl Node {
                 .state
                 .query(&q)
                 .map_err(|e| CallError::Raft(e.to_string())),
-            Err(e) => Err(match e.forward_to_leader() {
-                Some(f) => f
-                    .leader_id
-                    .map(CallError::NotLeader)
-                    .unwrap_or(CallError::NoLeader),
-                None => CallError::Raft(e.to_string()),
-            }),
+            Err(e) => Err(leader_error(&e)),
         }
     }
 
@@ -575,15 +563,7 @@ impl Node {
         let map = |e: openraft::error::RaftError<
             NodeId,
             openraft::error::ClientWriteError<NodeId, PeerAddr>,
-        >| {
-            match e.forward_to_leader() {
-                Some(f) => f
-                    .leader_id
-                    .map(CallError::NotLeader)
-                    .unwrap_or(CallError::NoLeader),
-                None => CallError::Raft(e.to_string()),
-            }
-        };
+        >| leader_error(&e);
         let membership = self.raft.metrics().borrow().membership_config.clone();
         let known = |id: NodeId| membership.membership().get_node(&id).is_some();
         match op {
@@ -752,7 +732,7 @@ impl Node {
         let consume = Request {
             actor: "join".into(),
             id: format!("join:{hash}"),
-            at_ms: now_ms(),
+            at_ms: 0, // stamped by the leader's proposer
             cmd: Command::ConsumeJoinToken {
                 hash: hash.clone(),
                 addr: req.addr.clone(),
@@ -774,7 +754,7 @@ impl Node {
         let register = Request {
             actor: format!("node:{id}"),
             id: format!("join-register:{hash}"),
-            at_ms: now_ms(),
+            at_ms: 0, // stamped by the leader's proposer
             cmd: Command::RegisterNode {
                 id,
                 addr: req.addr.clone(),
@@ -812,12 +792,6 @@ impl Node {
             cert_pem,
             ca_pem,
         })
-    }
-
-    /// Waits (bounded) until this node's state machine has applied `index`.
-    pub async fn wait_applied(&self, index: u64) {
-        let mut w = self.state.watch_applied();
-        let _ = tokio::time::timeout(REQUEST_TIMEOUT, w.wait_for(|&a| a >= index)).await;
     }
 
     pub fn status(&self) -> Status {
@@ -1011,6 +985,21 @@ impl Node {
             }
             Rpc::Ping => encode(Ok(self.cfg.id)),
         }
+    }
+}
+
+/// A Raft API error as callers see it: "not the leader, try node N" (or "no leader
+/// yet"), which [`Node::via_leader`] retries, or anything else.
+fn leader_error<E>(e: &openraft::error::RaftError<NodeId, E>) -> CallError
+where
+    E: std::error::Error + openraft::TryAsRef<openraft::error::ForwardToLeader<NodeId, PeerAddr>>,
+{
+    match e.forward_to_leader() {
+        Some(f) => f
+            .leader_id
+            .map(CallError::NotLeader)
+            .unwrap_or(CallError::NoLeader),
+        None => CallError::Raft(e.to_string()),
     }
 }
 

@@ -149,6 +149,14 @@ pub struct StateMachine {
     snapshot: Arc<Mutex<Option<CurrentSnapshot>>>,
     snapshot_seq: Arc<std::sync::atomic::AtomicU64>,
     applied: tokio::sync::watch::Sender<u64>,
+    /// Removed node ids, kept in memory: node RPC checks every request against it.
+    revoked: Arc<std::sync::RwLock<std::collections::HashSet<NodeId>>>,
+}
+
+fn load_revoked(conn: &Connection) -> rusqlite::Result<std::collections::HashSet<NodeId>> {
+    conn.prepare("SELECT id FROM revoked")?
+        .query_map([], |r| r.get(0))?
+        .collect()
 }
 
 impl StateMachine {
@@ -161,7 +169,12 @@ impl StateMachine {
             })?
             .map(|l| l.index)
             .unwrap_or(0);
+        let revoked = load_revoked(&conn).map_err(|e| StateError::Sql {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
         Ok(Self {
+            revoked: Arc::new(std::sync::RwLock::new(revoked)),
             db: Arc::new(Mutex::new(conn)),
             path: path.to_path_buf(),
             snapshot: Arc::default(),
@@ -205,11 +218,17 @@ impl StateMachine {
 
     /// Whether node `id` was removed from the cluster (its certificate is refused).
     pub fn is_revoked(&self, id: NodeId) -> bool {
-        let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
-        row1(&db, "SELECT 1 FROM revoked WHERE id = ?1", [id], |_| Ok(()))
-            .optional()
-            .map(|o| o.is_some())
-            .unwrap_or(false)
+        self.revoked
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&id)
+    }
+
+    /// Re-reads the removed node ids (after an apply that removed one, or an install).
+    fn reload_revoked(&self, db: &Connection) -> Result<(), StorageError> {
+        let set = load_revoked(db).map_err(|e| self.storage_err(e))?;
+        *self.revoked.write().unwrap_or_else(|p| p.into_inner()) = set;
+        Ok(())
     }
 
     /// The cluster CA's certificate, once `SetClusterCa` has been applied.
@@ -497,21 +516,7 @@ fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
                 return Err(AppError::AlreadyExists(format!("pool {name:?} exists")));
             }
             let (lo, hi) = pool_range(network, prefix);
-            let mut stmt = tx
-                .prepare("SELECT name, network, prefix FROM pools")
-                .map_err(sql)?;
-            let pools = stmt
-                .query_map([], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, u32>(1)?,
-                        r.get::<_, u8>(2)?,
-                    ))
-                })
-                .map_err(sql)?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(sql)?;
-            for (other, n, p) in pools {
+            for (other, n, p) in pools(tx)? {
                 let (olo, ohi) = pool_range(n, p);
                 if lo <= ohi && olo <= hi {
                     return Err(AppError::AlreadyExists(format!(
@@ -1067,22 +1072,19 @@ fn schedule(tx: &Connection, spec: &MachineSpec) -> Res<NodeId> {
     }
 }
 
-/// The lowest free address of the first pool (by name) that has one.
-fn allocate(tx: &Connection) -> Res<(String, u32)> {
-    let mut stmt = tx
-        .prepare("SELECT name, network, prefix FROM pools ORDER BY name")
-        .map_err(sql)?;
-    let pools = stmt
-        .query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, u32>(1)?,
-                r.get::<_, u8>(2)?,
-            ))
-        })
+/// Address pools by name: (name, network, prefix length).
+fn pools(tx: &Connection) -> Res<Vec<(String, u32, u8)>> {
+    tx.prepare_cached("SELECT name, network, prefix FROM pools ORDER BY name")
+        .map_err(sql)?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .map_err(sql)?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(sql)?;
+        .map_err(sql)
+}
+
+/// The lowest free address of the first pool (by name) that has one.
+fn allocate(tx: &Connection) -> Res<(String, u32)> {
+    let pools = pools(tx)?;
     if pools.is_empty() {
         return Err(AppError::PoolExhausted(
             "no address pool is configured; add one (`AddPool`)".into(),
@@ -1350,16 +1352,22 @@ impl openraft::storage::RaftStateMachine<TypeConfig> for StateMachine {
             let mut db = self.db.lock().unwrap_or_else(|p| p.into_inner());
             let mut tx = db.transaction().map_err(|e| self.storage_err(e))?;
             let mut last = None;
+            let mut removed_node = false;
             for entry in entries {
                 let index = entry.log_id.index;
                 let reply = match entry.payload {
                     openraft::EntryPayload::Blank => Vec::new(),
-                    openraft::EntryPayload::Normal(ref p) => p
-                        .requests
-                        .iter()
-                        .map(|req| apply_request(&mut tx, req, index))
-                        .collect::<Result<Vec<_>, _>>()
-                        .map_err(|e| self.storage_err(e))?,
+                    openraft::EntryPayload::Normal(ref p) => {
+                        removed_node |= p
+                            .requests
+                            .iter()
+                            .any(|r| matches!(r.cmd, Command::RemoveNode { .. }));
+                        p.requests
+                            .iter()
+                            .map(|req| apply_request(&mut tx, req, index))
+                            .collect::<Result<Vec<_>, _>>()
+                            .map_err(|e| self.storage_err(e))?
+                    }
                     openraft::EntryPayload::Membership(ref m) => {
                         let sm = StoredMembership::new(Some(entry.log_id), m.clone());
                         set_meta(&tx, "membership", &sm).map_err(|e| self.storage_err(e))?;
@@ -1373,6 +1381,9 @@ impl openraft::storage::RaftStateMachine<TypeConfig> for StateMachine {
                 set_meta(&tx, "applied", &l).map_err(|e| self.storage_err(e))?;
             }
             tx.commit().map_err(|e| self.storage_err(e))?;
+            if removed_node {
+                self.reload_revoked(&db)?;
+            }
             last
         };
         if let Some(l) = last {
@@ -1475,6 +1486,7 @@ impl StateMachine {
                 let _ = std::fs::remove_file(self.path.with_extension(ext));
             }
             *db = open_db(&self.path).map_err(|e| bad(e.to_string()))?;
+            self.reload_revoked(&db)?;
         }
         self.keep_snapshot(meta.clone(), bytes);
         if let Some(l) = meta.last_log_id {
@@ -1536,6 +1548,14 @@ mod tests {
     use super::*;
     use openraft::storage::RaftStateMachine;
 
+    /// An empty directory of this test process's own.
+    fn scratch(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("boxd-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
     fn entry(index: u64, cmd: Command) -> Entry {
         Entry {
             log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
@@ -1552,9 +1572,7 @@ mod tests {
 
     #[tokio::test]
     async fn commands_apply_refuse_cleanly_and_snapshot() {
-        let dir = std::env::temp_dir().join(format!("boxd-state-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch("state");
         let mut sm = StateMachine::open(&dir.join("state.db")).unwrap();
         let spec = MachineSpec {
             cpus: 1,
@@ -1695,9 +1713,7 @@ mod tests {
 
     #[tokio::test]
     async fn teams_share_a_pool_of_vcpus_and_memory() {
-        let dir = std::env::temp_dir().join(format!("boxd-teams-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch("teams");
         let mut sm = StateMachine::open(&dir.join("state.db")).unwrap();
         let spec = MachineSpec {
             cpus: 2,
@@ -1806,9 +1822,7 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_keys_register_by_policy() {
-        let dir = std::env::temp_dir().join(format!("boxd-register-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch("register");
         let mut sm = StateMachine::open(&dir.join("state.db")).unwrap();
         let reg = |fp: &str, hint: &str, invite: Option<&str>| Command::Register {
             fingerprint: fp.into(),
@@ -1890,9 +1904,7 @@ mod tests {
 
     #[test]
     fn an_older_schema_is_migrated_and_a_newer_one_refused() {
-        let dir = std::env::temp_dir().join(format!("boxd-migrate-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch("migrate");
         let path = dir.join("state.db");
         {
             // A database as the first schema left it.
@@ -1919,9 +1931,7 @@ mod tests {
 
     #[test]
     fn a_corrupt_database_is_refused_with_the_way_out() {
-        let dir = std::env::temp_dir().join(format!("boxd-corrupt-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch("corrupt");
         let path = dir.join("state.db");
         drop(open_db(&path).unwrap());
         let mut bytes = std::fs::read(&path).unwrap();

@@ -56,8 +56,9 @@ pub struct Request {
     /// Unique per logical request; a retry after a lost reply carries the same id and
     /// gets the first reply back instead of applying twice. Empty: no deduplication.
     pub id: String,
-    /// Milliseconds since the Unix epoch, stamped before proposing: applying never
-    /// reads the clock, so every node computes the same state.
+    /// Milliseconds since the Unix epoch, stamped by the leader as it proposes (what a
+    /// client sets is overwritten): applying never reads the clock, so every node
+    /// computes the same state.
     pub at_ms: u64,
     pub cmd: Command,
 }

@@ -3,6 +3,7 @@
 //! taking its bridge port down), or all on loopback. Driven through each node's real
 //! admin socket; killed with SIGKILL and restarted on the same data directory.
 
+use crate::bpf::run_ok;
 use crate::net::Netns;
 use anyhow::{Context, Result, bail};
 use boxd_control::admin::{AdminRequest, Client};
@@ -29,19 +30,16 @@ pub struct Cluster {
     root: PathBuf,
 }
 
-fn run(c: &mut Command) -> Result<String> {
-    let out = c
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {c:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{c:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+/// Waits until a node's admin socket answers (it opens once the node is set up).
+pub fn wait_admin(sock: &Path, within: Duration) -> Result<()> {
+    let deadline = Instant::now() + within;
+    while Client::connect(sock, Duration::from_secs(1)).is_err() {
+        if Instant::now() > deadline {
+            bail!("{} did not open within {within:?}", sock.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(())
 }
 
 impl Cluster {
@@ -123,7 +121,7 @@ impl Cluster {
 
     /// Init node 1, join the others with tokens, make them all voters.
     fn form(&mut self) -> Result<()> {
-        run(&mut self.cmd(
+        run_ok(self.cmd(
             0,
             &["cluster", "init", "--listen", &self.nodes[0].addr.clone()],
         ))?;
@@ -131,13 +129,13 @@ impl Cluster {
         for i in 1..self.nodes.len() {
             let token: String = self.client(0)?.call(&AdminRequest::Token { ttl_s: 600 })?;
             let addr = self.nodes[i].addr.clone();
-            let out = run(&mut self.cmd(
+            let out = run_ok(self.cmd(
                 i,
                 &[
                     "cluster", "join", &token, "--listen", &addr, "--role", "server", "--json",
                 ],
             ))?;
-            let id = serde_json::from_str::<serde_json::Value>(&out)?["id"]
+            let id = serde_json::from_slice::<serde_json::Value>(&out.stdout)?["id"]
                 .as_u64()
                 .context("join printed no id")?;
             if id != self.nodes[i].id {
@@ -159,19 +157,8 @@ impl Cluster {
             .stdin(Stdio::null());
         let child = c.spawn().context("starting boxd control run")?;
         self.nodes[i].child = Some(child);
-        let sock = self.nodes[i].dir.join("admin.sock");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Client::connect(&sock, Duration::from_secs(1)).is_err() {
-            if Instant::now() > deadline {
-                bail!(
-                    "node {} did not open its admin socket: {}",
-                    i + 1,
-                    self.log(i)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(())
+        wait_admin(&self.socket(i), Duration::from_secs(20))
+            .with_context(|| format!("node {}: {}", i + 1, self.log(i)))
     }
 
     /// SIGKILL: no shutdown, nothing flushed that wasn't already.

@@ -670,11 +670,7 @@ fn the_data_path_follows_the_replicated_state() -> Result<()> {
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .spawn()?;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Client::connect(&dir.join("admin.sock"), Duration::from_secs(1)).is_err() {
-            ensure!(Instant::now() < deadline, "the node did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        boxd_tests::cluster::wait_admin(&dir.join("admin.sock"), Duration::from_secs(20))?;
         Ok(child)
     };
     struct Kill(std::process::Child);

@@ -57,7 +57,7 @@ pub enum ClusterCommand {
     /// Print a one-time join token.
     Token {
         /// How long the token is valid, in seconds (60 to 604800).
-        #[arg(long, default_value_t = 3600)]
+        #[arg(long, default_value_t = node::TOKEN_TTL.as_secs())]
         ttl: u64,
         #[arg(long)]
         json: bool,
