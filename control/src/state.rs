@@ -1186,6 +1186,47 @@ fn nodes(db: &Connection) -> rusqlite::Result<Vec<NodeRow>> {
     .collect()
 }
 
+/// The account `key` (a key fingerprint, or the account's id) belongs to, with all its keys.
+fn user_by_key(db: &Connection, key: &str) -> rusqlite::Result<Option<UserInfo>> {
+    let Some(mut user) = row1(
+        db,
+        "SELECT u.fingerprint, u.name, u.created_ms, u.machine_quota, u.team,
+                (SELECT COUNT(*) FROM machines m WHERE m.owner = u.fingerprint)
+           FROM users u
+          WHERE u.fingerprint = (SELECT user FROM keys WHERE fingerprint = ?1)
+             OR u.fingerprint = ?1
+          LIMIT 1",
+        [key],
+        |r| {
+            Ok(UserInfo {
+                id: r.get(0)?,
+                name: r.get(1)?,
+                created_ms: r.get(2)?,
+                machine_quota: r.get(3)?,
+                team: r.get(4)?,
+                machines: r.get(5)?,
+                keys: Vec::new(),
+            })
+        },
+    )
+    .optional()?
+    else {
+        return Ok(None);
+    };
+    let mut stmt = db.prepare_cached(
+        "SELECT fingerprint, public_key FROM keys WHERE user = ?1 ORDER BY rowid",
+    )?;
+    user.keys = stmt
+        .query_map([&user.id], |r| {
+            Ok(KeyRow {
+                fingerprint: r.get(0)?,
+                public_key: r.get(1)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(Some(user))
+}
+
 /// Answers a read.
 pub fn query(db: &Connection, q: &Query) -> rusqlite::Result<QueryReply> {
     Ok(match q {
@@ -1224,7 +1265,8 @@ pub fn query(db: &Connection, q: &Query) -> rusqlite::Result<QueryReply> {
         Query::Audit { actor, limit } => {
             let mut stmt = db.prepare_cached(
                 "SELECT idx, at_ms, actor, op, args, result FROM audit
-                 WHERE ?1 IS NULL OR actor = ?1 ORDER BY seq DESC LIMIT ?2",
+                 WHERE ?1 IS NULL OR actor = ?1 OR substr(actor, 1, length(?1) + 1) = ?1 || '@'
+                 ORDER BY seq DESC LIMIT ?2",
             )?;
             let entries = stmt
                 .query_map(params![actor, (*limit).min(10_000)], |r| {
@@ -1240,6 +1282,9 @@ pub fn query(db: &Connection, q: &Query) -> rusqlite::Result<QueryReply> {
                 .collect::<Result<_, _>>()?;
             QueryReply::Audit { entries }
         }
+        Query::UserByKey { key } => QueryReply::User {
+            user: user_by_key(db, key)?,
+        },
         Query::Counts => {
             let applied = read_applied(db)?.map(|l| l.index).unwrap_or(0);
             let mut tables = Vec::new();

@@ -451,6 +451,11 @@ pub enum Query {
     },
     /// How many rows every table holds, and the applied index: for consistency checks.
     Counts,
+    /// The account a public key (by its SHA256 fingerprint) belongs to; an account's
+    /// id (the fingerprint it registered with) finds it too.
+    UserByKey {
+        key: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -478,4 +483,25 @@ pub enum QueryReply {
         applied: u64,
         tables: Vec<(String, u64)>,
     },
+    User {
+        user: Option<UserInfo>,
+    },
+}
+
+/// An account: its id is the fingerprint of the key it registered with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserInfo {
+    pub id: String,
+    pub name: String,
+    pub created_ms: u64,
+    pub machine_quota: u32,
+    pub machines: u32,
+    pub team: Option<String>,
+    pub keys: Vec<KeyRow>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRow {
+    pub fingerprint: String,
+    pub public_key: String,
 }

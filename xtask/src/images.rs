@@ -58,7 +58,8 @@ const GUEST_MODULES: &[&str] = &[
     "virtio_net",
     "vmw_vsock_virtio_transport",
 ];
-/// Modules the emulated KVM host's initramfs loads to reach its virtiofs root.
+/// Modules the emulated KVM host's initramfs loads (its virtiofs root, KVM, and what
+/// tests need; module autoloading cannot work there: /lib/modules is the outer host's).
 const TESTHOST_MODULES: &[&str] = &[
     "virtio_pci",
     "virtiofs",
@@ -67,6 +68,11 @@ const TESTHOST_MODULES: &[&str] = &[
     "kvm_amd",
     "tun",
     "vhost_vsock",
+    // Network namespaces joined by veth pairs, and the pre-TCX attachment of the VM
+    // program (clsact qdisc + cls_bpf filter): the SSH API's end-to-end tests.
+    "veth",
+    "sch_ingress",
+    "cls_bpf",
 ];
 
 /// The initramfs' `/init`: shell on purpose, so that it is readable and tiny.

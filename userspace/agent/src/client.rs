@@ -75,6 +75,12 @@ impl Agent {
         Ok(s)
     }
 
+    /// A connection that has sent `req`, for callers that drive the frames themselves
+    /// (the SSH gateway relays an exec's frames asynchronously).
+    pub fn open(&self, req: &Request) -> Result<UnixStream> {
+        self.request(req)
+    }
+
     fn request(&self, req: &Request) -> Result<UnixStream> {
         let mut s = self.connect()?;
         write_json(&mut s, Kind::Request, req)?;

@@ -37,7 +37,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn from_u8(b: u8) -> Option<Self> {
+    pub fn from_u8(b: u8) -> Option<Self> {
         Some(match b {
             1 => Kind::Request,
             2 => Kind::Response,

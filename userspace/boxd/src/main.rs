@@ -4,6 +4,8 @@ mod bpf;
 mod cluster;
 mod net;
 mod reconcile;
+mod remote;
+mod server;
 mod signals;
 mod vmm;
 
@@ -55,6 +57,8 @@ enum Command {
     },
     /// The in-guest agent (started by systemd inside every VM).
     Agent,
+    /// Run a whole single node: control plane, worker, network, SSH API (port 2222).
+    Server(server::ServerArgs),
 }
 
 fn main() {
@@ -68,6 +72,21 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
+    // API verbs (`boxd new`, `boxd ls --json`, ...) go to the host: over vsock from
+    // inside a machine, over SSH with BOXD_HOST elsewhere.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args
+        .first()
+        .is_some_and(|a| remote::VERBS.contains(&a.as_str()))
+    {
+        match remote::main(args) {
+            Ok(code) => std::process::exit(code),
+            Err(e) => {
+                eprintln!("boxd: {e:#}");
+                std::process::exit(1);
+            }
+        }
+    }
     let result = match Cli::parse().command {
         Command::Vmm { command } => vmm::main(command),
         Command::Net { command } => net::main(command),
@@ -77,6 +96,7 @@ fn main() {
         Command::Agent => boxd_agent::server::run()
             .map(|()| 0)
             .map_err(|e| anyhow::anyhow!("agent: {e}")),
+        Command::Server(args) => server::main(args),
     };
     match result {
         Ok(code) => std::process::exit(code),
@@ -92,16 +112,24 @@ pub type Exit = anyhow::Result<i32>;
 
 /// Prints rows as an aligned table (the first row is the header).
 pub fn table(rows: Vec<Vec<String>>) {
+    print!("{}", table_string(rows));
+}
+
+/// Rows as an aligned table, one line each.
+pub fn table_string(rows: Vec<Vec<String>>) -> String {
     let cols = rows.first().map_or(0, Vec::len);
     let widths: Vec<usize> = (0..cols)
         .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
         .collect();
+    let mut out = String::new();
     for r in rows {
         let line: Vec<String> = r
             .iter()
             .zip(&widths)
             .map(|(cell, w)| format!("{cell:<w$}"))
             .collect();
-        println!("{}", line.join("  ").trim_end());
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
     }
+    out
 }

@@ -232,6 +232,11 @@ impl PinDir {
     pub fn tc_link(&self, ifindex: u32) -> PathBuf {
         self.link("tc", ifindex)
     }
+    /// The marker of a port whose VM program is a netlink (clsact) filter: kernels
+    /// without TCX.
+    pub fn tc_netlink(&self, ifindex: u32) -> PathBuf {
+        self.link("tcnl", ifindex)
+    }
     /// Whether `up` has run here (the config map is pinned).
     pub fn is_up(&self) -> bool {
         self.map(maps::CONFIG).exists()
@@ -380,15 +385,28 @@ pub fn ensure_bpffs(pin: &PinDir) -> Result<()> {
     Ok(())
 }
 
-/// Loads the object with its maps pinned in (or reused from) the pin directory.
+/// Loads the object with its maps pinned in (or reused from) the pin directory; every
+/// program must pass the verifier.
 pub fn load(pin: &PinDir) -> Result<Ebpf> {
+    let (ebpf, sni) = load_degraded(pin)?;
+    match sni {
+        None => Ok(ebpf),
+        Some(e) => Err(e),
+    }
+}
+
+/// Like [`load`], but a kernel whose verifier rejects the SNI parser (Linux 6.1 tracks
+/// too little about register-to-register bounds for it) still gets the router, the VM
+/// program and the rest: the router's tail call then finds no parser and passes HTTPS
+/// to the proxy untouched (no SNI wake-up, no steering). Returns why SNI is off.
+pub fn load_degraded(pin: &PinDir) -> Result<(Ebpf, Option<DpError>)> {
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(&pin.0);
     let mut ebpf = loader.load(OBJECT).map_err(|e| DpError::Bpf {
         what: "loading the eBPF object".into(),
         detail: chain(&e),
     })?;
-    for name in [progs::ROUTER, progs::SNI, progs::PASS, progs::TX] {
+    for name in [progs::ROUTER, progs::PASS, progs::TX] {
         let p: &mut Xdp = prog_mut(&mut ebpf, name)?;
         p.load().map_err(|e| DpError::Bpf {
             what: format!("verifying {name}"),
@@ -400,6 +418,16 @@ pub fn load(pin: &PinDir) -> Result<Ebpf> {
         what: format!("verifying {}", progs::VM_EGRESS),
         detail: chain(&e),
     })?;
+    let sni: &mut Xdp = prog_mut(&mut ebpf, progs::SNI)?;
+    if let Err(e) = sni.load() {
+        return Ok((
+            ebpf,
+            Some(DpError::Bpf {
+                what: format!("verifying {}", progs::SNI),
+                detail: chain(&e),
+            }),
+        ));
+    }
     // The router tail-calls the SNI parser.
     let sni_fd = prog_mut::<Xdp>(&mut ebpf, progs::SNI)?
         .fd()
@@ -413,7 +441,7 @@ pub fn load(pin: &PinDir) -> Result<Ebpf> {
     .map_err(|e| bpf_err("tail-call map")(chain(&e)))?;
     jump.set(common::JUMP_SNI, &sni_fd, 0)
         .map_err(|e| bpf_err("installing the SNI parser in the tail-call map")(chain(&e)))?;
-    Ok(ebpf)
+    Ok((ebpf, None))
 }
 
 pub(crate) fn prog_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>
@@ -462,7 +490,15 @@ pub fn up(opts: &UpOptions) -> Result<UpReport> {
     for d in [pin.0.clone(), pin.links(), pin.0.join("progs")] {
         std::fs::create_dir_all(&d).map_err(io_err(format!("creating {}", d.display())))?;
     }
-    let mut ebpf = load(pin)?;
+    let (mut ebpf, sni_off) = load_degraded(pin)?;
+    if let Some(e) = &sni_off {
+        let first = e.to_string();
+        let first = first.lines().next().unwrap_or_default().to_string();
+        warnings.push(format!(
+            "this kernel's verifier rejects the SNI parser ({first}): HTTPS steering by SNI and \
+             wake-up on a ClientHello are off; routing, NAT and wake-on-traffic work (Linux 6.6 or newer has both)"
+        ));
+    }
 
     // Configuration before attaching: a router without it passes everything.
     let mut config: Array<_, Config> = Array::try_from(
@@ -477,6 +513,10 @@ pub fn up(opts: &UpOptions) -> Result<UpReport> {
     // Programs are pinned so later commands (the reconciler attaching a new VM port)
     // use the same verified programs without loading the object again.
     for name in [progs::ROUTER, progs::SNI, progs::PASS] {
+        if name == progs::SNI && sni_off.is_some() {
+            let _ = std::fs::remove_file(pin.prog(name));
+            continue;
+        }
         pin_prog(pin, prog_mut::<Xdp>(&mut ebpf, name)?, name)?;
     }
     pin_prog(
@@ -502,6 +542,18 @@ pub fn up(opts: &UpOptions) -> Result<UpReport> {
         prog.attach_to_link(link).map_err(|e| {
             bpf_err(format!("replacing the VM program on ifindex {ifindex}"))(chain(&e))
         })?;
+        ports_replaced += 1;
+    }
+    // Netlink-attached ports (kernels without TCX): swap the filter (detach, attach).
+    for ifindex in pinned_links(pin, "tcnl")? {
+        let Ok(name) = netdev::name(ifindex) else {
+            continue;
+        };
+        let _ =
+            aya::programs::tc::qdisc_detach_program(&name, TcAttachType::Ingress, progs::VM_EGRESS);
+        let prog: &mut SchedClassifier = prog_mut(&mut ebpf, progs::VM_EGRESS)?;
+        attach_port_netlink(pin, prog, &name, ifindex)
+            .map_err(|e| bpf_err(format!("replacing the VM program on {name}"))(e))?;
         ports_replaced += 1;
     }
     // The FIB lookups that send VM traffic out need forwarding on.
@@ -605,22 +657,33 @@ fn attach_xdp(
 }
 
 /// Attaches the VM program (TC ingress: what the VM sends) to a host port; a no-op when
-/// it already is.
+/// it already is. Kernels before 6.6 have no TCX links: there the program goes on a
+/// clsact qdisc through netlink (a `tc` filter), marked by the program pinned at
+/// [`PinDir::tc_netlink`] so later commands know the port is done.
 pub fn attach_port(pin: &PinDir, ifindex: u32) -> Result<bool> {
     let path = pin.tc_link(ifindex);
-    if path.exists() {
+    if path.exists() || pin.tc_netlink(ifindex).exists() {
         return Ok(false);
     }
     let mut prog = SchedClassifier::from_pin(pin.prog(progs::VM_EGRESS))
         .map_err(|e| bpf_err("opening the pinned VM program (run `boxd bpf up`)")(chain(&e)))?;
     let name = netdev::name(ifindex)?;
-    let id = prog
-        .attach_with_options(
-            &name,
-            TcAttachType::Ingress,
-            TcAttachOptions::TcxOrder(LinkOrder::default()),
-        )
-        .map_err(|e| bpf_err(format!("attaching the VM program to {name}"))(chain(&e)))?;
+    let id = match prog.attach_with_options(
+        &name,
+        TcAttachType::Ingress,
+        TcAttachOptions::TcxOrder(LinkOrder::default()),
+    ) {
+        Ok(id) => id,
+        Err(tcx) => {
+            attach_port_netlink(pin, &mut prog, &name, ifindex).map_err(|nl| {
+                bpf_err(format!("attaching the VM program to {name}"))(format!(
+                    "TCX: {}; netlink: {nl}",
+                    chain(&tcx)
+                ))
+            })?;
+            return Ok(true);
+        }
+    };
     let link = prog
         .take_link(id)
         .map_err(|e| bpf_err("taking the TC link")(chain(&e)))?;
@@ -630,8 +693,50 @@ pub fn attach_port(pin: &PinDir, ifindex: u32) -> Result<bool> {
     Ok(true)
 }
 
+/// The pre-TCX way: a direct-action filter on the port's clsact qdisc. The filter lives
+/// with the interface (a netlink attachment is not a pinnable link).
+fn attach_port_netlink(
+    pin: &PinDir,
+    prog: &mut SchedClassifier,
+    name: &str,
+    ifindex: u32,
+) -> std::result::Result<(), String> {
+    use aya::programs::tc::{NlOptions, qdisc_add_clsact};
+    if let Err(e) = qdisc_add_clsact(name) {
+        let text = chain(&e);
+        if !text.contains("exists") {
+            return Err(format!("adding the clsact qdisc: {text}"));
+        }
+    }
+    let id = prog
+        .attach_with_options(
+            name,
+            TcAttachType::Ingress,
+            TcAttachOptions::Netlink(NlOptions::default()),
+        )
+        .map_err(|e| chain(&e))?;
+    // The filter must outlive this process: leak the link handle (dropping it detaches).
+    let link = prog.take_link(id).map_err(|e| chain(&e))?;
+    std::mem::forget(link);
+    let marker = pin.tc_netlink(ifindex);
+    let _ = std::fs::remove_file(&marker);
+    prog.pin_at(&marker)
+}
+
 /// Detaches the VM program from a host port (a missing link is not an error).
 pub fn detach_port(pin: &PinDir, ifindex: u32) -> Result<bool> {
+    let nl = pin.tc_netlink(ifindex);
+    if nl.exists() {
+        if let Ok(name) = netdev::name(ifindex) {
+            let _ = aya::programs::tc::qdisc_detach_program(
+                &name,
+                TcAttachType::Ingress,
+                progs::VM_EGRESS,
+            );
+        }
+        std::fs::remove_file(&nl).map_err(io_err(format!("removing {}", nl.display())))?;
+        return Ok(true);
+    }
     let path = pin.tc_link(ifindex);
     match std::fs::remove_file(&path) {
         Ok(()) => Ok(true),

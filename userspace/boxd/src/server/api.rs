@@ -1,0 +1,1227 @@
+//! The command set users drive over SSH (and machines through their API port): parsing,
+//! authorisation (a caller sees and touches only their own machines), the Raft commands
+//! and reads behind each verb, and the output, as aligned text or one JSON document.
+
+use super::config::Config;
+use super::worker::{Phase, Worker};
+use boxd_agent::proto::{ExitStatus, Kind, Pty, Request as AgentRequest, Resize, Response};
+use boxd_control::node::Node;
+use boxd_control::types::{
+    AppError, Applied, Command, Machine, MachineSpec, MachineState, Query, QueryReply, UserInfo,
+};
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+/// Longest command line accepted.
+pub const MAX_COMMAND: usize = 64 << 10;
+/// Bytes of console a `console` shows by default.
+const CONSOLE_BYTES: u64 = 16 << 10;
+/// How long `stop` waits for the machine to be down before it answers.
+const STOP_WAIT: Duration = Duration::from_secs(45);
+
+/// Output of a command, in order.
+#[derive(Debug)]
+pub enum Out {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
+}
+
+/// Input to a command: the client's stdin and terminal size changes.
+#[derive(Debug)]
+pub enum In {
+    Data(Vec<u8>),
+    Eof,
+    Resize { rows: u16, cols: u16 },
+}
+
+/// A command's channel to its client.
+pub struct Io {
+    pub out: mpsc::Sender<Out>,
+    pub input: mpsc::Receiver<In>,
+    /// The client's terminal, when it asked for one.
+    pub pty: Option<Pty>,
+}
+
+impl Io {
+    /// A pair of ends: the command's `Io` and the transport's side.
+    pub fn pair(pty: Option<Pty>) -> (Io, mpsc::Receiver<Out>, mpsc::Sender<In>) {
+        let (out_tx, out_rx) = mpsc::channel(64);
+        let (in_tx, in_rx) = mpsc::channel(64);
+        (
+            Io {
+                out: out_tx,
+                input: in_rx,
+                pty,
+            },
+            out_rx,
+            in_tx,
+        )
+    }
+
+    pub async fn print(&self, s: impl Into<String>) {
+        let mut s = s.into();
+        if self.pty.is_some() {
+            s = s.replace('\n', "\r\n");
+        }
+        let _ = self.out.send(Out::Stdout(s.into_bytes())).await;
+    }
+
+    pub async fn eprint(&self, s: impl Into<String>) {
+        let mut s = s.into();
+        if self.pty.is_some() {
+            s = s.replace('\n', "\r\n");
+        }
+        let _ = self.out.send(Out::Stderr(s.into_bytes())).await;
+    }
+}
+
+/// Who is calling: an account, through one of its keys or from one of its machines.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub user: UserInfo,
+    /// The key's fingerprint (SSH), or the machine's name (in-VM calls).
+    pub via: String,
+    /// The audit log's actor: `user:<id>`, `user:<id>@vm:<machine>` from a machine.
+    pub actor: String,
+}
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub code: &'static str,
+    pub message: String,
+    /// The exit status (2: usage).
+    pub exit: i32,
+}
+
+impl ApiError {
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            exit: 1,
+        }
+    }
+}
+
+impl From<AppError> for ApiError {
+    fn from(e: AppError) -> Self {
+        ApiError::new(e.code(), e.to_string())
+    }
+}
+
+impl From<boxd_control::net::CallError> for ApiError {
+    fn from(e: boxd_control::net::CallError) -> Self {
+        match e {
+            boxd_control::net::CallError::App(a) => a.into(),
+            other => ApiError::new("unavailable", format!("control plane: {other}; retry")),
+        }
+    }
+}
+
+type Res<T> = Result<T, ApiError>;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "boxd",
+    no_binary_name = true,
+    disable_version_flag = true,
+    disable_help_subcommand = true,
+    about = "boxd: instant remote computers. Every command takes --json."
+)]
+pub struct ApiCli {
+    /// One JSON document on stdout (errors too: {"error": {"code", "message"}}).
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub verb: Verb,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Verb {
+    /// Create a machine and wait until it is reachable.
+    New {
+        /// A DNS label (a-z, 0-9, '-'); default: a generated one.
+        #[arg(long)]
+        name: Option<String>,
+        /// The image (only `debian` so far).
+        #[arg(long, default_value = "debian")]
+        image: String,
+        #[arg(long)]
+        cpus: Option<u32>,
+        /// Memory, e.g. 2G, 512M.
+        #[arg(long)]
+        memory: Option<String>,
+        /// Disk size, e.g. 100G.
+        #[arg(long)]
+        disk: Option<String>,
+        /// Answer as soon as the machine is recorded, without waiting for it to boot.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// List your machines.
+    Ls,
+    /// Show one machine.
+    Info {
+        name: String,
+    },
+    /// Delete a machine and its disk.
+    Rm {
+        name: String,
+    },
+    /// Start a stopped machine (and wait until it is reachable).
+    Start {
+        name: String,
+    },
+    /// Power a machine off (ACPI, then the plug after 30 s); its disk stays.
+    Stop {
+        name: String,
+    },
+    /// Stop and start a machine.
+    Restart {
+        name: String,
+    },
+    /// Run a command in a machine: `exec NAME -- CMD...` (stdout, stderr, exit code).
+    Exec {
+        name: String,
+        /// Allocate a terminal (default: when your ssh client has one).
+        #[arg(short, long)]
+        tty: bool,
+        /// Kill the command when you disconnect (default: it keeps running).
+        #[arg(long)]
+        kill_on_disconnect: bool,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
+    /// An interactive shell in a machine (like `ssh -p PORT NAME@HOST`).
+    Ssh {
+        name: String,
+    },
+    /// A machine's serial console.
+    Console {
+        name: String,
+        /// Keep printing what the console writes until you disconnect.
+        #[arg(short, long)]
+        follow: bool,
+        /// How much of the end to show.
+        #[arg(long, default_value_t = CONSOLE_BYTES)]
+        bytes: u64,
+    },
+    /// Make a machine's port the target of its HTTPS domain.
+    Expose {
+        name: String,
+        port: u16,
+    },
+    Unexpose {
+        name: String,
+        port: u16,
+    },
+    /// Your SSH keys: list, `keys add 'ssh-ed25519 AAAA... comment'`, `keys rm FINGERPRINT`.
+    Keys {
+        #[command(subcommand)]
+        op: Option<KeysOp>,
+    },
+    /// Who the server thinks you are.
+    Whoami,
+    /// Your limits and what you use of them.
+    Quota,
+    /// What your account did, newest first.
+    Audit {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// Register your key with an invite (servers with `registration = "invite"`).
+    Register {
+        invite: String,
+    },
+    /// This list, or one command's options.
+    Help {
+        command: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysOp {
+    Add {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        key: Vec<String>,
+    },
+    Rm {
+        fingerprint: String,
+    },
+}
+
+/// How a gateway session enters a machine.
+pub enum Gateway {
+    Shell,
+    Exec(String),
+    Subsystem(String),
+}
+
+pub struct Api {
+    pub cfg: Arc<Config>,
+    pub node: Arc<Node>,
+    pub worker: Arc<Worker>,
+}
+
+/// Splits an SSH command line the way a POSIX shell would; the text after a lone `--`
+/// is kept verbatim too (it becomes the command run in the machine, as sshd would run it).
+pub fn split_command(raw: &str) -> Res<(Vec<String>, Option<String>)> {
+    if raw.len() > MAX_COMMAND {
+        return Err(ApiError::new(
+            "invalid",
+            format!(
+                "the command line is {} bytes; the limit is {} KiB",
+                raw.len(),
+                MAX_COMMAND >> 10
+            ),
+        ));
+    }
+    let argv = shlex::split(raw).ok_or_else(|| {
+        ApiError::new(
+            "invalid",
+            "unbalanced quotes in the command line".to_string(),
+        )
+    })?;
+    let tail = raw
+        .find(" -- ")
+        .map(|i| raw[i + 4..].to_string())
+        .filter(|t| !t.trim().is_empty());
+    Ok((argv, tail))
+}
+
+impl Api {
+    /// Runs one command line for `caller`; returns the exit status.
+    pub async fn run(
+        &self,
+        caller: &Caller,
+        argv: Vec<String>,
+        tail: Option<String>,
+        mut io: Io,
+    ) -> i32 {
+        let json = argv.iter().any(|a| a == "--json");
+        let cli = match ApiCli::try_parse_from(&argv) {
+            Ok(c) => c,
+            Err(e) => {
+                use clap::error::ErrorKind;
+                if matches!(
+                    e.kind(),
+                    ErrorKind::DisplayHelp | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+                ) && !json
+                {
+                    io.print(e.render().to_string()).await;
+                    return if e.kind() == ErrorKind::DisplayHelp {
+                        0
+                    } else {
+                        2
+                    };
+                }
+                let msg = e.render().to_string();
+                let msg = msg.trim_start_matches("error: ").trim().to_string();
+                let err = ApiError {
+                    code: "usage",
+                    message: format!("{msg}\n(`help` lists the commands)"),
+                    exit: 2,
+                };
+                return self.fail(&io, json, err).await;
+            }
+        };
+        let json = cli.json;
+        match self.dispatch(caller, cli.verb, tail, json, &mut io).await {
+            Ok(code) => code,
+            Err(e) => self.fail(&io, json, e).await,
+        }
+    }
+
+    async fn fail(&self, io: &Io, json: bool, e: ApiError) -> i32 {
+        if json {
+            io.print(format!(
+                "{}\n",
+                json!({"error": {"code": e.code, "message": e.message}})
+            ))
+            .await;
+        } else {
+            io.eprint(format!("error: {}\n", e.message)).await;
+        }
+        e.exit
+    }
+
+    /// Prints `v` as JSON or `text` as is; exit 0.
+    async fn emit(&self, io: &Io, json: bool, v: Value, text: String) -> Res<i32> {
+        if json {
+            io.print(format!(
+                "{}\n",
+                serde_json::to_string_pretty(&v).expect("json")
+            ))
+            .await;
+        } else {
+            io.print(text).await;
+        }
+        Ok(0)
+    }
+
+    async fn write(&self, caller: &Caller, cmd: Command) -> Res<Applied> {
+        let req = self.node.request(&caller.actor, cmd);
+        Ok(self.node.write(req).await?.result?)
+    }
+
+    async fn read(&self, q: Query) -> Res<QueryReply> {
+        Ok(self.node.read(q, true).await?)
+    }
+
+    async fn machine(&self, caller: &Caller, name: &str) -> Res<Machine> {
+        match self
+            .read(Query::Machine {
+                owner: caller.user.id.clone(),
+                name: name.into(),
+            })
+            .await?
+        {
+            QueryReply::Machine { machine: Some(m) } => Ok(m),
+            _ => Err(ApiError::new(
+                "not_found",
+                format!("you have no machine named {name:?}; `ls` lists yours"),
+            )),
+        }
+    }
+
+    fn machine_json(&self, m: &Machine) -> Value {
+        let host = &self.cfg.ssh.public_host;
+        let port = self.ssh_port();
+        json!({
+            "name": m.name,
+            "id": m.id,
+            "state": m.state.as_str(),
+            "ipv4": m.ipv4,
+            "domain": m.domain,
+            "cpus": m.spec.cpus,
+            "memory_mib": m.spec.memory_mib,
+            "disk_gib": m.spec.disk_gib,
+            "ports": m.ports,
+            "node": m.node,
+            "created_ms": m.created_ms,
+            "ssh": {
+                "gateway": format!("ssh -p {port} {}@{host}", m.name),
+                "direct": format!("ssh root@{}", m.ipv4),
+            },
+        })
+    }
+
+    fn ssh_port(&self) -> u16 {
+        self.cfg
+            .ssh
+            .listen
+            .parse::<std::net::SocketAddr>()
+            .map(|a| a.port())
+            .unwrap_or(2222)
+    }
+
+    async fn dispatch(
+        &self,
+        caller: &Caller,
+        verb: Verb,
+        tail: Option<String>,
+        json: bool,
+        io: &mut Io,
+    ) -> Res<i32> {
+        match verb {
+            Verb::New {
+                name,
+                image,
+                cpus,
+                memory,
+                disk,
+                no_wait,
+            } => {
+                self.new_machine(caller, name, &image, cpus, memory, disk, no_wait, json, io)
+                    .await
+            }
+            Verb::Ls => {
+                let QueryReply::Machines { machines } = self
+                    .read(Query::Machines {
+                        owner: Some(caller.user.id.clone()),
+                    })
+                    .await?
+                else {
+                    return Err(ApiError::new("internal", "unexpected reply"));
+                };
+                let v = json!({"machines": machines.iter().map(|m| self.machine_json(m)).collect::<Vec<_>>()});
+                let mut rows = vec![
+                    vec!["NAME", "STATE", "IPV4", "CPUS", "MEMORY", "DISK", "DOMAIN"]
+                        .into_iter()
+                        .map(String::from)
+                        .collect::<Vec<_>>(),
+                ];
+                for m in &machines {
+                    rows.push(vec![
+                        m.name.clone(),
+                        m.state.as_str().into(),
+                        m.ipv4.clone(),
+                        m.spec.cpus.to_string(),
+                        format!("{}M", m.spec.memory_mib),
+                        format!("{}G", m.spec.disk_gib),
+                        m.domain.clone().unwrap_or_else(|| "-".into()),
+                    ]);
+                }
+                let text = if machines.is_empty() {
+                    "no machines yet; create one with `new --name=my-app`\n".into()
+                } else {
+                    crate::table_string(rows)
+                };
+                self.emit(io, json, v, text).await
+            }
+            Verb::Info { name } => {
+                let m = self.machine(caller, &name).await?;
+                let v = self.machine_json(&m);
+                let text = format!(
+                    "name:    {}\nstate:   {}\nipv4:    {}\ndomain:  {}\nsize:    {} vCPUs, {} MiB, {} GiB disk\nports:   {:?}\ngateway: {}\ndirect:  {}\n",
+                    m.name,
+                    m.state.as_str(),
+                    m.ipv4,
+                    m.domain.as_deref().unwrap_or("-"),
+                    m.spec.cpus,
+                    m.spec.memory_mib,
+                    m.spec.disk_gib,
+                    m.ports,
+                    v["ssh"]["gateway"].as_str().unwrap_or_default(),
+                    v["ssh"]["direct"].as_str().unwrap_or_default(),
+                );
+                self.emit(io, json, v, text).await
+            }
+            Verb::Rm { name } => {
+                self.write(
+                    caller,
+                    Command::DeleteMachine {
+                        owner: caller.user.id.clone(),
+                        name: name.clone(),
+                    },
+                )
+                .await?;
+                self.emit(
+                    io,
+                    json,
+                    json!({"deleted": name}),
+                    format!("deleted {name}\n"),
+                )
+                .await
+            }
+            Verb::Start { name } => {
+                let t = Instant::now();
+                self.set_state(caller, &name, MachineState::Running).await?;
+                let m = self.machine(caller, &name).await?;
+                self.wait_ready(&m).await?;
+                let m = self.machine(caller, &name).await?;
+                self.emit(
+                    io,
+                    json,
+                    self.machine_json(&m),
+                    format!("started {name} in {:.1} s\n", t.elapsed().as_secs_f64()),
+                )
+                .await
+            }
+            Verb::Stop { name } => {
+                let m = self.set_state(caller, &name, MachineState::Stopped).await?;
+                self.wait_down(&m).await?;
+                let m = self.machine(caller, &name).await?;
+                self.emit(io, json, self.machine_json(&m), format!("stopped {name}\n"))
+                    .await
+            }
+            Verb::Restart { name } => {
+                let t = Instant::now();
+                let m = self.machine(caller, &name).await?;
+                if !matches!(m.state, MachineState::Running | MachineState::Creating) {
+                    return Err(ApiError::new(
+                        "invalid",
+                        format!("{name} is {}; `start` it instead", m.state.as_str()),
+                    ));
+                }
+                let w = self.worker.clone();
+                let mc = m.clone();
+                tokio::task::spawn_blocking(move || w.restart(&mc))
+                    .await
+                    .map_err(|e| ApiError::new("internal", e.to_string()))?
+                    .map_err(|e| ApiError::new("unavailable", e))?;
+                self.wait_ready(&m).await?;
+                self.emit(
+                    io,
+                    json,
+                    self.machine_json(&m),
+                    format!("restarted {name} in {:.1} s\n", t.elapsed().as_secs_f64()),
+                )
+                .await
+            }
+            Verb::Exec {
+                name,
+                tty,
+                kill_on_disconnect,
+                command,
+            } => {
+                if json {
+                    return Err(ApiError::new(
+                        "usage",
+                        "exec passes the command's own output through; it has no --json form",
+                    ));
+                }
+                let m = self.running(caller, &name).await?;
+                let script = match tail {
+                    Some(t) => t,
+                    None if !command.is_empty() => {
+                        let c: Vec<&str> = command
+                            .iter()
+                            .map(String::as_str)
+                            .skip_while(|a| *a == "--")
+                            .collect();
+                        shlex::try_join(c).map_err(|e| ApiError::new("invalid", e.to_string()))?
+                    }
+                    None => String::new(),
+                };
+                if script.trim().is_empty() {
+                    return Err(ApiError {
+                        code: "usage",
+                        message: format!(
+                            "give the command after --, e.g. `exec {name} -- uname -a`; for a shell use `ssh {name}`"
+                        ),
+                        exit: 2,
+                    });
+                }
+                let pty = if tty || io.pty.is_some() {
+                    Some(io.pty.clone().unwrap_or(Pty {
+                        rows: 24,
+                        cols: 80,
+                        term: "xterm-256color".into(),
+                    }))
+                } else {
+                    None
+                };
+                let argv = vec!["/bin/sh".into(), "-c".into(), script];
+                self.exec_in(&m, argv, pty, kill_on_disconnect, io).await
+            }
+            Verb::Ssh { name } => self.gateway(caller, &name, Gateway::Shell, io).await,
+            Verb::Console {
+                name,
+                follow,
+                bytes,
+            } => {
+                let m = self.machine(caller, &name).await?;
+                self.console(&m, follow, bytes.min(1 << 20), json, io).await
+            }
+            Verb::Expose { name, port } => self.expose(caller, name, port, true, json, io).await,
+            Verb::Unexpose { name, port } => self.expose(caller, name, port, false, json, io).await,
+            Verb::Keys { op } => self.keys(caller, op, json, io).await,
+            Verb::Whoami => {
+                let u = &caller.user;
+                let v = json!({
+                    "name": u.name,
+                    "id": u.id,
+                    "via": caller.via,
+                    "keys": u.keys.len(),
+                    "team": u.team,
+                    "created_ms": u.created_ms,
+                });
+                let text = format!(
+                    "{} ({}), {} key(s), via {}\n",
+                    u.name,
+                    u.id,
+                    u.keys.len(),
+                    caller.via
+                );
+                self.emit(io, json, v, text).await
+            }
+            Verb::Quota => {
+                let u = self.user(caller).await?;
+                let v = json!({
+                    "machines": {"used": u.machines, "limit": u.machine_quota},
+                    "team": u.team,
+                    "defaults": {
+                        "cpus": self.cfg.machines.cpus,
+                        "memory_mib": self.cfg.memory_mib().unwrap_or(0),
+                        "disk_gib": self.cfg.disk_gib().unwrap_or(0),
+                    },
+                });
+                let text = format!(
+                    "machines: {} of {}\nteam:     {}\n",
+                    u.machines,
+                    u.machine_quota,
+                    u.team.as_deref().unwrap_or("-")
+                );
+                self.emit(io, json, v, text).await
+            }
+            Verb::Audit { limit } => {
+                let QueryReply::Audit { entries } = self
+                    .read(Query::Audit {
+                        actor: Some(format!("user:{}", caller.user.id)),
+                        limit: limit.min(1000),
+                    })
+                    .await?
+                else {
+                    return Err(ApiError::new("internal", "unexpected reply"));
+                };
+                let v = json!({"entries": entries});
+                let mut rows = vec![
+                    ["INDEX", "AT_MS", "ACTOR", "OP", "RESULT"]
+                        .map(String::from)
+                        .to_vec(),
+                ];
+                for e in &entries {
+                    rows.push(vec![
+                        e.index.to_string(),
+                        e.at_ms.to_string(),
+                        e.actor.clone(),
+                        e.op.clone(),
+                        e.result.clone(),
+                    ]);
+                }
+                self.emit(io, json, v, crate::table_string(rows)).await
+            }
+            Verb::Register { .. } => Err(ApiError::new(
+                "already_exists",
+                format!("your key is already registered (user {})", caller.user.name),
+            )),
+            Verb::Help { command } => {
+                let mut args = vec!["help".to_string()];
+                let text = match command {
+                    Some(c) => {
+                        args = vec![c, "--help".into()];
+                        match ApiCli::try_parse_from(&args) {
+                            Err(e) => e.render().to_string(),
+                            Ok(_) => String::new(),
+                        }
+                    }
+                    None => {
+                        use clap::CommandFactory;
+                        let _ = args;
+                        let mut text = ApiCli::command().render_long_help().to_string();
+                        text.push_str(&format!(
+                            "\nGateway: `ssh -p {} NAME@{}` opens a shell in machine NAME; scp and sftp work the same way.\n",
+                            self.ssh_port(),
+                            self.cfg.ssh.public_host
+                        ));
+                        text
+                    }
+                };
+                self.emit(io, json, json!({"help": text}), text).await
+            }
+        }
+    }
+}
+
+impl Api {
+    #[allow(clippy::too_many_arguments)]
+    async fn new_machine(
+        &self,
+        caller: &Caller,
+        name: Option<String>,
+        image: &str,
+        cpus: Option<u32>,
+        memory: Option<String>,
+        disk: Option<String>,
+        no_wait: bool,
+        json: bool,
+        io: &Io,
+    ) -> Res<i32> {
+        if image != "debian" {
+            return Err(ApiError::new(
+                "invalid",
+                format!("unknown image {image:?}; available: debian"),
+            ));
+        }
+        let size = |s: Option<String>, default: u64, shift: u32, what: &str| -> Res<u64> {
+            match s {
+                None => Ok(default),
+                Some(s) => crate::vmm::parse_size(&s)
+                    .map(|b| b.div_ceil(1 << shift))
+                    .map_err(|e| ApiError::new("invalid", format!("--{what}: {e}"))),
+            }
+        };
+        let spec = MachineSpec {
+            cpus: cpus.unwrap_or(self.cfg.machines.cpus),
+            memory_mib: size(memory, self.cfg.memory_mib().unwrap_or(8192), 20, "memory")?,
+            disk_gib: size(disk, self.cfg.disk_gib().unwrap_or(100), 30, "disk")?,
+        };
+        // The disk is a copy-on-write layer over the image: it cannot be smaller.
+        if let Ok((_, _, rootfs)) = self.cfg.images()
+            && let Ok(meta) = std::fs::metadata(&rootfs)
+            && spec.disk_gib << 30 < meta.len()
+        {
+            return Err(ApiError::new(
+                "invalid",
+                format!(
+                    "a {} GiB disk is smaller than the {image} image ({} GiB); use --disk {}G or more",
+                    spec.disk_gib,
+                    meta.len().div_ceil(1 << 30),
+                    meta.len().div_ceil(1 << 30)
+                ),
+            ));
+        }
+        let name = name.unwrap_or_else(generated_name);
+        let t = Instant::now();
+        let applied = self
+            .write(
+                caller,
+                Command::CreateMachine {
+                    owner: caller.user.id.clone(),
+                    name: name.clone(),
+                    spec,
+                    parent: None,
+                },
+            )
+            .await?;
+        let Applied::Machine(m) = applied else {
+            return Err(ApiError::new(
+                "internal",
+                "create answered without a machine",
+            ));
+        };
+        if !no_wait {
+            if !json {
+                io.eprint(format!("created {name} ({}); booting...\n", m.ipv4))
+                    .await;
+            }
+            self.wait_ready(&m).await?;
+        }
+        let m = self.machine(caller, &name).await.unwrap_or(m);
+        let mut v = self.machine_json(&m);
+        v["ready_ms"] = json!(if no_wait {
+            None
+        } else {
+            Some(t.elapsed().as_millis() as u64)
+        });
+        let text = format!(
+            "{name} is {} ({:.1} s): {}\n  shell:  {}\n  direct: {}\n",
+            if no_wait { "created" } else { "ready" },
+            t.elapsed().as_secs_f64(),
+            m.ipv4,
+            v["ssh"]["gateway"].as_str().unwrap_or_default(),
+            v["ssh"]["direct"].as_str().unwrap_or_default(),
+        );
+        self.emit(io, json, v, text).await
+    }
+
+    async fn set_state(&self, caller: &Caller, name: &str, state: MachineState) -> Res<Machine> {
+        let m = self.machine(caller, name).await?;
+        self.local(&m)?;
+        if m.state == state {
+            return Ok(m);
+        }
+        self.write(
+            caller,
+            Command::SetMachineState {
+                owner: caller.user.id.clone(),
+                name: name.into(),
+                state,
+            },
+        )
+        .await?;
+        self.machine(caller, name).await
+    }
+
+    /// This node's worker runs `m` (one node for now; a cluster forwards to the worker
+    /// that runs it).
+    fn local(&self, m: &Machine) -> Res<()> {
+        if m.node != self.node.cfg.id {
+            return Err(ApiError::new(
+                "unavailable",
+                format!(
+                    "{} runs on node {}; this server reaches machines on its own node only",
+                    m.name, m.node
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn wait_ready(&self, m: &Machine) -> Res<()> {
+        self.local(m)?;
+        let limit = Duration::from_secs(self.cfg.machines.ready_timeout_s);
+        self.worker.wait_ready(m.id, limit).await.map_err(|e| {
+            ApiError::new(
+                "not_ready",
+                format!(
+                    "{} is not reachable: {e}; `console {}` shows its boot log",
+                    m.name, m.name
+                ),
+            )
+        })
+    }
+
+    async fn wait_down(&self, m: &Machine) -> Res<()> {
+        let Some(mut rx) = self.worker.phase(m.id) else {
+            return Ok(());
+        };
+        let r = tokio::time::timeout(STOP_WAIT, async {
+            loop {
+                if matches!(*rx.borrow_and_update(), Phase::Down | Phase::Failed(_)) {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+        r.map_err(|_| {
+            ApiError::new(
+                "timeout",
+                format!(
+                    "{} did not power off within {} s",
+                    m.name,
+                    STOP_WAIT.as_secs()
+                ),
+            )
+        })
+    }
+
+    /// `name`, running and reachable (waits, bounded, for one still booting).
+    async fn running(&self, caller: &Caller, name: &str) -> Res<Machine> {
+        let m = self.machine(caller, name).await?;
+        if !matches!(m.state, MachineState::Running | MachineState::Creating) {
+            return Err(ApiError::new(
+                "invalid",
+                format!("{name} is {}; `start {name}` first", m.state.as_str()),
+            ));
+        }
+        self.wait_ready(&m).await?;
+        Ok(m)
+    }
+
+    async fn user(&self, caller: &Caller) -> Res<UserInfo> {
+        match self
+            .read(Query::UserByKey {
+                key: caller.user.id.clone(),
+            })
+            .await?
+        {
+            QueryReply::User { user: Some(u) } => Ok(u),
+            _ => Err(ApiError::new("not_found", "your account is gone")),
+        }
+    }
+
+    async fn expose(
+        &self,
+        caller: &Caller,
+        name: String,
+        port: u16,
+        on: bool,
+        json: bool,
+        io: &Io,
+    ) -> Res<i32> {
+        let owner = caller.user.id.clone();
+        let cmd = if on {
+            Command::Expose {
+                owner,
+                name: name.clone(),
+                port,
+            }
+        } else {
+            Command::Unexpose {
+                owner,
+                name: name.clone(),
+                port,
+            }
+        };
+        self.write(caller, cmd).await?;
+        let m = self.machine(caller, &name).await?;
+        let text = format!("{name} exposes {:?}\n", m.ports);
+        self.emit(io, json, self.machine_json(&m), text).await
+    }
+
+    async fn keys(&self, caller: &Caller, op: Option<KeysOp>, json: bool, io: &Io) -> Res<i32> {
+        match op {
+            None => {
+                let u = self.user(caller).await?;
+                let v = json!({"keys": u.keys.iter().map(|k| json!({
+                    "fingerprint": k.fingerprint,
+                    "public_key": k.public_key,
+                    "current": k.fingerprint == caller.via,
+                })).collect::<Vec<_>>()});
+                let mut rows = vec![["FINGERPRINT", "KEY", ""].map(String::from).to_vec()];
+                for k in &u.keys {
+                    let short: String = k.public_key.chars().take(40).collect();
+                    rows.push(vec![
+                        k.fingerprint.clone(),
+                        format!("{short}..."),
+                        if k.fingerprint == caller.via {
+                            "(this one)".into()
+                        } else {
+                            String::new()
+                        },
+                    ]);
+                }
+                self.emit(io, json, v, crate::table_string(rows)).await
+            }
+            Some(KeysOp::Add { key }) => {
+                let line = key.join(" ");
+                let pk = russh::keys::PublicKey::from_openssh(line.trim()).map_err(|e| {
+                    ApiError::new(
+                        "invalid",
+                        format!("not an OpenSSH public key ({e}); paste a line like `ssh-ed25519 AAAA... me@laptop`"),
+                    )
+                })?;
+                let fp = pk.fingerprint(russh::keys::HashAlg::Sha256).to_string();
+                let public_key = pk
+                    .to_openssh()
+                    .map_err(|e| ApiError::new("invalid", e.to_string()))?;
+                self.write(
+                    caller,
+                    Command::AddKey {
+                        user: caller.user.id.clone(),
+                        fingerprint: fp.clone(),
+                        public_key,
+                    },
+                )
+                .await?;
+                self.emit(io, json, json!({"added": fp}), format!("added {fp}\n"))
+                    .await
+            }
+            Some(KeysOp::Rm { fingerprint }) => {
+                self.write(
+                    caller,
+                    Command::RemoveKey {
+                        user: caller.user.id.clone(),
+                        fingerprint: fingerprint.clone(),
+                    },
+                )
+                .await?;
+                self.emit(
+                    io,
+                    json,
+                    json!({"removed": fingerprint}),
+                    format!("removed {fingerprint}\n"),
+                )
+                .await
+            }
+        }
+    }
+
+    async fn console(
+        &self,
+        m: &Machine,
+        follow: bool,
+        bytes: u64,
+        json: bool,
+        io: &mut Io,
+    ) -> Res<i32> {
+        self.local(m)?;
+        let path = self.worker.console_path(m.id);
+        let mut f = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return self
+                    .emit(io, json, json!({"console": ""}), String::new())
+                    .await;
+            }
+            Err(e) => return Err(ApiError::new("internal", format!("console: {e}"))),
+        };
+        let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+        let start = len.saturating_sub(bytes);
+        use tokio::io::AsyncSeekExt;
+        f.seek(std::io::SeekFrom::Start(start))
+            .await
+            .map_err(|e| ApiError::new("internal", e.to_string()))?;
+        let mut buf = Vec::new();
+        (&mut f)
+            .take(bytes)
+            .read_to_end(&mut buf)
+            .await
+            .map_err(|e| ApiError::new("internal", e.to_string()))?;
+        if json {
+            return self
+                .emit(
+                    io,
+                    true,
+                    json!({"console": String::from_utf8_lossy(&buf)}),
+                    String::new(),
+                )
+                .await;
+        }
+        let _ = io.out.send(Out::Stdout(buf)).await;
+        if !follow {
+            return Ok(0);
+        }
+        // Until the client goes away (its input channel closes).
+        let mut chunk = vec![0u8; 32 << 10];
+        loop {
+            tokio::select! {
+                i = io.input.recv() => if i.is_none() {
+                    return Ok(0);
+                },
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                    loop {
+                        let n = f.read(&mut chunk).await.map_err(|e| ApiError::new("internal", e.to_string()))?;
+                        if n == 0 {
+                            break;
+                        }
+                        if io.out.send(Out::Stdout(chunk[..n].to_vec())).await.is_err() {
+                            return Ok(0);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Enters machine `name` for a gateway session (shell, command, or sftp/scp).
+    pub async fn gateway(
+        &self,
+        caller: &Caller,
+        name: &str,
+        how: Gateway,
+        io: &mut Io,
+    ) -> Res<i32> {
+        let m = self.running(caller, name).await?;
+        let (argv, kill) = match how {
+            Gateway::Shell => (vec!["/bin/bash".to_string(), "-l".into()], true),
+            Gateway::Exec(cmd) => {
+                if cmd.len() > MAX_COMMAND {
+                    return Err(ApiError::new(
+                        "invalid",
+                        "the command line is longer than 64 KiB",
+                    ));
+                }
+                (vec!["/bin/sh".into(), "-c".into(), cmd], false)
+            }
+            Gateway::Subsystem(s) if s == "sftp" => {
+                (vec!["/usr/lib/openssh/sftp-server".into()], true)
+            }
+            Gateway::Subsystem(s) => {
+                return Err(ApiError::new(
+                    "invalid",
+                    format!("no subsystem {s:?}; sftp is served"),
+                ));
+            }
+        };
+        let pty = io.pty.clone();
+        self.exec_in(&m, argv, pty, kill, io).await
+    }
+
+    /// Runs `argv` in `m` through its agent, passing input and output through.
+    async fn exec_in(
+        &self,
+        m: &Machine,
+        argv: Vec<String>,
+        pty: Option<Pty>,
+        kill_on_disconnect: bool,
+        io: &mut Io,
+    ) -> Res<i32> {
+        let agent = self.worker.agent(m.id);
+        let req = AgentRequest::Exec {
+            argv,
+            env: vec![(
+                "TERM".into(),
+                pty.as_ref().map_or("dumb".into(), |p| p.term.clone()),
+            )],
+            cwd: Some("/root".into()),
+            user: None,
+            pty,
+            kill_on_disconnect,
+        };
+        let s = tokio::task::spawn_blocking(move || agent.open(&req))
+            .await
+            .map_err(|e| ApiError::new("internal", e.to_string()))?
+            .map_err(|e| ApiError::new("unavailable", format!("{}'s agent: {e}", m.name)))?;
+        s.set_nonblocking(true)
+            .map_err(|e| ApiError::new("internal", e.to_string()))?;
+        let s = tokio::net::UnixStream::from_std(s)
+            .map_err(|e| ApiError::new("internal", e.to_string()))?;
+        let (mut rd, mut wr) = s.into_split();
+        let mut input_open = true;
+        loop {
+            tokio::select! {
+                f = read_frame(&mut rd) => match f {
+                    Ok(Some((Kind::Stdout, d))) => {
+                        if io.out.send(Out::Stdout(d)).await.is_err() { return Ok(255) }
+                    }
+                    Ok(Some((Kind::Stderr, d))) => {
+                        if io.out.send(Out::Stderr(d)).await.is_err() { return Ok(255) }
+                    }
+                    Ok(Some((Kind::Exit, p))) => {
+                        let st: ExitStatus = serde_json::from_slice(&p)
+                            .map_err(|e| ApiError::new("internal", e.to_string()))?;
+                        return Ok(match st.signal { Some(sig) => 128 + sig, None => st.code });
+                    }
+                    Ok(Some((Kind::Response, p))) => {
+                        let r: Response = serde_json::from_slice(&p)
+                            .map_err(|e| ApiError::new("internal", e.to_string()))?;
+                        return Err(ApiError::new("exec_failed", r.error.unwrap_or_else(|| "the command did not start".into())));
+                    }
+                    Ok(_) | Err(_) => return Err(ApiError::new("unavailable", format!("lost {}'s agent mid-command", m.name))),
+                },
+                i = io.input.recv(), if input_open => match i {
+                    Some(In::Data(d)) => {
+                        if write_frame(&mut wr, Kind::Stdin, &d).await.is_err() { input_open = false }
+                    }
+                    Some(In::Eof) => {
+                        let _ = write_frame(&mut wr, Kind::StdinEof, &[]).await;
+                        input_open = false;
+                    }
+                    Some(In::Resize { rows, cols }) => {
+                        let b = serde_json::to_vec(&Resize { rows, cols }).expect("json");
+                        let _ = write_frame(&mut wr, Kind::Resize, &b).await;
+                    }
+                    // The client went away: the agent keeps the command running
+                    // unless it was asked to kill it.
+                    None => return Ok(255),
+                },
+            }
+        }
+    }
+}
+
+/// Reads one agent-protocol frame (`len:u32le kind:u8 payload`).
+pub async fn read_frame(
+    r: &mut (impl AsyncRead + Unpin),
+) -> std::io::Result<Option<(Kind, Vec<u8>)>> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len == 0 || len > boxd_agent::proto::FRAME_MAX {
+        return Err(std::io::Error::other(format!("bad frame length {len}")));
+    }
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf).await?;
+    let kind = Kind::from_u8(buf[0]).ok_or_else(|| std::io::Error::other("unknown frame kind"))?;
+    buf.remove(0);
+    Ok(Some((kind, buf)))
+}
+
+pub async fn write_frame(
+    w: &mut (impl AsyncWrite + Unpin),
+    kind: Kind,
+    payload: &[u8],
+) -> std::io::Result<()> {
+    let mut b = Vec::with_capacity(5 + payload.len());
+    b.extend_from_slice(&((payload.len() + 1) as u32).to_le_bytes());
+    b.push(kind as u8);
+    b.extend_from_slice(payload);
+    w.write_all(&b).await
+}
+
+/// A name like `quiet-river-4821` for a machine created without one.
+fn generated_name() -> String {
+    const A: [&str; 16] = [
+        "quiet", "brave", "calm", "eager", "fancy", "gentle", "happy", "jolly", "kind", "lively",
+        "merry", "nimble", "proud", "silly", "witty", "zesty",
+    ];
+    const B: [&str; 16] = [
+        "river", "meadow", "falcon", "harbor", "canyon", "forest", "island", "lagoon", "mountain",
+        "orchard", "prairie", "summit", "tundra", "valley", "willow", "glacier",
+    ];
+    let mut r = [0u8; 4];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut r);
+    }
+    format!(
+        "{}-{}-{}",
+        A[(r[0] & 15) as usize],
+        B[(r[1] & 15) as usize],
+        u16::from_le_bytes([r[2], r[3]]) % 10_000
+    )
+}

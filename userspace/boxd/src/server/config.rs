@@ -1,0 +1,202 @@
+//! `boxd server`'s configuration: every field has a default, so `boxd server` with no
+//! file runs a single node; a TOML file (`--config`) overrides what it names. Unknown
+//! keys are refused (a misspelt option must not be silently ignored).
+
+use crate::vmm::parse_size;
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Everything the node keeps: control plane, machines' disks, keys, sockets.
+    pub data_dir: PathBuf,
+    pub ssh: Ssh,
+    pub control: Control,
+    pub machines: Machines,
+    pub images: Images,
+    pub network: Network,
+    /// Who may register: `open` (any key), `invite` (a one-time invite), `allowlist`.
+    pub registration: String,
+    /// Machines get `<name>.<zone>` as their domain when set.
+    pub zone: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Ssh {
+    pub listen: String,
+    /// The host name users are told to connect to (messages, `help`).
+    pub public_host: String,
+    /// Concurrent SSH connections before new ones are refused.
+    pub max_connections: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Control {
+    /// The Raft/QUIC endpoint (a single node only needs loopback).
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Machines {
+    pub cpus: u32,
+    pub memory: String,
+    pub disk: String,
+    /// Run VMMs without a cgroup (hosts without cgroup v2 delegation).
+    pub no_cgroup: bool,
+    /// Boot guests even where the KVM probe says Linux would be too slow.
+    pub skip_kvm_check: bool,
+    /// How long `new` waits for a machine to be reachable before it answers.
+    pub ready_timeout_s: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Images {
+    pub kernel: Option<PathBuf>,
+    pub initrd: Option<PathBuf>,
+    /// The read-only root file system every machine's disk starts from.
+    pub rootfs: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Network {
+    /// The public IPv4 pool machines get their address from.
+    pub pool: String,
+    /// The interface public traffic arrives on (XDP attaches here). Without one,
+    /// machines get no network device (the API, exec and the gateway still work).
+    pub uplink: Option<String>,
+    /// Generic (skb) XDP on an uplink without native XDP.
+    pub allow_generic_xdp: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: "/var/lib/boxd".into(),
+            ssh: Ssh::default(),
+            control: Control::default(),
+            machines: Machines::default(),
+            images: Images::default(),
+            network: Network::default(),
+            registration: "open".into(),
+            zone: None,
+        }
+    }
+}
+
+impl Default for Ssh {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:2222".into(),
+            public_host: "localhost".into(),
+            max_connections: 256,
+        }
+    }
+}
+
+impl Default for Control {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:7946".into(),
+        }
+    }
+}
+
+impl Default for Machines {
+    fn default() -> Self {
+        Self {
+            cpus: 2,
+            memory: "8G".into(),
+            disk: "100G".into(),
+            no_cgroup: false,
+            skip_kvm_check: false,
+            ready_timeout_s: 300,
+        }
+    }
+}
+
+impl Default for Network {
+    fn default() -> Self {
+        Self {
+            pool: "100.64.0.0/24".into(),
+            uplink: None,
+            allow_generic_xdp: false,
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path` (when given) over the defaults and checks every field.
+    pub fn load(path: Option<&Path>) -> Result<Self> {
+        let cfg: Config = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("read the configuration {}", p.display()))?;
+                toml::from_str(&text)
+                    .with_context(|| format!("{} is not a valid boxd configuration", p.display()))?
+            }
+            None => Config::default(),
+        };
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<()> {
+        if !matches!(self.registration.as_str(), "open" | "invite" | "allowlist") {
+            bail!(
+                "registration = {:?}: use \"open\", \"invite\" or \"allowlist\"",
+                self.registration
+            );
+        }
+        self.ssh
+            .listen
+            .parse::<std::net::SocketAddr>()
+            .with_context(|| format!("[ssh] listen = {:?} is not IP:port", self.ssh.listen))?;
+        self.memory_mib()?;
+        self.disk_gib()?;
+        if !(1..=64).contains(&self.machines.cpus) {
+            bail!("[machines] cpus = {}: use 1-64", self.machines.cpus);
+        }
+        Ok(())
+    }
+
+    pub fn memory_mib(&self) -> Result<u64> {
+        let b = parse_size(&self.machines.memory)
+            .map_err(|e| anyhow::anyhow!("[machines] memory: {e}"))?;
+        Ok(b >> 20)
+    }
+
+    pub fn disk_gib(&self) -> Result<u64> {
+        let b =
+            parse_size(&self.machines.disk).map_err(|e| anyhow::anyhow!("[machines] disk: {e}"))?;
+        Ok(b.div_ceil(1 << 30))
+    }
+
+    /// The guest kernel, initrd and root file system, checked to exist.
+    pub fn images(&self) -> Result<(PathBuf, PathBuf, PathBuf)> {
+        let get = |p: &Option<PathBuf>, what: &str, file: &str| -> Result<PathBuf> {
+            let p = p
+                .clone()
+                .unwrap_or_else(|| self.data_dir.join("images").join(file));
+            if !p.exists() {
+                bail!(
+                    "the guest {what} {} is missing: set [images] {what} in the configuration, \
+                     or build the images with `cargo xtask images`",
+                    p.display()
+                );
+            }
+            Ok(p)
+        };
+        Ok((
+            get(&self.images.kernel, "kernel", "vmlinuz")?,
+            get(&self.images.initrd, "initrd", "initrd.img")?,
+            get(&self.images.rootfs, "rootfs", "rootfs.img")?,
+        ))
+    }
+}

@@ -1,0 +1,350 @@
+//! `boxd server`: every role of a single node in one process: the control plane (one
+//! voter), the worker (VMMs), the network backend and data path when an uplink is
+//! configured, the SSH API, and each machine's own API port.
+
+pub mod api;
+pub mod config;
+pub mod ssh;
+pub mod worker;
+
+use crate::Exit;
+use anyhow::{Context, Result, bail};
+use api::{Api, Caller, In, Io, Out};
+use boxd_agent::proto::{ExitStatus, Kind, Pty, Resize};
+use boxd_control::node::{self, Node};
+use boxd_control::types::{AppError, Command, Query, QueryReply};
+use clap::Args;
+use config::Config;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Args)]
+pub struct ServerArgs {
+    /// A TOML file overriding the defaults (see docs/api.md).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Overrides `data_dir`.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Overrides `[ssh] listen`.
+    #[arg(long)]
+    listen: Option<String>,
+}
+
+/// One API call from inside a machine (over its vsock API port).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineCall {
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub pty: Option<Pty>,
+}
+
+pub fn main(args: ServerArgs) -> Exit {
+    let mut cfg = Config::load(args.config.as_deref())?;
+    if let Some(d) = args.data_dir {
+        cfg.data_dir = d;
+    }
+    if let Some(l) = args.listen {
+        cfg.ssh.listen = l;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    rt.block_on(run(Arc::new(cfg)))
+}
+
+async fn run(cfg: Arc<Config>) -> Exit {
+    let dir = cfg.data_dir.clone();
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("create the data directory {}", dir.display()))?;
+    cfg.images()?;
+    let cdir = dir.join("control");
+    if !cdir.join("node.json").exists() {
+        node::init(&cdir, &cfg.control.listen, None)?;
+        tracing::info!(dir = %cdir.display(), "initialised a single-node control plane");
+    }
+    let node = Node::start(&cdir).await?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let serving = {
+        let node = node.clone();
+        tokio::spawn(async move {
+            node.serve(async {
+                let _ = stop_rx.await;
+            })
+            .await
+        })
+    };
+    // The admin socket appears once the cluster is set up (CA, this node registered).
+    let admin = cdir.join("admin.sock");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !admin.exists() {
+        if std::time::Instant::now() > deadline {
+            bail!("the control plane did not come up within 60 s (see the log above)");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bootstrap(&node, &cfg).await?;
+
+    let net_control = match &cfg.network.uplink {
+        Some(uplink) => Some(network(&cfg, &node, uplink).await?),
+        None => {
+            tracing::info!("no [network] uplink configured: machines get no network device");
+            None
+        }
+    };
+    let worker = worker::Worker::new(cfg.clone(), node.clone(), net_control)?;
+    let api = Arc::new(Api {
+        cfg: cfg.clone(),
+        node: node.clone(),
+        worker: worker.clone(),
+    });
+    {
+        let api = api.clone();
+        worker.set_api_hook(Arc::new(move |id, s| {
+            tokio::spawn(machine_call(api.clone(), id, s));
+        }));
+    }
+    boxd_control::reconcile::spawn(node.clone(), worker::Reconcile(worker.clone()));
+
+    let key = ssh::host_key(&dir.join("ssh_host_ed25519_key"))?;
+    let listener = tokio::net::TcpListener::bind(&cfg.ssh.listen)
+        .await
+        .with_context(|| format!("listen for SSH on {}", cfg.ssh.listen))?;
+    let mut server = ssh::Server {
+        api: api.clone(),
+        slots: Arc::new(tokio::sync::Semaphore::new(cfg.ssh.max_connections)),
+    };
+    let ssh_config = Arc::new(ssh::config(key));
+    let ssh_task = tokio::spawn(async move {
+        use russh::server::Server as _;
+        server.run_on_socket(ssh_config, &listener).await
+    });
+    let port = cfg.ssh.listen.rsplit(':').next().unwrap_or("2222");
+    tracing::info!(
+        ssh = cfg.ssh.listen,
+        data = %dir.display(),
+        "boxd server ready: try `ssh -p {port} {} new --name=my-app`",
+        cfg.ssh.public_host
+    );
+    eprintln!("boxd server ready on {}", cfg.ssh.listen);
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+        r = ssh_task => bail!("the SSH server stopped: {r:?}"),
+    }
+    // Machines keep running (their VMMs are their own sessions); a restarted server
+    // adopts them.
+    let _ = stop_tx.send(());
+    let _ = serving.await;
+    Ok(0)
+}
+
+/// Settings and the address pool from the configuration, written once (a node that
+/// restarts with the same file changes nothing).
+async fn bootstrap(node: &Arc<Node>, cfg: &Config) -> Result<()> {
+    let mut cmds = vec![Command::AddPool {
+        name: "default".into(),
+        cidr: cfg.network.pool.clone(),
+    }];
+    let mut settings = vec![("registration", cfg.registration.clone())];
+    if let Some(z) = &cfg.zone {
+        settings.push(("zone", z.clone()));
+    }
+    for (k, v) in settings {
+        let cur = node
+            .read(Query::Setting { key: k.into() }, true)
+            .await
+            .map_err(|e| anyhow::anyhow!("read setting {k}: {e}"))?;
+        if !matches!(&cur, QueryReply::Setting { value: Some(x) } if *x == v) {
+            cmds.push(Command::SetSetting {
+                key: k.into(),
+                value: v,
+            });
+        }
+    }
+    for cmd in cmds {
+        let what = cmd.name();
+        match node.write(node.request("operator", cmd)).await {
+            Ok(r) => match r.result {
+                Ok(_) | Err(AppError::AlreadyExists(_)) => {}
+                Err(e) => bail!("configuration ({what}): {e}"),
+            },
+            Err(e) => bail!("configuration ({what}): {e}"),
+        }
+    }
+    Ok(())
+}
+
+/// The network backend daemon (a child process: it outlives nothing but keeps ports
+/// across VMM restarts) and the eBPF data path on the uplink, programmed from the state.
+async fn network(cfg: &Config, node: &Arc<Node>, uplink: &str) -> Result<PathBuf> {
+    let control = cfg.data_dir.join("net.sock");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(cfg.data_dir.join("net.log"))?;
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(["net", "serve", "--control"])
+        .arg(&control)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("start the network backend (boxd net serve)")?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while boxd_vhost_net::Client::connect(&control).is_err() {
+        if let Some(st) = child.try_wait()? {
+            bail!(
+                "the network backend exited ({st}); see {}",
+                cfg.data_dir.join("net.log").display()
+            );
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the network backend did not answer within 20 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The backend lives as long as the server's process: it is reaped by init if we go.
+    std::mem::forget(child);
+    let pin = boxd_datapath::PinDir::default();
+    let opts = boxd_datapath::UpOptions {
+        pin: pin.clone(),
+        config: boxd_datapath::NodeConfig {
+            node_id: node.cfg.id as u32,
+            node_addr: None,
+            vm_addr: "10.0.0.2".parse().expect("addr"),
+            gw_addr: "10.0.0.1".parse().expect("addr"),
+            edge: true,
+            edge_node: node.cfg.id as u32,
+            wake_interval_ms: 1000,
+        },
+        interfaces: vec![uplink.to_string()],
+        allow_generic: cfg.network.allow_generic_xdp,
+    };
+    let rep = tokio::task::spawn_blocking(move || boxd_datapath::up(&opts))
+        .await?
+        .with_context(|| format!("attach the data path to the uplink {uplink}"))?;
+    for w in &rep.warnings {
+        tracing::warn!("data path: {w}");
+    }
+    boxd_control::reconcile::spawn(node.clone(), crate::reconcile::BpfMaps { pin });
+    Ok(control)
+}
+
+/// One call from inside machine `id`: the caller is the machine's owner, known by the
+/// socket the call arrived on (the machine's own vsock), never by anything it says.
+async fn machine_call(api: Arc<Api>, id: u64, s: tokio::net::UnixStream) {
+    let (mut rd, mut wr) = s.into_split();
+    let first = tokio::time::timeout(Duration::from_secs(10), api::read_frame(&mut rd)).await;
+    let call: MachineCall = match first {
+        Ok(Ok(Some((Kind::Request, p)))) => match serde_json::from_slice(&p) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = reply_error(&mut wr, &format!("bad request: {e}")).await;
+                return;
+            }
+        },
+        _ => return,
+    };
+    let caller = match machine_owner(&api, id).await {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = reply_error(&mut wr, &e).await;
+            return;
+        }
+    };
+    let (io, mut out_rx, in_tx) = Io::pair(call.pty);
+    let argv = call.argv;
+    let run = {
+        let api = api.clone();
+        tokio::spawn(async move { api.run(&caller, argv, None, io).await })
+    };
+    let mut in_tx = Some(in_tx);
+    loop {
+        tokio::select! {
+            o = out_rx.recv() => {
+                let r = match o {
+                    Some(Out::Stdout(d)) => api::write_frame(&mut wr, Kind::Stdout, &d).await,
+                    Some(Out::Stderr(d)) => api::write_frame(&mut wr, Kind::Stderr, &d).await,
+                    None => break,
+                };
+                if r.is_err() {
+                    in_tx = None;
+                }
+            }
+            f = api::read_frame(&mut rd), if in_tx.is_some() => {
+                let tx = in_tx.as_ref().expect("checked");
+                let sent = match f {
+                    Ok(Some((Kind::Stdin, d))) => tx.send(In::Data(d)).await,
+                    Ok(Some((Kind::StdinEof, _))) => tx.send(In::Eof).await,
+                    Ok(Some((Kind::Resize, p))) => match serde_json::from_slice::<Resize>(&p) {
+                        Ok(r) => tx.send(In::Resize { rows: r.rows, cols: r.cols }).await,
+                        Err(_) => Ok(()),
+                    },
+                    _ => {
+                        in_tx = None;
+                        Ok(())
+                    }
+                };
+                if sent.is_err() {
+                    in_tx = None;
+                }
+            }
+        }
+    }
+    let code = run.await.unwrap_or(255);
+    let st = serde_json::to_vec(&ExitStatus { code, signal: None }).expect("json");
+    let _ = api::write_frame(&mut wr, Kind::Exit, &st).await;
+}
+
+async fn reply_error(
+    wr: &mut (impl tokio::io::AsyncWrite + Unpin),
+    e: &str,
+) -> std::io::Result<()> {
+    api::write_frame(wr, Kind::Stderr, format!("error: {e}\n").as_bytes()).await?;
+    let st = serde_json::to_vec(&ExitStatus {
+        code: 1,
+        signal: None,
+    })
+    .expect("json");
+    api::write_frame(wr, Kind::Exit, &st).await
+}
+
+async fn machine_owner(api: &Api, id: u64) -> Result<Caller, String> {
+    let QueryReply::Machines { machines } = api
+        .node
+        .read(Query::Machines { owner: None }, false)
+        .await
+        .map_err(|e| e.to_string())?
+    else {
+        return Err("unexpected reply".into());
+    };
+    let m = machines
+        .into_iter()
+        .find(|m| m.id == id)
+        .ok_or("this machine no longer exists")?;
+    match api
+        .node
+        .read(
+            Query::UserByKey {
+                key: m.owner.clone(),
+            },
+            false,
+        )
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        QueryReply::User { user: Some(user) } => Ok(Caller {
+            actor: format!("user:{}@vm:{}", user.id, m.name),
+            via: format!("vm:{}", m.name),
+            user,
+        }),
+        _ => Err("the machine's owner is gone".into()),
+    }
+}

@@ -1,0 +1,489 @@
+//! The SSH front door (russh): public-key authentication only; the key's SHA-256
+//! fingerprint is the identity, and an unknown key registers an account on its first
+//! connection as the registration policy allows. A session's command line runs an API
+//! command; with a machine's name as the SSH user (`ssh -p 2222 my-app@host`) the
+//! session is a gateway into that machine instead: a shell, a command, or sftp/scp.
+
+use super::api::{Api, Caller, Gateway, In, Io, Out, split_command};
+use boxd_agent::proto::Pty;
+use boxd_control::types::{AppError, Applied, Command, Query, QueryReply};
+use russh::keys::{HashAlg, PrivateKey};
+use russh::server::{Auth, Msg, Session, VerifiedPublicKey};
+use russh::{Channel, ChannelId, ChannelMsg};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Loads the host key from `path`, making a fresh Ed25519 one on first start.
+pub fn host_key(path: &Path) -> anyhow::Result<PrivateKey> {
+    if path.exists() {
+        return russh::keys::load_secret_key(path, None).map_err(|e| {
+            anyhow::anyhow!(
+                "the SSH host key {} cannot be read ({e}); restore it, or remove it to make a new one (clients will warn)",
+                path.display()
+            )
+        });
+    }
+    let mut seed = [0u8; 32];
+    {
+        use std::io::Read;
+        std::fs::File::open("/dev/urandom")?.read_exact(&mut seed)?;
+    }
+    let key = PrivateKey::from(russh::keys::ssh_key::private::Ed25519Keypair::from_seed(
+        &seed,
+    ));
+    let pem = key
+        .to_openssh(russh::keys::ssh_key::LineEnding::LF)
+        .map_err(|e| anyhow::anyhow!("encode the host key: {e}"))?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(pem.as_bytes())?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    tracing::info!(path = %path.display(), "made a new SSH host key");
+    Ok(key)
+}
+
+pub fn config(key: PrivateKey) -> russh::server::Config {
+    russh::server::Config {
+        server_id: russh::SshId::Standard(
+            format!("SSH-2.0-boxd_{}", env!("CARGO_PKG_VERSION")).into(),
+        ),
+        methods: russh::MethodSet::from(&[russh::MethodKind::PublicKey][..]),
+        auth_rejection_time: Duration::from_millis(500),
+        // OpenSSH first asks with "none" to learn the methods: answer at once.
+        auth_rejection_time_initial: Some(Duration::ZERO),
+        keys: vec![key],
+        inactivity_timeout: Some(Duration::from_secs(3600)),
+        keepalive_interval: Some(Duration::from_secs(30)),
+        keepalive_max: 4,
+        max_auth_attempts: 8,
+        nodelay: true,
+        ..Default::default()
+    }
+}
+
+pub struct Server {
+    pub api: Arc<Api>,
+    pub slots: Arc<Semaphore>,
+}
+
+impl russh::server::Server for Server {
+    type Handler = Handler;
+
+    fn new_client(&mut self, peer: Option<std::net::SocketAddr>) -> Handler {
+        Handler {
+            api: self.api.clone(),
+            peer,
+            user: String::new(),
+            caller: None,
+            pending: None,
+            channels: HashMap::new(),
+            ptys: HashMap::new(),
+            _slot: self.slots.clone().try_acquire_owned().ok(),
+        }
+    }
+}
+
+pub struct Handler {
+    api: Arc<Api>,
+    peer: Option<std::net::SocketAddr>,
+    /// The SSH user name: a machine's name for the gateway, anything otherwise.
+    user: String,
+    caller: Option<Caller>,
+    /// A key not registered yet (invite policy): only `register INVITE` is served.
+    pending: Option<(String, String)>,
+    channels: HashMap<ChannelId, Channel<Msg>>,
+    ptys: HashMap<ChannelId, Pty>,
+    /// None when the server is at its connection limit: every request is refused.
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+impl Handler {
+    async fn lookup(&self, fp: &str) -> Result<Option<Caller>, String> {
+        match self
+            .api
+            .node
+            .read(Query::UserByKey { key: fp.into() }, false)
+            .await
+        {
+            Ok(QueryReply::User { user: Some(user) }) => Ok(Some(Caller {
+                actor: format!("user:{}", user.id),
+                via: fp.into(),
+                user,
+            })),
+            Ok(_) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    fn start(&mut self, id: ChannelId, what: What) {
+        let Some(channel) = self.channels.remove(&id) else {
+            return;
+        };
+        let api = self.api.clone();
+        let caller = self.caller.clone();
+        let pending = self.pending.clone();
+        let user = self.user.clone();
+        let pty = self.ptys.remove(&id);
+        tokio::spawn(serve(api, caller, pending, user, what, channel, pty));
+    }
+}
+
+enum What {
+    Shell,
+    Exec(String),
+    Subsystem(String),
+}
+
+impl russh::server::Handler for Handler {
+    type Error = russh::Error;
+
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        if self._slot.is_none() {
+            tracing::warn!(peer = ?self.peer, "SSH connection refused: at the connection limit");
+            return Ok(Auth::reject());
+        }
+        let fp = key.public_key.fingerprint(HashAlg::Sha256).to_string();
+        let openssh = key.public_key.to_openssh().unwrap_or_default();
+        self.user = user.chars().take(64).collect();
+        match self.lookup(&fp).await {
+            Ok(Some(c)) => {
+                self.caller = Some(c);
+                return Ok(Auth::Accept);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!("SSH auth: control plane: {e}");
+                return Ok(Auth::reject());
+            }
+        }
+        // An unknown key: register by the policy.
+        let req = self.api.node.request(
+            &format!("key:{fp}"),
+            Command::Register {
+                fingerprint: fp.clone(),
+                public_key: openssh.clone(),
+                name_hint: self.user.clone(),
+                invite: None,
+            },
+        );
+        match self.api.node.write(req).await.map(|r| r.result) {
+            Ok(Ok(Applied::User { name })) => {
+                tracing::info!(user = name, key = fp, peer = ?self.peer, "registered a new account");
+                match self.lookup(&fp).await {
+                    Ok(Some(c)) => {
+                        self.caller = Some(c);
+                        Ok(Auth::Accept)
+                    }
+                    _ => Ok(Auth::reject()),
+                }
+            }
+            // Invite policy: let the key in to say `register INVITE`, nothing else.
+            Ok(Err(AppError::Forbidden(_))) => {
+                self.pending = Some((fp, openssh));
+                Ok(Auth::Accept)
+            }
+            Ok(other) => {
+                tracing::info!(key = fp, peer = ?self.peer, "registration refused: {other:?}");
+                Ok(Auth::reject())
+            }
+            Err(e) => {
+                tracing::warn!("SSH registration: control plane: {e}");
+                Ok(Auth::reject())
+            }
+        }
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: russh::server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // A bounded number of sessions per connection.
+        if self.channels.len() >= 16 {
+            return Ok(());
+        }
+        self.channels.insert(channel.id(), channel);
+        reply.accept().await;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        term: &str,
+        col_width: u32,
+        row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        self.ptys.insert(
+            channel,
+            Pty {
+                rows: row_height.clamp(1, 1000) as u16,
+                cols: col_width.clamp(1, 1000) as u16,
+                term: term.chars().take(64).collect(),
+            },
+        );
+        session.channel_success(channel)?;
+        Ok(())
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        _name: &str,
+        _value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_failure(channel)?;
+        Ok(())
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)?;
+        self.start(channel, What::Shell);
+        Ok(())
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)?;
+        self.start(
+            channel,
+            What::Exec(String::from_utf8_lossy(data).into_owned()),
+        );
+        Ok(())
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_success(channel)?;
+        self.start(channel, What::Subsystem(name.into()));
+        Ok(())
+    }
+}
+
+/// One session channel: runs the command (or the gateway) and relays its input and
+/// output until it ends or the client goes away.
+async fn serve(
+    api: Arc<Api>,
+    caller: Option<Caller>,
+    pending: Option<(String, String)>,
+    user: String,
+    what: What,
+    channel: Channel<Msg>,
+    pty: Option<Pty>,
+) {
+    let (mut rd, wr) = channel.split();
+    let (mut io, mut out_rx, in_tx) = Io::pair(pty);
+    let work = tokio::spawn(async move {
+        let Some(caller) = caller else {
+            return register(&api, pending, &user, what, &io).await;
+        };
+        // `ssh NAME@host`: NAME is one of the caller's machines -> gateway.
+        let gateway = user != caller.user.name
+            && matches!(
+                api.node
+                    .read(
+                        Query::Machine {
+                            owner: caller.user.id.clone(),
+                            name: user.clone()
+                        },
+                        false
+                    )
+                    .await,
+                Ok(QueryReply::Machine { machine: Some(_) })
+            );
+        if gateway {
+            let how = match what {
+                What::Shell => Gateway::Shell,
+                What::Exec(c) => Gateway::Exec(c),
+                What::Subsystem(s) => Gateway::Subsystem(s),
+            };
+            return match api.gateway(&caller, &user, how, &mut io).await {
+                Ok(code) => code,
+                Err(e) => {
+                    io.eprint(format!("error: {}\n", e.message)).await;
+                    e.exit
+                }
+            };
+        }
+        match what {
+            What::Exec(raw) => match split_command(&raw) {
+                Ok((argv, _)) if argv.is_empty() => {
+                    api.run(&caller, vec!["help".into()], None, io).await
+                }
+                Ok((argv, tail)) => api.run(&caller, argv, tail, io).await,
+                Err(e) => {
+                    let json = raw.contains("--json");
+                    if json {
+                        io.print(format!(
+                            "{}\n",
+                            serde_json::json!({"error": {"code": e.code, "message": e.message}})
+                        ))
+                        .await;
+                    } else {
+                        io.eprint(format!("error: {}\n", e.message)).await;
+                    }
+                    e.exit
+                }
+            },
+            What::Shell => {
+                io.print(format!(
+                    "Welcome to boxd, {}. Run commands as `ssh -p {} {} COMMAND`:\n\n",
+                    caller.user.name,
+                    api.cfg.ssh.listen.rsplit(':').next().unwrap_or("2222"),
+                    api.cfg.ssh.public_host
+                ))
+                .await;
+                api.run(&caller, vec!["help".into()], None, io).await
+            }
+            What::Subsystem(s) => {
+                io.eprint(format!(
+                    "error: subsystem {s:?} needs a machine: connect as MACHINE@host (e.g. `scp -P 2222 file my-app@host:`)\n"
+                ))
+                .await;
+                1
+            }
+        }
+    });
+    let mut in_tx = Some(in_tx);
+    loop {
+        tokio::select! {
+            o = out_rx.recv() => match o {
+                Some(Out::Stdout(d)) => { let _ = wr.data_bytes(d).await; }
+                Some(Out::Stderr(d)) => { let _ = wr.extended_data_bytes(1, d).await; }
+                None => break,
+            },
+            m = rd.wait(), if in_tx.is_some() => {
+                let tx = in_tx.as_ref().expect("checked");
+                let sent = match m {
+                    Some(ChannelMsg::Data { data }) => tx.send(In::Data(data.to_vec())).await,
+                    Some(ChannelMsg::Eof) => tx.send(In::Eof).await,
+                    Some(ChannelMsg::WindowChange { col_width, row_height, .. }) => {
+                        tx.send(In::Resize {
+                            rows: row_height.clamp(1, 1000) as u16,
+                            cols: col_width.clamp(1, 1000) as u16,
+                        })
+                        .await
+                    }
+                    Some(ChannelMsg::Close) | None => {
+                        // The client went away: the command learns it from its input.
+                        in_tx = None;
+                        Ok(())
+                    }
+                    Some(_) => Ok(()),
+                };
+                if sent.is_err() {
+                    in_tx = None;
+                }
+            }
+        }
+    }
+    let code = work.await.unwrap_or(255);
+    let _ = wr.exit_status(code as u32).await;
+    let _ = wr.eof().await;
+    let _ = wr.close().await;
+}
+
+/// A key not yet registered on an invite-only server: `register INVITE` is the one
+/// command it may run.
+async fn register(
+    api: &Api,
+    pending: Option<(String, String)>,
+    user: &str,
+    what: What,
+    io: &Io,
+) -> i32 {
+    let Some((fp, public_key)) = pending else {
+        io.eprint("error: not authenticated\n").await;
+        return 1;
+    };
+    let argv = match &what {
+        What::Exec(raw) => shlex::split(raw).unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    let port = api
+        .cfg
+        .ssh
+        .listen
+        .rsplit(':')
+        .next()
+        .unwrap_or("2222")
+        .to_string();
+    let host = &api.cfg.ssh.public_host;
+    let [verb, invite] = argv.as_slice() else {
+        io.eprint(format!(
+            "error: this server registers new keys by invite; run `ssh -p {port} {host} register INVITE`\n"
+        ))
+        .await;
+        return 1;
+    };
+    if verb != "register" {
+        io.eprint(format!(
+            "error: this server registers new keys by invite; run `ssh -p {port} {host} register INVITE`\n"
+        ))
+        .await;
+        return 1;
+    }
+    use sha2::Digest;
+    let hash = hex::encode(sha2::Sha256::digest(invite.as_bytes()));
+    let req = api.node.request(
+        &format!("key:{fp}"),
+        Command::Register {
+            fingerprint: fp,
+            public_key,
+            name_hint: user.into(),
+            invite: Some(hash),
+        },
+    );
+    match api.node.write(req).await.map(|r| r.result) {
+        Ok(Ok(Applied::User { name })) => {
+            io.print(format!("registered: you are {name}\n")).await;
+            0
+        }
+        Ok(Ok(_)) => 0,
+        Ok(Err(e)) => {
+            io.eprint(format!("error: {e}\n")).await;
+            1
+        }
+        Err(e) => {
+            io.eprint(format!("error: control plane: {e}; retry\n"))
+                .await;
+            1
+        }
+    }
+}
