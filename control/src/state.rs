@@ -346,6 +346,11 @@ fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
                     "setting keys are 1-128 bytes and values at most 64 KiB".into(),
                 ));
             }
+            if key == "machine_quota" && !value.parse::<u32>().is_ok_and(|q| q <= 10_000) {
+                return Err(AppError::Invalid(format!(
+                    "machine_quota {value:?} is not a number of machines from 0 to 10000"
+                )));
+            }
             let previous: Option<String> = row1(
                 tx,
                 "SELECT value FROM settings WHERE key = ?1",
@@ -759,10 +764,21 @@ fn create_user(
             "key {fingerprint} belongs to another user"
         )));
     }
+    // New accounts get the `machine_quota` setting, when the operator set one.
+    let quota: u32 = row1(
+        tx,
+        "SELECT value FROM settings WHERE key = 'machine_quota'",
+        [],
+        |r| r.get::<_, String>(0),
+    )
+    .optional()
+    .map_err(sql)?
+    .and_then(|v| v.parse().ok())
+    .unwrap_or(DEFAULT_MACHINE_QUOTA);
     exec(
         tx,
         "INSERT INTO users (fingerprint, name, created_ms, machine_quota) VALUES (?1, ?2, ?3, ?4)",
-        params![fingerprint, name, now, DEFAULT_MACHINE_QUOTA],
+        params![fingerprint, name, now, quota],
     )
     .map_err(sql)?;
     exec(

@@ -1,5 +1,6 @@
 //! Helpers for boxd's end-to-end tests: the emulated KVM host and the paths tests share.
 
+pub mod api;
 pub mod bpf;
 pub mod cluster;
 pub mod guest;

@@ -371,3 +371,140 @@ pub fn control(seconds: f64) -> Result<()> {
             .arg(seconds.to_string()),
     )
 }
+
+/// The p-th percentile (0-100) of `v`, nearest rank.
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+/// Milliseconds `f` took, failing unless its command succeeded.
+fn timed(f: impl FnOnce() -> Result<std::process::Output>) -> Result<f64> {
+    let t = Instant::now();
+    let o = f()?;
+    anyhow::ensure!(
+        o.status.success(),
+        "exit {:?}: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    Ok(t.elapsed().as_secs_f64() * 1e3)
+}
+
+/// OpenSSH's own sshd on `port`, accepting `key` for root: the floor of an SSH
+/// round trip (handshake, auth, one exec of `true`) on this machine.
+fn openssh_floor(dir: &Path, port: u16, key: &Path) -> Result<std::process::Child> {
+    let host_key = dir.join("sshd_host_key");
+    crate::util::run(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&host_key),
+    )?;
+    std::fs::create_dir_all("/run/sshd")?;
+    let cfg = dir.join("sshd_config");
+    std::fs::write(
+        &cfg,
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\n\
+             PermitRootLogin prohibit-password\nPasswordAuthentication no\nUsePAM no\n\
+             PidFile none\nStrictModes no\n",
+            host_key.display(),
+            key.with_extension("key.pub").display()
+        ),
+    )?;
+    let sshd =
+        which("sshd").or_else(|_| Ok::<_, anyhow::Error>(PathBuf::from("/usr/sbin/sshd")))?;
+    let child = Command::new(sshd)
+        .args(["-D", "-e", "-f"])
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start OpenSSH's sshd (package openssh-server)")?;
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    Ok(child)
+}
+
+fn which(name: &str) -> Result<PathBuf> {
+    let out = Command::new("sh")
+        .args(["-c", &format!("command -v {name}")])
+        .output()?;
+    anyhow::ensure!(out.status.success(), "{name} is not installed");
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+/// `cargo xtask bench api`: `ssh host ls --json` against OpenSSH's sshd running `true`
+/// (the SSH floor, same client, same machine, same run), and `new` to SSH-ready.
+pub fn api(runs: usize) -> Result<()> {
+    use boxd_tests::api::{Options, Server};
+    let dir = std::env::temp_dir().join(format!("boxd-bench-api-{}", std::process::id()));
+    let s = Server::start(
+        &dir,
+        2222,
+        &Options {
+            network: true,
+            ..Default::default()
+        },
+        &["bench"],
+    )?;
+    let key = dir.join("bench.key");
+    let mut sshd = openssh_floor(&dir, 22299, &key)?;
+    let floor_cmd = || {
+        let mut c = Command::new("ssh");
+        c.args(s.ssh_opts("bench"))
+            .args(["-p", "22299", "root@127.0.0.1", "true"])
+            .stdin(Stdio::null());
+        c
+    };
+    // Registration and first-connection costs out of the way.
+    s.json("bench", &["ls"])?;
+    timed(|| Ok(floor_cmd().output()?))?;
+    let samples = 40;
+    let (mut ours, mut peer) = (Vec::new(), Vec::new());
+    for _ in 0..samples {
+        ours.push(timed(|| s.ssh("bench", &["ls", "--json"]))?);
+        peer.push(timed(|| Ok(floor_cmd().output()?))?);
+    }
+    let _ = sshd.kill();
+    let _ = sshd.wait();
+    let (o50, p50) = (percentile(&mut ours, 50.0), percentile(&mut peer, 50.0));
+    let (o99, p99) = (percentile(&mut ours, 99.0), percentile(&mut peer, 99.0));
+    println!(
+        "`ssh -p 2222 host ls --json` vs OpenSSH sshd running `true`, {samples} each, interleaved:"
+    );
+    println!(
+        "BENCH api-ls-p50-ms {o50:.1} ms peer={p50:.1} ratio={:.2}",
+        p50 / o50
+    );
+    println!(
+        "BENCH api-ls-p99-ms {o99:.1} ms peer={p99:.1} ratio={:.2}",
+        p99 / o99
+    );
+    let mut ready = Vec::new();
+    for i in 0..runs {
+        let name = format!("bench{i}");
+        let t = Instant::now();
+        let v = s.json("bench", &["new", &format!("--name={name}")])?;
+        let ip = v["ipv4"].as_str().context("ipv4")?.to_string();
+        // SSH-ready means a real login to the machine's own sshd works.
+        let o = s.direct("bench", &ip, "true")?;
+        anyhow::ensure!(
+            o.status.success(),
+            "ssh root@{ip}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        println!("  new {name} -> ssh root@{ip} ok: {ms:.0} ms");
+        ready.push(ms);
+        s.json("bench", &["rm", &name])?;
+    }
+    let med = median(ready);
+    println!(
+        "BENCH api-new-to-ssh-ready-ms {med:.0} ms (median of {runs}; cold boot of Debian, under the emulated KVM host where this machine has no VT-x/AMD-V)"
+    );
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

@@ -1,9 +1,10 @@
-//! `cargo xtask demo`: a demo machine booted under boxd's own VMM, driven through its
-//! agent, with each step timed.
+//! `cargo xtask demo`: a single boxd node (`boxd server`) and a demo machine, driven only
+//! with OpenSSH's `ssh` and `scp`, each step timed.
 
-use anyhow::{Context, Result};
-use boxd_tests::guest::{Machine, Spec};
-use std::time::{Duration, Instant};
+use anyhow::{Context, Result, ensure};
+use boxd_tests::api::{Options, Server, stderr, stdout};
+use std::process::Output;
+use std::time::Instant;
 
 fn step<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     println!("==> {what}");
@@ -13,58 +14,111 @@ fn step<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     Ok(r)
 }
 
+fn show(o: &Output) -> Result<()> {
+    for line in stdout(o).lines() {
+        println!("    | {line}");
+    }
+    ensure!(
+        o.status.success(),
+        "exit {:?}: {}",
+        o.status.code(),
+        stderr(o).trim()
+    );
+    Ok(())
+}
+
 /// Runs the demo here (where Linux guests can boot).
 pub fn run() -> Result<()> {
     let dir = std::env::temp_dir().join(format!("boxd-demo-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let spec = Spec::default();
-    let mut vm = step(
-        "boot a Debian 12 machine under boxd vmm (2 vCPUs, 1 GiB RAM, 100 GB copy-on-write disk)",
+    let port = 2222;
+    let s = step(
+        "start a single boxd node: boxd server (control plane, worker, network, SSH API on :2222)",
         || {
-            let mut vm = Machine::start("demo", &dir, &spec)?;
-            let ready = vm.wait_ready(Duration::from_secs(300))?;
-            println!(
-                "    agent ready {:.1} s after boxd vmm started",
-                ready.as_secs_f64()
-            );
-            Ok(vm)
+            Server::start(
+                &dir,
+                port,
+                &Options {
+                    network: true,
+                    memory: "1G",
+                    cpus: 2,
+                    ..Default::default()
+                },
+                &["you"],
+            )
         },
     )?;
-    let agent = vm.agent();
-    for cmd in [
-        vec!["uname", "-a"],
-        vec!["sh", "-c", ". /etc/os-release; echo $PRETTY_NAME"],
-        vec!["sh", "-c", "nproc; free -m | head -2; df -h / | tail -1"],
-    ] {
-        step(&format!("exec in the machine: {}", cmd.join(" ")), || {
-            let out = agent.exec(&cmd, None, 64 << 10)?;
-            for line in String::from_utf8_lossy(&out.stdout).lines() {
-                println!("    | {line}");
-            }
-            anyhow::ensure!(out.status.code == 0, "exit {}", out.status.code);
-            Ok(())
-        })?;
-    }
+    let ssh = |args: &str| format!("ssh -p {port} you@127.0.0.1 {args}");
+    let m = step(&ssh("new --name=my-app --json"), || {
+        let v = s.json("you", &["new", "--name=my-app"])?;
+        println!(
+            "    | my-app: {} {}, ready in {} ms",
+            v["ipv4"].as_str().unwrap_or_default(),
+            v["state"].as_str().unwrap_or_default(),
+            v["ready_ms"]
+        );
+        Ok(v)
+    })?;
+    let ip = m["ipv4"].as_str().context("the machine has no address")?;
+    step(&ssh("ls"), || show(&s.ssh("you", &["ls"])?))?;
     step(
-        "write /root/hello.txt through the agent and read it back",
+        &ssh("exec my-app -- 'uname -a; . /etc/os-release; echo $PRETTY_NAME'"),
         || {
-            agent.write_file("/root/hello.txt", b"hello from the host\n", 0o644)?;
-            let back = agent.read_file("/root/hello.txt", 1 << 20)?;
-            println!("    | {}", String::from_utf8_lossy(&back).trim());
-            Ok(())
+            show(&s.ssh(
+                "you",
+                &[
+                    "exec",
+                    "my-app",
+                    "--",
+                    "uname -a; . /etc/os-release; echo $PRETTY_NAME",
+                ],
+            )?)
         },
     )?;
-    step("shut the machine down (ACPI power button)", || {
-        let r = vm.control()?.call(&boxd_vmm::control::Request::Shutdown {
-            timeout_ms: 120_000,
-        })?;
-        anyhow::ensure!(r.ok, "shutdown refused: {:?}", r.error);
-        let code = vm.wait_exit(Duration::from_secs(150))?;
-        anyhow::ensure!(code == 0, "boxd vmm exited {code}:\n{}", vm.log());
-        Ok(())
-    })
-    .context("demo shutdown")?;
+    step(
+        &format!("ssh -p {port} my-app@127.0.0.1 (the gateway: a shell in the machine)"),
+        || {
+            show(&s.ssh_input(
+                "you",
+                "my-app",
+                &[],
+                b"echo \"hello from $(hostname), $(nproc) vCPUs\"; exit\n",
+                true,
+            )?)
+        },
+    )?;
+    step(
+        &format!("ssh root@{ip} (straight to the machine's sshd through the eBPF data path)"),
+        || {
+            show(&s.direct(
+                "you",
+                ip,
+                "echo \"$(hostname) sees you as ${SSH_CONNECTION%% *}\"",
+            )?)
+        },
+    )?;
+    step(
+        &format!("scp -P {port} hello.txt my-app@127.0.0.1:/root/"),
+        || {
+            std::fs::write(dir.join("hello.txt"), "hello from the host\n")?;
+            show(&s.scp(
+                "you",
+                &dir.join("hello.txt").display().to_string(),
+                "my-app@127.0.0.1:/root/hello.txt",
+            )?)?;
+            show(&s.ssh("you", &["exec", "my-app", "--", "cat /root/hello.txt"])?)
+        },
+    )?;
+    step(
+        &ssh("exec my-app -- 'boxd whoami' (the in-VM CLI, no token)"),
+        || show(&s.ssh("you", &["exec", "my-app", "--", "boxd whoami"])?),
+    )?;
+    step(&ssh("rm my-app"), || {
+        show(&s.ssh("you", &["rm", "my-app"])?)
+    })?;
+    drop(s);
     let _ = std::fs::remove_dir_all(&dir);
-    println!("demo done: the machine booted, ran commands, kept a file and powered off cleanly");
+    println!(
+        "demo done: a boxd node made a machine over SSH; it ran commands, took a shell, a direct SSH login and a file, and went away"
+    );
     Ok(())
 }

@@ -98,6 +98,9 @@ enum BenchKind {
     /// The control plane: committed writes per second and commit latency with 1 and 3
     /// voters, against etcd with 1 and 3 members.
     Control,
+    /// The SSH API: `ssh host ls --json` p50/p99 against OpenSSH's sshd running `true`,
+    /// and `new` to SSH-ready (--runs machines).
+    Api,
 }
 
 fn parse_forward(s: &str) -> Result<(u16, u16), String> {
@@ -158,6 +161,31 @@ fn main() -> Result<()> {
             seconds,
             ..
         } => bench::control(seconds),
+        Task::Bench {
+            what: BenchKind::Api,
+            runs,
+            inside,
+            ..
+        } => {
+            if !inside {
+                setup::setup()?;
+                if !prepare_guests()? {
+                    let argv = vec![
+                        self_exe()?,
+                        "bench".into(),
+                        "api".into(),
+                        "--runs".into(),
+                        runs.to_string(),
+                        "--inside".into(),
+                    ];
+                    return boxd_tests::guest::run_in_testhost(
+                        argv,
+                        std::time::Duration::from_secs(60 * 60),
+                    );
+                }
+            }
+            bench::api(runs)
+        }
         Task::CaptureHellos { count } => {
             setup::setup()?;
             setup::ensure_packages(&[("chromium", "the browser whose ClientHellos are captured")])?;

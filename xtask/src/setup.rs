@@ -30,6 +30,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "network namespaces and links in tests"),
     ("openssh-client", "real SSH clients in end-to-end tests"),
     (
+        "openssh-server",
+        "OpenSSH's sshd: the floor `cargo xtask bench api` measures the SSH API against",
+    ),
+    (
         "llvm-22-dev",
         "bpf-linker links the eBPF programs with LLVM 22 (Debian's LLVM 14 is too old)",
     ),

@@ -302,7 +302,18 @@ impl Api {
         tail: Option<String>,
         mut io: Io,
     ) -> i32 {
-        let json = argv.iter().any(|a| a == "--json");
+        // `--json` anywhere but inside an exec'd command line asks for JSON (trailing
+        // arguments like a key's words would otherwise swallow it).
+        let mut argv = argv;
+        let json = if argv.first().is_some_and(|a| a == "exec") {
+            argv.iter()
+                .take_while(|a| *a != "--")
+                .any(|a| a == "--json")
+        } else {
+            let had = argv.iter().any(|a| a == "--json");
+            argv.retain(|a| a != "--json");
+            had
+        };
         let cli = match ApiCli::try_parse_from(&argv) {
             Ok(c) => c,
             Err(e) => {
@@ -329,7 +340,7 @@ impl Api {
                 return self.fail(&io, json, err).await;
             }
         };
-        let json = cli.json;
+        let json = json || cli.json;
         match self.dispatch(caller, cli.verb, tail, json, &mut io).await {
             Ok(code) => code,
             Err(e) => self.fail(&io, json, e).await,
@@ -559,12 +570,7 @@ impl Api {
                 kill_on_disconnect,
                 command,
             } => {
-                if json {
-                    return Err(ApiError::new(
-                        "usage",
-                        "exec passes the command's own output through; it has no --json form",
-                    ));
-                }
+                // With --json only errors are JSON: the command's output is its own.
                 let m = self.running(caller, &name).await?;
                 let script = match tail {
                     Some(t) => t,

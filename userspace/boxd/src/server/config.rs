@@ -21,6 +21,8 @@ pub struct Config {
     pub registration: String,
     /// Machines get `<name>.<zone>` as their domain when set.
     pub zone: Option<String>,
+    /// Machines a new account may have (existing accounts keep theirs).
+    pub machine_quota: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -52,6 +54,11 @@ pub struct Machines {
     pub skip_kvm_check: bool,
     /// How long `new` waits for a machine to be reachable before it answers.
     pub ready_timeout_s: u64,
+    /// vCPUs the scheduler may place per host CPU (machines mostly idle).
+    pub cpu_overcommit: u32,
+    /// Guest memory the scheduler may place per byte of host memory (guest memory is
+    /// touched lazily; above 1.0 a host can run out when guests use what they have).
+    pub memory_overcommit: f64,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -86,6 +93,7 @@ impl Default for Config {
             network: Network::default(),
             registration: "open".into(),
             zone: None,
+            machine_quota: 10,
         }
     }
 }
@@ -117,6 +125,8 @@ impl Default for Machines {
             no_cgroup: false,
             skip_kvm_check: false,
             ready_timeout_s: 300,
+            cpu_overcommit: 4,
+            memory_overcommit: 1.0,
         }
     }
 }
@@ -160,6 +170,18 @@ impl Config {
             .with_context(|| format!("[ssh] listen = {:?} is not IP:port", self.ssh.listen))?;
         self.memory_mib()?;
         self.disk_gib()?;
+        if !(1..=64).contains(&self.machines.cpu_overcommit) {
+            bail!(
+                "[machines] cpu_overcommit = {}: use 1-64",
+                self.machines.cpu_overcommit
+            );
+        }
+        if !(0.1..=16.0).contains(&self.machines.memory_overcommit) {
+            bail!(
+                "[machines] memory_overcommit = {}: use 0.1-16",
+                self.machines.memory_overcommit
+            );
+        }
         if !(1..=64).contains(&self.machines.cpus) {
             bail!("[machines] cpus = {}: use 1-64", self.machines.cpus);
         }

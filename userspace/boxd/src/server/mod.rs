@@ -148,11 +148,25 @@ async fn run(cfg: Arc<Config>) -> Exit {
 /// Settings and the address pool from the configuration, written once (a node that
 /// restarts with the same file changes nothing).
 async fn bootstrap(node: &Arc<Node>, cfg: &Config) -> Result<()> {
-    let mut cmds = vec![Command::AddPool {
-        name: "default".into(),
-        cidr: cfg.network.pool.clone(),
-    }];
-    let mut settings = vec![("registration", cfg.registration.clone())];
+    let (cpus, memory_mib) = node::host_capacity();
+    let mut cmds = vec![
+        Command::AddPool {
+            name: "default".into(),
+            cidr: cfg.network.pool.clone(),
+        },
+        // What the scheduler may place here, with the configured overcommit.
+        Command::RegisterNode {
+            id: node.cfg.id,
+            addr: node.cfg.advertise.clone(),
+            role: node.cfg.role,
+            cpus: cpus * cfg.machines.cpu_overcommit,
+            memory_mib: (memory_mib as f64 * cfg.machines.memory_overcommit) as u64,
+        },
+    ];
+    let mut settings = vec![
+        ("registration", cfg.registration.clone()),
+        ("machine_quota", cfg.machine_quota.to_string()),
+    ];
     if let Some(z) = &cfg.zone {
         settings.push(("zone", z.clone()));
     }

@@ -29,11 +29,12 @@ const RESTARTS_PER_MINUTE: usize = 5;
 /// How long a stop waits for the guest to power off before pulling the plug.
 pub const STOP_GRACE: Duration = Duration::from_secs(30);
 
-/// Run in a new machine: succeeds once eth0 has its address and sshd is active
-/// (bounded: 600 tries, 0.1 s apart).
+/// Run in a new machine: succeeds once eth0 has its address and sshd listens on port
+/// 22 (bounded: 600 tries, 0.1 s apart; reads /proc, spawns nothing per try).
 const WAIT_NETWORK: &str = "for i in $(seq 600); do \
-     systemctl is-active -q ssh.service && ip -4 -o addr show dev eth0 | grep -q ' inet ' && exit 0; \
-     sleep 0.1; done; systemctl is-active ssh.service; ip -4 -o addr show dev eth0; exit 1";
+     if grep -q ':0016 0*:0000 0A' /proc/net/tcp /proc/net/tcp6 2>/dev/null \
+        && ip -4 -o addr show dev eth0 | grep -q inet; then exit 0; fi; \
+     sleep 0.1; done; ip -4 -o addr show dev eth0; exit 1";
 
 /// Where a machine is on its way up (or down), as the API waits on it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +60,8 @@ struct Vm {
     /// A stop, restart or delete is in progress outside the lock: reconcile leaves it be.
     busy: bool,
     starts: VecDeque<Instant>,
+    /// Counts VMM starts: a bring-up gives up when its start is no longer the current one.
+    generation: u64,
     api: Option<tokio::task::JoinHandle<()>>,
 }
 
@@ -266,17 +269,21 @@ impl Worker {
         tracing::info!(machine = m.name, id = m.id, pid = child.id(), "VMM started");
         vm.proc = Proc::Child(child);
         vm.starts.push_back(Instant::now());
+        vm.generation += 1;
         vm.phase.send_replace(Phase::Booting);
-        self.bring_up(m.clone());
+        self.bring_up(m.clone(), vm.generation);
         Ok(())
     }
 
     /// Waits for the agent, then names the machine and installs its owner's keys.
-    fn bring_up(self: &Arc<Self>, m: Machine) {
+    fn bring_up(self: &Arc<Self>, m: Machine, generation: u64) {
         let me = self.clone();
         std::thread::spawn(move || {
             let limit = Duration::from_secs(me.cfg.machines.ready_timeout_s);
-            let r = me.configure(&m, limit);
+            let r = me.configure(&m, generation, limit);
+            if !me.current(m.id, generation) {
+                return;
+            }
             match r {
                 Ok(()) => {
                     if m.state == MachineState::Creating {
@@ -304,11 +311,30 @@ impl Worker {
         });
     }
 
-    fn configure(&self, m: &Machine, limit: Duration) -> Result<(), String> {
+    /// Whether start `generation` of machine `id` is still the running one.
+    fn current(&self, id: u64, generation: u64) -> bool {
+        self.vms
+            .lock()
+            .unwrap()
+            .get(&id)
+            .is_some_and(|v| v.generation == generation && !matches!(v.proc, Proc::None))
+    }
+
+    fn configure(&self, m: &Machine, generation: u64, limit: Duration) -> Result<(), String> {
         let agent = self.agent(m.id);
-        agent
-            .wait_ready(limit)
-            .map_err(|e| format!("the machine's agent did not answer: {e}"))?;
+        let deadline = Instant::now() + limit;
+        while agent.ping().is_err() {
+            if !self.current(m.id, generation) {
+                return Err("the VMM stopped before the machine was ready".into());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "the machine's agent did not answer within {} s",
+                    limit.as_secs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         agent
             .set_hostname(&m.name)
             .map_err(|e| format!("set the host name: {e}"))?;
@@ -406,6 +432,7 @@ impl Worker {
             phase: watch::channel(Phase::Down).0,
             busy: false,
             starts: VecDeque::new(),
+            generation: 0,
             api: None,
         });
         if vm.busy {
@@ -481,10 +508,11 @@ impl Worker {
             tracing::info!(machine = m.name, "adopting the running VMM");
             vm.proc = Proc::Adopted;
             vm.starts.push_back(Instant::now());
+            vm.generation += 1;
             if vm.api.is_none() {
                 vm.api = Some(self.listen_api(m.id, &vm.dir)?);
             }
-            self.bring_up(m.clone());
+            self.bring_up(m.clone(), vm.generation);
             return Ok(1);
         }
         while vm

@@ -1,0 +1,327 @@
+//! A real `boxd server` for end-to-end tests, the demo and the API bench, driven with
+//! OpenSSH's own `ssh` and `scp`. Where the network is wanted, the "client" lives in its
+//! own network namespace behind a veth pair whose host end is the server's uplink, so it
+//! reaches machines' public addresses through the eBPF data path like a remote client.
+
+use crate::guest::boxd_binary;
+use crate::testhost::Images;
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The client namespace and its link to the server (the server's uplink).
+pub const CLIENT_NS: &str = "bxclient";
+pub const UPLINK: &str = "bxup0";
+pub const CLIENT_ADDR: &str = "192.0.2.2";
+pub const POOL: &str = "100.64.0.0/24";
+
+pub struct Server {
+    pub dir: PathBuf,
+    pub port: u16,
+    child: Option<Child>,
+    network: bool,
+}
+
+/// What a test can vary about the server.
+pub struct Options {
+    pub network: bool,
+    pub machine_quota: u32,
+    pub memory: &'static str,
+    pub cpus: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            network: false,
+            machine_quota: 10,
+            memory: "1G",
+            cpus: 1,
+        }
+    }
+}
+
+fn sh(cmd: &str) -> Result<()> {
+    let out = Command::new("sh").args(["-c", cmd]).output()?;
+    if !out.status.success() {
+        bail!(
+            "`{cmd}` failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The client namespace joined to the host by a veth pair (host end: UPLINK). The
+/// client's end computes full checksums, as packets off a wire carry them.
+fn client_network() -> Result<()> {
+    let _ = sh(&format!(
+        "ip netns del {CLIENT_NS} 2>/dev/null; ip link del {UPLINK} 2>/dev/null"
+    ));
+    sh(&format!(
+        "ip netns add {CLIENT_NS} && ip link add {UPLINK} type veth peer name bxc0 && \
+         ip link set bxc0 netns {CLIENT_NS} && ip addr add 192.0.2.1/24 dev {UPLINK} && \
+         ip link set {UPLINK} up && ip -n {CLIENT_NS} addr add {CLIENT_ADDR}/24 dev bxc0 && \
+         ip -n {CLIENT_NS} link set bxc0 up && ip -n {CLIENT_NS} link set lo up && \
+         ip -n {CLIENT_NS} route add {POOL} via 192.0.2.1 && \
+         ip netns exec {CLIENT_NS} ethtool -K bxc0 tx off >/dev/null"
+    ))
+}
+
+impl Server {
+    /// Starts `boxd server` with its state in `dir` (created fresh) and an SSH key pair
+    /// for each user in `users` (`dir/<user>.key`).
+    pub fn start(dir: &Path, port: u16, opts: &Options, users: &[&str]) -> Result<Self> {
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::create_dir_all(dir)?;
+        let images = Images::load()?;
+        if opts.network {
+            client_network()?;
+            if !Path::new("/sys/fs/bpf/boxd").exists() {
+                let _ = sh("mount | grep -q ' /sys/fs/bpf ' || mount -t bpf bpf /sys/fs/bpf");
+            }
+        }
+        let network = if opts.network {
+            format!(
+                "[network]\npool = \"{POOL}\"\nuplink = \"{UPLINK}\"\nallow_generic_xdp = true\n"
+            )
+        } else {
+            format!("[network]\npool = \"{POOL}\"\n")
+        };
+        let config = format!(
+            "data_dir = \"{data}\"\nmachine_quota = {quota}\n\
+             [ssh]\nlisten = \"127.0.0.1:{port}\"\npublic_host = \"127.0.0.1\"\n\
+             [control]\nlisten = \"127.0.0.1:{cport}\"\n\
+             [machines]\ncpus = {cpus}\nmemory = \"{mem}\"\nready_timeout_s = 400\n\
+             [images]\nkernel = \"{k}\"\ninitrd = \"{i}\"\nrootfs = \"{r}\"\n{network}",
+            data = dir.join("data").display(),
+            quota = opts.machine_quota,
+            cport = port + 5000,
+            cpus = opts.cpus,
+            mem = opts.memory,
+            k = images.kernel.display(),
+            i = images.initrd.display(),
+            r = images.rootfs.display(),
+        );
+        std::fs::write(dir.join("boxd.toml"), config)?;
+        for u in users {
+            let key = dir.join(format!("{u}.key"));
+            let out = Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-C", u, "-f"])
+                .arg(&key)
+                .output()
+                .context("run ssh-keygen (OpenSSH client tools)")?;
+            if !out.status.success() {
+                bail!("ssh-keygen: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
+        let log = std::fs::File::create(dir.join("server.log"))?;
+        let child = Command::new(boxd_binary()?)
+            .arg("server")
+            .arg("--config")
+            .arg(dir.join("boxd.toml"))
+            .env("BOXD_LOG", "info,openraft=warn,quinn_udp=warn,russh=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start boxd server")?;
+        let mut s = Self {
+            dir: dir.to_path_buf(),
+            port,
+            child: Some(child),
+            network: opts.network,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !s.log().contains("boxd server ready") {
+            if let Some(c) = s.child.as_mut()
+                && let Some(st) = c.try_wait()?
+            {
+                bail!("boxd server exited ({st}):\n{}", s.log());
+            }
+            if Instant::now() > deadline {
+                bail!("boxd server not ready within 60 s:\n{}", s.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(s)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
+    /// OpenSSH options: no config files, this user's key only, no host key prompts.
+    pub fn ssh_opts(&self, user: &str) -> Vec<String> {
+        [
+            "-F",
+            "/dev/null",
+            "-i",
+            &self.dir.join(format!("{user}.key")).display().to_string(),
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "BatchMode=yes",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// `ssh -p PORT login@127.0.0.1 ARGS...` as `user` (their key).
+    pub fn ssh_cmd(&self, user: &str, login: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("ssh");
+        c.args(self.ssh_opts(user))
+            .args(["-p", &self.port.to_string()])
+            .arg(format!("{login}@127.0.0.1"))
+            .args(args)
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs an API command as `user`.
+    pub fn ssh(&self, user: &str, args: &[&str]) -> Result<Output> {
+        Ok(self.ssh_cmd(user, user, args).output()?)
+    }
+
+    /// Runs an API command with `--json` that must succeed; its document.
+    pub fn json(&self, user: &str, args: &[&str]) -> Result<Value> {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.ssh(user, &a)?;
+        let v: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "`{}` printed no JSON (exit {:?}): {}{}",
+                args.join(" "),
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        if !out.status.success() {
+            bail!(
+                "`{}` failed (exit {:?}): {v}",
+                args.join(" "),
+                out.status.code()
+            );
+        }
+        Ok(v)
+    }
+
+    /// Runs an API command with `--json` that must fail; its exit code and error code.
+    pub fn json_err(&self, user: &str, args: &[&str]) -> Result<(i32, String, String)> {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.ssh(user, &a)?;
+        let v: Value = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "`{}` printed no JSON: {}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+        if out.status.success() {
+            bail!("`{}` succeeded but should have failed: {v}", args.join(" "));
+        }
+        Ok((
+            out.status.code().unwrap_or(-1),
+            v["error"]["code"].as_str().unwrap_or_default().to_string(),
+            v["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        ))
+    }
+
+    /// `scp` through the gateway (`-P PORT`), as `user`.
+    pub fn scp(&self, user: &str, from: &str, to: &str) -> Result<Output> {
+        Ok(Command::new("scp")
+            .args(self.ssh_opts(user))
+            .args(["-P", &self.port.to_string(), from, to])
+            .stdin(Stdio::null())
+            .output()?)
+    }
+
+    /// `ssh root@ADDR CMD` from the client namespace, straight to a machine's sshd.
+    pub fn direct(&self, user: &str, addr: &str, cmd: &str) -> Result<Output> {
+        if !self.network {
+            bail!("this server was started without a network");
+        }
+        Ok(Command::new("ip")
+            .args(["netns", "exec", CLIENT_NS, "ssh"])
+            .args(self.ssh_opts(user))
+            .args(["-o", "ConnectTimeout=20"])
+            .arg(format!("root@{addr}"))
+            .arg(cmd)
+            .stdin(Stdio::null())
+            .output()?)
+    }
+
+    /// Runs `args` as `user` with `input` on stdin (a terminal requested with `tty`).
+    pub fn ssh_input(
+        &self,
+        user: &str,
+        login: &str,
+        args: &[&str],
+        input: &[u8],
+        tty: bool,
+    ) -> Result<Output> {
+        let mut c = Command::new("ssh");
+        c.args(self.ssh_opts(user));
+        if tty {
+            c.arg("-tt");
+        }
+        c.args(["-p", &self.port.to_string()])
+            .arg(format!("{login}@127.0.0.1"))
+            .args(args);
+        let mut child = c
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        child.stdin.take().expect("piped").write_all(input)?;
+        Ok(child.wait_with_output()?)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child, which has not been reaped yet.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // Machines outlive the server by design; a test's machines go with it.
+        let _ = sh(&format!(
+            "pkill -f 'boxd vmm run .*--dir {}' ; pkill -f 'net serve --control {}'",
+            self.dir.join("data/machines").display(),
+            self.dir.join("data/net.sock").display()
+        ));
+        if self.network {
+            let _ = sh(&format!("ip netns del {CLIENT_NS}; ip link del {UPLINK}"));
+        }
+    }
+}
+
+/// Text of an output's stdout.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}

@@ -1,0 +1,529 @@
+//! The SSH API end to end: a real `boxd server`, driven only with OpenSSH's `ssh` and
+//! `scp`. `api_commands_and_bad_input` needs no guest (machines are created without
+//! waiting for them to boot) and runs right here; `api_machines` boots real Linux
+//! machines, so it runs where guests can (inside the emulated KVM host here), with the
+//! client in its own network namespace reaching machines through the eBPF data path.
+
+use anyhow::{Context, Result, ensure};
+use boxd_tests::api::{Options, Server, stderr, stdout};
+use boxd_tests::guest::{Place, place};
+use serde_json::Value;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+fn scratch(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("boxd-api-{name}-{}", std::process::id()))
+}
+
+fn names(v: &Value) -> Vec<String> {
+    v["machines"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|m| m["name"].as_str().unwrap_or_default().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn api_commands_and_bad_input() -> Result<()> {
+    let dir = scratch("cmds");
+    let s = Server::start(
+        &dir,
+        22220,
+        &Options {
+            machine_quota: 3,
+            ..Default::default()
+        },
+        &["alice", "bob", "carol"],
+    )?;
+
+    // First connection registers the key (open policy); whoami says who.
+    let me = s.json("alice", &["whoami"])?;
+    assert_eq!(me["name"], "alice", "{me}");
+    let id = me["id"].as_str().context("id")?.to_string();
+    assert!(id.starts_with("SHA256:"), "{me}");
+    assert_eq!(me["via"], id, "the registering key is the account id: {me}");
+    assert_eq!(me["keys"], 1);
+    let q = s.json("alice", &["quota"])?;
+    assert_eq!(q["machines"]["used"], 0);
+    assert_eq!(q["machines"]["limit"], 3);
+
+    // A machine recorded without waiting for it to boot: every field, by name.
+    let m = s.json(
+        "alice",
+        &[
+            "new",
+            "--name=web",
+            "--no-wait",
+            "--cpus",
+            "1",
+            "--memory",
+            "512M",
+        ],
+    )?;
+    assert_eq!(m["name"], "web");
+    assert!(
+        matches!(m["state"].as_str(), Some("creating" | "running")),
+        "{m}"
+    );
+    assert_eq!(m["cpus"], 1);
+    assert_eq!(m["memory_mib"], 512);
+    assert_eq!(m["disk_gib"], 100);
+    assert_eq!(m["ipv4"], "100.64.0.1");
+    assert_eq!(m["ports"], serde_json::json!([]));
+    assert_eq!(m["ready_ms"], Value::Null);
+    assert_eq!(
+        m["ssh"]["gateway"],
+        format!("ssh -p {} web@127.0.0.1", s.port)
+    );
+    assert_eq!(m["ssh"]["direct"], "ssh root@100.64.0.1");
+    let ls = s.json("alice", &["ls"])?;
+    assert_eq!(names(&ls), ["web"]);
+    let info = s.json("alice", &["info", "web"])?;
+    assert_eq!(info["id"], m["id"]);
+    // Text forms: an aligned table and key: value lines.
+    let table = stdout(&s.ssh("alice", &["ls"])?);
+    let mut lines = table.lines();
+    let header = lines.next().unwrap_or_default();
+    assert!(
+        header.starts_with("NAME") && header.contains("STATE") && header.contains("IPV4"),
+        "{table}"
+    );
+    assert!(
+        lines.next().unwrap_or_default().starts_with("web "),
+        "{table}"
+    );
+
+    // expose / unexpose.
+    let e = s.json("alice", &["expose", "web", "8080"])?;
+    assert_eq!(e["ports"], serde_json::json!([8080]));
+    let e = s.json("alice", &["unexpose", "web", "8080"])?;
+    assert_eq!(e["ports"], serde_json::json!([]));
+    let (code, err, _) = s.json_err("alice", &["expose", "web", "0"])?;
+    assert_eq!((code, err.as_str()), (1, "invalid"));
+
+    // Keys: add one (then it logs in as the same account), remove it again.
+    let carol_pub = std::fs::read_to_string(dir.join("carol.key.pub"))?;
+    let added = s.json("alice", &["keys", "add", carol_pub.trim()])?;
+    let fp = added["added"].as_str().context("fingerprint")?.to_string();
+    let keys = s.json("alice", &["keys"])?;
+    assert_eq!(keys["keys"].as_array().map(Vec::len), Some(2), "{keys}");
+    let as_carol = s.json("carol", &["whoami"])?;
+    assert_eq!(as_carol["name"], "alice", "{as_carol}");
+    assert_eq!(as_carol["via"], fp);
+    s.json("alice", &["keys", "rm", &fp])?;
+    let (_, err, _) = s.json_err("alice", &["keys", "rm", &id])?;
+    assert_eq!(err, "invalid", "the last key cannot go");
+    let (_, err, _) = s.json_err("alice", &["keys", "add", "ssh-ed25519", "not-base64"])?;
+    assert_eq!(err, "invalid");
+
+    // Bad input: clear errors, exit codes, and nothing changes.
+    let before = s.json("alice", &["ls"])?;
+    for (args, want) in [
+        (vec!["new", "--name=Bad_Name", "--no-wait"], "invalid"),
+        (vec!["new", "--name=-dash", "--no-wait"], "invalid"),
+        (
+            vec!["new", "--name", &"a".repeat(64), "--no-wait"],
+            "invalid",
+        ),
+        (
+            vec!["new", "--name=big", "--cpus", "1000", "--no-wait"],
+            "invalid",
+        ),
+        (
+            vec!["new", "--name=big", "--memory", "9999999T", "--no-wait"],
+            "invalid",
+        ),
+        (
+            vec!["new", "--name=big", "--memory", "12parsecs", "--no-wait"],
+            "invalid",
+        ),
+        (
+            vec!["new", "--name=small", "--disk", "1G", "--no-wait"],
+            "invalid",
+        ),
+        (
+            vec!["new", "--name=img", "--image", "windows", "--no-wait"],
+            "invalid",
+        ),
+        (vec!["new", "--name=web", "--no-wait"], "already_exists"),
+        (vec!["frobnicate"], "usage"),
+        (vec!["ls", "--bogus-flag"], "usage"),
+        (vec!["info"], "usage"),
+        (vec!["info", "nope"], "not_found"),
+        (vec!["exec", "--json", "nope", "--", "true"], "not_found"),
+        (vec!["rm", "nope"], "not_found"),
+    ] {
+        let (code, err, msg) = s.json_err("alice", &args)?;
+        assert_eq!(err, want, "{args:?}: {msg}");
+        assert_eq!(code, if want == "usage" { 2 } else { 1 }, "{args:?}");
+        assert!(!msg.is_empty(), "{args:?}");
+    }
+    let o = s.ssh("alice", &["frobnicate"])?;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("unrecognized subcommand"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        names(&s.json("alice", &["ls"])?),
+        names(&before),
+        "bad input changed nothing"
+    );
+
+    // A 1 MB command line: refused (by the SSH layer or ours), and the server still serves.
+    // (as 16 arguments of 64 KiB: one argument may not exceed 128 KiB in execve)
+    let part = "x".repeat(64 << 10);
+    let mut huge = vec!["new", "--name"];
+    huge.extend(std::iter::repeat_n(part.as_str(), 16));
+    let o = s.ssh("alice", &huge)?;
+    assert!(!o.status.success(), "a 1 MB command line was accepted");
+    let o = s.ssh(
+        "alice",
+        &[&format!("new --name={} --json", "y".repeat(100 << 10))],
+    )?;
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(stdout(&o).contains("the limit is 64 KiB"), "{}", stdout(&o));
+    assert_eq!(names(&s.json("alice", &["ls"])?), names(&before));
+
+    // Another user's machine: invisible and untouchable, and named the same way as a
+    // machine that does not exist.
+    assert!(names(&s.json("bob", &["ls"])?).is_empty());
+    for args in [
+        vec!["info", "web"],
+        vec!["rm", "web"],
+        vec!["stop", "web"],
+        vec!["expose", "web", "80"],
+        vec!["exec", "--json", "web", "--", "true"],
+        vec!["console", "web"],
+    ] {
+        let (_, err, _) = s.json_err("bob", &args)?;
+        assert_eq!(err, "not_found", "bob {args:?}");
+    }
+    // Bob naming alice's machine as the SSH user gets the API, not her machine.
+    let o = s.ssh_cmd("bob", "web", &["hostname"]).output()?;
+    assert_eq!(o.status.code(), Some(2), "{}", stdout(&o));
+    assert_eq!(names(&s.json("alice", &["ls"])?), ["web"]);
+
+    // 50 concurrent `new` from one user with 2 machines of quota left: exactly 2 made,
+    // the rest refused by the quota, no half-made machine.
+    let results: Vec<(i32, String)> = std::thread::scope(|scope| {
+        let hs: Vec<_> = (0..50)
+            .map(|i| {
+                let s = &s;
+                scope.spawn(move || {
+                    let o = s
+                        .ssh(
+                            "alice",
+                            &["new", &format!("--name=c{i}"), "--no-wait", "--json"],
+                        )
+                        .expect("ssh");
+                    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+                    (
+                        o.status.code().unwrap_or(-1),
+                        v["error"]["code"].as_str().unwrap_or("ok").to_string(),
+                    )
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().expect("thread")).collect()
+    });
+    let ok = results.iter().filter(|(c, _)| *c == 0).count();
+    let quota = results
+        .iter()
+        .filter(|(_, e)| e == "quota_exceeded")
+        .count();
+    assert_eq!((ok, quota), (2, 48), "{results:?}");
+    let ls = s.json("alice", &["ls"])?;
+    assert_eq!(ls["machines"].as_array().map(Vec::len), Some(3), "{ls}");
+    let q = s.json("alice", &["quota"])?;
+    assert_eq!(q["machines"]["used"], 3);
+
+    // A client that disconnects mid-command: the command completes or never happened.
+    for m in names(&ls).iter().filter(|n| n.starts_with('c')) {
+        s.json("alice", &["rm", m])?;
+    }
+    let mut c = s
+        .ssh_cmd("alice", "alice", &["new", "--name=dropped"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let _ = c.kill();
+    let _ = c.wait();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let ls = names(&s.json("alice", &["ls"])?);
+        if ls.contains(&"dropped".to_string()) || Instant::now() > deadline {
+            break ls;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        after.contains(&"dropped".to_string()),
+        "the acknowledged create was lost: {after:?}"
+    );
+    let d = s.json("alice", &["info", "dropped"])?;
+    assert!(
+        d["ipv4"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("100.64.0.")),
+        "{d}"
+    );
+    s.json("alice", &["rm", "dropped"])?;
+
+    // Audit: every mutation, refusals included, under the account.
+    let audit = s.json("alice", &["audit", "--limit", "200"])?;
+    let entries = audit["entries"].as_array().context("entries")?;
+    let ops: Vec<&str> = entries.iter().filter_map(|e| e["op"].as_str()).collect();
+    for op in [
+        "create_machine",
+        "delete_machine",
+        "expose",
+        "unexpose",
+        "add_key",
+        "remove_key",
+    ] {
+        assert!(ops.contains(&op), "{op} missing from {ops:?}");
+    }
+    assert!(
+        entries.iter().all(|e| e["actor"] == format!("user:{id}")),
+        "only alice's entries: {audit}"
+    );
+    assert!(entries.iter().any(|e| {
+        e["result"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("quota_exceeded")
+    }));
+    // Bob's log holds his own refused attempts on alice's machine, nothing of hers.
+    let bob = s.json("bob", &["audit"])?;
+    let bob_entries = bob["entries"].as_array().context("entries")?;
+    assert!(!bob_entries.is_empty());
+    assert!(
+        bob_entries
+            .iter()
+            .all(|e| e["actor"] != format!("user:{id}")
+                && e["result"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with("not_found"))),
+        "{bob}"
+    );
+
+    // help: the command list, text and JSON.
+    let h = stdout(&s.ssh("alice", &["help"])?);
+    for verb in [
+        "new", "ls", "exec", "console", "expose", "keys", "whoami", "audit",
+    ] {
+        assert!(h.contains(verb), "help lacks {verb}");
+    }
+    assert!(
+        s.json("alice", &["help", "new"])?["help"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("--memory")
+    );
+
+    // Deleted machines leave nothing behind on the worker.
+    s.json("alice", &["rm", "web"])?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let left = loop {
+        let left: Vec<_> = std::fs::read_dir(dir.join("data/machines"))?
+            .flatten()
+            .collect();
+        if left.is_empty() || Instant::now() > deadline {
+            break left;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    ensure!(left.is_empty(), "machine files left after rm: {left:?}");
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+#[test]
+fn api_machines() -> Result<()> {
+    if let Place::RanInTestHost = place("api_machines")? {
+        return Ok(());
+    }
+    let dir = scratch("vm");
+    let s = Server::start(
+        &dir,
+        22230,
+        &Options {
+            network: true,
+            ..Default::default()
+        },
+        &["alice", "bob"],
+    )?;
+    let step = |what: &str, t: Instant| eprintln!("{what}: {:.1} s", t.elapsed().as_secs_f64());
+
+    // new waits until the machine is reachable.
+    let t = Instant::now();
+    let m = s.json("alice", &["new", "--name=app"])?;
+    step("new to ready", t);
+    assert_eq!(m["state"], "running", "{m}");
+    assert!(m["ready_ms"].as_u64().is_some_and(|ms| ms > 0), "{m}");
+    let ip = m["ipv4"].as_str().context("ipv4")?.to_string();
+
+    // exec: stdout, stderr and the exit code pass through; a shell runs the command line.
+    let o = s.ssh(
+        "alice",
+        &[
+            "exec",
+            "app",
+            "--",
+            "echo out; echo err >&2; hostname; exit 7",
+        ],
+    )?;
+    assert_eq!(o.status.code(), Some(7), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "out\napp\n");
+    assert_eq!(stderr(&o), "err\n");
+    // stdin passes through too.
+    let o = s.ssh_input(
+        "alice",
+        "alice",
+        &["exec", "app", "--", "tr a-z A-Z"],
+        b"piped\n",
+        false,
+    )?;
+    assert_eq!(stdout(&o), "PIPED\n", "{}", stderr(&o));
+    // With a terminal (ssh -tt): the command sees a TTY.
+    let o = s.ssh_input(
+        "alice",
+        "alice",
+        &["exec", "app", "--", "tty; test -t 0 && echo is-a-tty"],
+        b"",
+        true,
+    )?;
+    assert!(stdout(&o).contains("is-a-tty"), "{}", stdout(&o));
+
+    // The gateway: `ssh app@host CMD` and an interactive shell.
+    let o = s
+        .ssh_cmd("alice", "app", &["cat /etc/hostname; id -un"])
+        .output()?;
+    assert_eq!(stdout(&o), "app\nroot\n", "{}", stderr(&o));
+    let o = s.ssh_input("alice", "app", &[], b"echo gw-$((6*7))\nexit 3\n", true)?;
+    assert!(stdout(&o).contains("gw-42"), "{}", stdout(&o));
+    assert_eq!(o.status.code(), Some(3));
+    let o = s.ssh_input(
+        "alice",
+        "alice",
+        &["ssh", "app"],
+        b"echo api-$((6*7))\nexit\n",
+        true,
+    )?;
+    assert!(stdout(&o).contains("api-42"), "{}", stdout(&o));
+
+    // cp: scp in and out through the gateway (SFTP underneath).
+    let blob: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(dir.join("blob"), &blob)?;
+    let o = s.scp(
+        "alice",
+        &dir.join("blob").display().to_string(),
+        "app@127.0.0.1:/root/blob",
+    )?;
+    assert!(o.status.success(), "scp in: {}", stderr(&o));
+    let o = s.ssh("alice", &["exec", "app", "--", "sha256sum /root/blob"])?;
+    use sha2::Digest;
+    let want = hex::encode(sha2::Sha256::digest(&blob));
+    assert!(stdout(&o).starts_with(&want), "{} vs {want}", stdout(&o));
+    let back = dir.join("back");
+    let o = s.scp(
+        "alice",
+        "app@127.0.0.1:/root/blob",
+        &back.display().to_string(),
+    )?;
+    assert!(o.status.success(), "scp out: {}", stderr(&o));
+    assert_eq!(std::fs::read(&back)?, blob);
+
+    // Straight to the machine's own sshd on its public address, from the client
+    // namespace: the owner's key was installed, and the machine sees the client's address.
+    let o = s.direct("alice", &ip, "hostname; echo $SSH_CONNECTION")?;
+    assert!(o.status.success(), "direct ssh: {}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.starts_with("app\n192.0.2.2 "), "{out}");
+    // Bob's key is not installed there.
+    let o = s.direct("bob", &ip, "true")?;
+    assert!(!o.status.success(), "bob got into alice's machine directly");
+
+    // The in-VM CLI: no token; the host knows the machine by its vsock port.
+    let o = s.ssh(
+        "alice",
+        &[
+            "exec",
+            "app",
+            "--",
+            "boxd whoami --json; boxd new --name=sibling --no-wait --json",
+        ],
+    )?;
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("\"via\": \"vm:app\""), "{text}");
+    assert!(text.contains("\"name\": \"sibling\""), "{text}");
+    assert_eq!(names(&s.json("alice", &["ls"])?), ["app", "sibling"]);
+    let audit = s.json("alice", &["audit", "--limit", "5"])?;
+    assert!(
+        audit["entries"].as_array().is_some_and(|e| e
+            .iter()
+            .any(|e| e["actor"].as_str().is_some_and(|a| a.ends_with("@vm:app")))),
+        "{audit}"
+    );
+    let o = s.ssh("alice", &["exec", "app", "--", "boxd rm sibling"])?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Another user's machines stay out of reach from inside too.
+    s.json("bob", &["new", "--name=bobs", "--no-wait"])?;
+    let o = s.ssh("alice", &["exec", "app", "--", "boxd info bobs"])?;
+    assert_eq!(o.status.code(), Some(1));
+    s.json("bob", &["rm", "bobs"])?;
+
+    // A command keeps running when its client disconnects.
+    let mut c = s
+        .ssh_cmd(
+            "alice",
+            "alice",
+            &["exec", "app", "--", "sleep 3; touch /root/finished"],
+        )
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let _ = c.kill();
+    let _ = c.wait();
+    std::thread::sleep(Duration::from_secs(4));
+    let o = s.ssh("alice", &["exec", "app", "--", "test -e /root/finished"])?;
+    assert_eq!(o.status.code(), Some(0), "the command died with its client");
+
+    // console, stop (the disk stays), start, restart.
+    let c = s.json("alice", &["console", "app"])?;
+    assert!(c["console"].as_str().is_some_and(|t| !t.is_empty()), "{c}");
+    s.ssh(
+        "alice",
+        &["exec", "app", "--", "echo kept > /root/kept; sync"],
+    )?;
+    let t = Instant::now();
+    let st = s.json("alice", &["stop", "app"])?;
+    step("stop", t);
+    assert_eq!(st["state"], "stopped");
+    let (_, err, _) = s.json_err("alice", &["exec", "--json", "app", "--", "true"])?;
+    assert_eq!(err, "invalid");
+    let t = Instant::now();
+    let st = s.json("alice", &["start", "app"])?;
+    step("start", t);
+    assert_eq!(st["state"], "running");
+    let o = s.ssh("alice", &["exec", "app", "--", "cat /root/kept"])?;
+    assert_eq!(stdout(&o), "kept\n");
+    let t = Instant::now();
+    s.json("alice", &["restart", "app"])?;
+    step("restart", t);
+    let o = s.ssh("alice", &["exec", "app", "--", "cat /root/kept"])?;
+    assert_eq!(stdout(&o), "kept\n");
+
+    s.json("alice", &["rm", "app"])?;
+    assert!(names(&s.json("alice", &["ls"])?).is_empty());
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
