@@ -31,6 +31,7 @@ pub struct Options {
     pub machine_quota: u32,
     pub memory: &'static str,
     pub cpus: u32,
+    pub registration: &'static str,
 }
 
 impl Default for Options {
@@ -40,6 +41,7 @@ impl Default for Options {
             machine_quota: 10,
             memory: "1G",
             cpus: 1,
+            registration: "open",
         }
     }
 }
@@ -92,13 +94,14 @@ impl Server {
             format!("[network]\npool = \"{POOL}\"\n")
         };
         let config = format!(
-            "data_dir = \"{data}\"\nmachine_quota = {quota}\n\
+            "data_dir = \"{data}\"\nmachine_quota = {quota}\nregistration = \"{reg}\"\n\
              [ssh]\nlisten = \"127.0.0.1:{port}\"\npublic_host = \"127.0.0.1\"\n\
              [control]\nlisten = \"127.0.0.1:{cport}\"\n\
              [machines]\ncpus = {cpus}\nmemory = \"{mem}\"\nready_timeout_s = 400\n\
              [images]\nkernel = \"{k}\"\ninitrd = \"{i}\"\nrootfs = \"{r}\"\n{network}",
             data = dir.join("data").display(),
             quota = opts.machine_quota,
+            reg = opts.registration,
             cport = port + 5000,
             cpus = opts.cpus,
             mem = opts.memory,
@@ -148,6 +151,16 @@ impl Server {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(s)
+    }
+
+    /// `boxd server --config ... ARGS` (operator commands against this server).
+    pub fn operator(&self, args: &[&str]) -> Result<Output> {
+        Ok(Command::new(boxd_binary()?)
+            .arg("server")
+            .arg("--config")
+            .arg(self.dir.join("boxd.toml"))
+            .args(args)
+            .output()?)
     }
 
     pub fn log(&self) -> String {

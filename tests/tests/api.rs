@@ -327,6 +327,15 @@ fn api_commands_and_bad_input() -> Result<()> {
             .contains("--memory")
     );
 
+    // A bare `ssh -p PORT host` with a terminal: a prompt running commands.
+    let o = s.ssh_input("alice", "alice", &[], b"whoami\nbogus\nquota\nexit\n", true)?;
+    let out = stdout(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(out.contains("boxd> "), "{out}");
+    assert!(out.contains(&format!("alice ({id})")), "{out}");
+    assert!(out.contains("(exit 2)"), "{out}");
+    assert!(out.contains("machines: "), "{out}");
+
     // Deleted machines leave nothing behind on the worker.
     s.json("alice", &["rm", "web"])?;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -342,6 +351,72 @@ fn api_commands_and_bad_input() -> Result<()> {
     ensure!(left.is_empty(), "machine files left after rm: {left:?}");
     drop(s);
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+#[test]
+fn api_registration_policies() -> Result<()> {
+    // Invite only: an unknown key may run `register INVITE` and nothing else.
+    let dir = scratch("invite");
+    let s = Server::start(
+        &dir,
+        22240,
+        &Options {
+            registration: "invite",
+            ..Default::default()
+        },
+        &["carol", "dave"],
+    )?;
+    let o = s.ssh("carol", &["whoami"])?;
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("register INVITE"), "{}", stderr(&o));
+    let o = s.operator(&["invite", "--json"])?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout)?;
+    let invite = v["invite"].as_str().context("invite")?;
+    let o = s.ssh("carol", &["register", invite])?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "registered: you are carol\n");
+    assert_eq!(s.json("carol", &["whoami"])?["name"], "carol");
+    for bad in [invite, "inv-0000", "x"] {
+        let o = s.ssh("dave", &["register", bad])?;
+        assert_eq!(o.status.code(), Some(1), "{bad}");
+        assert!(stderr(&o).contains("invite"), "{}", stderr(&o));
+    }
+    drop(s);
+
+    // Allow-list: a key not on it cannot log in; once allowed it registers.
+    let dir2 = scratch("allow");
+    let s = Server::start(
+        &dir2,
+        22250,
+        &Options {
+            registration: "allowlist",
+            ..Default::default()
+        },
+        &["erin"],
+    )?;
+    let o = s.ssh("erin", &["whoami"])?;
+    assert_eq!(
+        o.status.code(),
+        Some(255),
+        "ssh itself refuses: {}",
+        stderr(&o)
+    );
+    let fp = std::process::Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(dir2.join("erin.key.pub"))
+        .output()?;
+    let fp = stdout(&fp);
+    let fp = fp.split_whitespace().nth(1).context("fingerprint")?;
+    let o = s.operator(&["allow", fp])?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = s.operator(&["allow", "not-a-fingerprint"])?;
+    assert!(!o.status.success());
+    assert_eq!(s.json("erin", &["whoami"])?["id"], fp);
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&dir2);
     Ok(())
 }
 

@@ -167,24 +167,24 @@ fn main() -> Result<()> {
             inside,
             ..
         } => {
-            if !inside {
-                setup::setup()?;
-                if !prepare_guests()? {
-                    let argv = vec![
-                        self_exe()?,
-                        "bench".into(),
-                        "api".into(),
-                        "--runs".into(),
-                        runs.to_string(),
-                        "--inside".into(),
-                    ];
-                    return boxd_tests::guest::run_in_testhost(
-                        argv,
-                        std::time::Duration::from_secs(60 * 60),
-                    );
-                }
+            if inside {
+                return bench::api_new(runs);
             }
-            bench::api(runs)
+            setup::setup()?;
+            let here = prepare_guests()?;
+            bench::api_ls()?;
+            if here {
+                return bench::api_new(runs);
+            }
+            let argv = vec![
+                self_exe()?,
+                "bench".into(),
+                "api".into(),
+                "--runs".into(),
+                runs.to_string(),
+                "--inside".into(),
+            ];
+            boxd_tests::guest::run_in_testhost(argv, std::time::Duration::from_secs(60 * 60))
         }
         Task::CaptureHellos { count } => {
             setup::setup()?;

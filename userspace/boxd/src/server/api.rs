@@ -1231,3 +1231,72 @@ fn generated_name() -> String {
         u16::from_le_bytes([r[2], r[3]]) % 10_000
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_lines_split_like_a_shell_and_keep_the_exec_tail_verbatim() {
+        let (argv, tail) = split_command("exec app -- 'echo $HOME; exit 3'").unwrap();
+        assert_eq!(argv, ["exec", "app", "--", "echo $HOME; exit 3"]);
+        assert_eq!(tail.as_deref(), Some("'echo $HOME; exit 3'"));
+        let (argv, tail) = split_command("new --name=x --json").unwrap();
+        assert_eq!(argv, ["new", "--name=x", "--json"]);
+        assert_eq!(tail, None);
+        assert_eq!(
+            split_command("ls 'unterminated").unwrap_err().code,
+            "invalid"
+        );
+        let huge = "x".repeat(MAX_COMMAND + 1);
+        let e = split_command(&huge).unwrap_err();
+        assert!(e.message.contains("64 KiB"), "{}", e.message);
+    }
+
+    #[test]
+    fn every_verb_parses_and_flags_are_checked() {
+        for line in [
+            "new",
+            "new --name=a --cpus 2 --memory 2G --disk 100G --no-wait",
+            "ls --json",
+            "info a",
+            "exec a -- uname -a",
+            "exec a -t --kill-on-disconnect -- sh",
+            "console a -f --bytes 100",
+            "expose a 8080",
+            "keys add ssh-ed25519 AAAA c",
+            "keys rm SHA256:x",
+            "audit --limit 3",
+            "help new",
+        ] {
+            let argv = shlex::split(line).unwrap();
+            assert!(ApiCli::try_parse_from(&argv).is_ok(), "{line}");
+        }
+        for line in [
+            "frobnicate",
+            "ls --nope",
+            "info",
+            "expose a 99999",
+            "new --cpus x",
+        ] {
+            let argv = shlex::split(line).unwrap();
+            assert!(ApiCli::try_parse_from(&argv).is_err(), "{line}");
+        }
+    }
+
+    #[test]
+    fn generated_names_are_dns_labels() {
+        for _ in 0..100 {
+            let n = generated_name();
+            assert!(
+                n.len() <= 63 && !n.starts_with('-') && !n.ends_with('-'),
+                "{n}"
+            );
+            assert!(
+                n.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'),
+                "{n}"
+            );
+        }
+    }
+}

@@ -222,3 +222,47 @@ impl Config {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config> {
+        let dir = std::env::temp_dir().join(format!("boxd-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let p = dir.join(format!("{:x}.toml", text.len()));
+        std::fs::write(&p, text)?;
+        let r = Config::load(Some(&p));
+        let _ = std::fs::remove_file(&p);
+        r
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = parse("").unwrap();
+        assert_eq!(c.ssh.listen, "0.0.0.0:2222");
+        assert_eq!(
+            (c.memory_mib().unwrap(), c.disk_gib().unwrap()),
+            (8192, 100)
+        );
+        let c = parse("registration = \"invite\"\n[machines]\nmemory = \"1G\"\n").unwrap();
+        assert_eq!(c.registration, "invite");
+        assert_eq!(c.memory_mib().unwrap(), 1024);
+    }
+
+    #[test]
+    fn mistakes_are_refused_with_the_field_named() {
+        for (text, want) in [
+            ("registration = \"maybe\"", "registration"),
+            ("[ssh]\nlisten = \"nowhere\"", "listen"),
+            ("[machines]\nmemory = \"lots\"", "memory"),
+            ("[machines]\ncpus = 0", "cpus"),
+            ("[machines]\ncpu_overcommit = 0", "cpu_overcommit"),
+            ("[machnes]\ncpus = 2", "machnes"),
+            ("[ssh]\nlisen = \"0.0.0.0:22\"", "lisen"),
+        ] {
+            let e = format!("{:#}", parse(text).unwrap_err());
+            assert!(e.contains(want), "{text}: {e}");
+        }
+    }
+}

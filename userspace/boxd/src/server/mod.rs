@@ -31,6 +31,27 @@ pub struct ServerArgs {
     /// Overrides `[ssh] listen`.
     #[arg(long)]
     listen: Option<String>,
+    /// Operator commands against the running server (default: run it).
+    #[command(subcommand)]
+    op: Option<ServerOp>,
+}
+
+#[derive(clap::Subcommand)]
+pub enum ServerOp {
+    /// Mint a one-time invite (for `registration = "invite"`); users then run
+    /// `ssh -p 2222 host register INVITE`.
+    Invite {
+        /// How long it stays valid, in seconds.
+        #[arg(long, default_value_t = 7 * 86400)]
+        ttl_s: u64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a key (its fingerprint, `SHA256:...`, as `ssh-keygen -lf KEY` prints it) on
+    /// the allow-list (for `registration = "allowlist"`).
+    Allow { fingerprint: String },
+    /// Take a key off the allow-list.
+    Disallow { fingerprint: String },
 }
 
 /// One API call from inside a machine (over its vsock API port).
@@ -50,11 +71,87 @@ pub fn main(args: ServerArgs) -> Exit {
     if let Some(l) = args.listen {
         cfg.ssh.listen = l;
     }
+    if let Some(op) = args.op {
+        return operator(&cfg, op);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("start the async runtime")?;
     rt.block_on(run(Arc::new(cfg)))
+}
+
+/// Operator commands: Raft commands through the running node's admin socket.
+fn operator(cfg: &Config, op: ServerOp) -> Exit {
+    use boxd_control::admin::{AdminRequest, Client};
+    use boxd_control::types::{Reply, Request};
+    let sock = cfg.data_dir.join("control/admin.sock");
+    let write = |cmd: Command| -> Result<()> {
+        let mut c = Client::connect(&sock, Duration::from_secs(15)).with_context(|| {
+            format!(
+                "no running boxd server with data in {} (start it, or pass --data-dir/--config)",
+                cfg.data_dir.display()
+            )
+        })?;
+        let reply: Reply = c.call(&AdminRequest::Write(Request {
+            actor: "operator".into(),
+            id: String::new(),
+            at_ms: 0,
+            cmd,
+        }))?;
+        reply.result.map(|_| ()).map_err(|e| anyhow::anyhow!("{e}"))
+    };
+    match op {
+        ServerOp::Invite { ttl_s, json } => {
+            if !(60..=90 * 86400).contains(&ttl_s) {
+                bail!("--ttl-s {ttl_s}: use 60 s to 90 days");
+            }
+            let mut secret = [0u8; 16];
+            {
+                use std::io::Read;
+                std::fs::File::open("/dev/urandom")?.read_exact(&mut secret)?;
+            }
+            let invite = format!("inv-{}", hex::encode(secret));
+            use sha2::Digest;
+            let hash = hex::encode(sha2::Sha256::digest(invite.as_bytes()));
+            write(Command::CreateInvite {
+                hash,
+                expires_ms: node::now_ms() + ttl_s * 1000,
+            })?;
+            if json {
+                println!("{}", serde_json::json!({"invite": invite, "ttl_s": ttl_s}));
+            } else {
+                println!("{invite}");
+                let port = cfg.ssh.listen.rsplit(':').next().unwrap_or("2222");
+                eprintln!(
+                    "one-time, valid {ttl_s} s: ssh -p {port} {} register {invite}",
+                    cfg.ssh.public_host
+                );
+            }
+        }
+        ServerOp::Allow { fingerprint } | ServerOp::Disallow { fingerprint }
+            if !fingerprint.starts_with("SHA256:") =>
+        {
+            bail!(
+                "{fingerprint:?} is not a key fingerprint like SHA256:abc... (`ssh-keygen -lf KEY.pub` prints it)"
+            );
+        }
+        ServerOp::Allow { fingerprint } => {
+            write(Command::AllowKey {
+                fingerprint: fingerprint.clone(),
+                allowed: true,
+            })?;
+            println!("allowed {fingerprint}");
+        }
+        ServerOp::Disallow { fingerprint } => {
+            write(Command::AllowKey {
+                fingerprint: fingerprint.clone(),
+                allowed: false,
+            })?;
+            println!("disallowed {fingerprint}");
+        }
+    }
+    Ok(0)
 }
 
 async fn run(cfg: Arc<Config>) -> Exit {

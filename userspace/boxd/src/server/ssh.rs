@@ -194,10 +194,26 @@ impl russh::server::Handler for Handler {
                     _ => Ok(Auth::reject()),
                 }
             }
-            // Invite policy: let the key in to say `register INVITE`, nothing else.
-            Ok(Err(AppError::Forbidden(_))) => {
-                self.pending = Some((fp, openssh));
-                Ok(Auth::Accept)
+            // Invite policy: let the key in to say `register INVITE`, nothing else (an
+            // allow-list refusal is a refusal).
+            Ok(Err(AppError::Forbidden(e))) => {
+                let policy = self
+                    .api
+                    .node
+                    .read(
+                        Query::Setting {
+                            key: "registration".into(),
+                        },
+                        false,
+                    )
+                    .await;
+                if matches!(policy, Ok(QueryReply::Setting { value: Some(p) }) if p == "invite") {
+                    self.pending = Some((fp, openssh));
+                    Ok(Auth::Accept)
+                } else {
+                    tracing::info!(key = fp, peer = ?self.peer, "registration refused: {e}");
+                    Ok(Auth::reject())
+                }
             }
             Ok(other) => {
                 tracing::info!(key = fp, peer = ?self.peer, "registration refused: {other:?}");
@@ -361,6 +377,7 @@ async fn serve(
                     e.exit
                 }
             },
+            What::Shell if io.pty.is_some() => repl(&api, &caller, io).await,
             What::Shell => {
                 io.print(format!(
                     "Welcome to boxd, {}. Run commands as `ssh -p {} {} COMMAND`:\n\n",
@@ -484,6 +501,110 @@ async fn register(
             io.eprint(format!("error: control plane: {e}; retry\n"))
                 .await;
             1
+        }
+    }
+}
+
+/// Longest line the prompt takes.
+const LINE_MAX: usize = 4096;
+
+/// `ssh -p 2222 host` with a terminal: a prompt that runs commands until `exit` or ^D.
+/// Line editing is the minimum a terminal user expects: echo, backspace, ^C, ^D, ^U.
+async fn repl(api: &Api, caller: &Caller, mut io: Io) -> i32 {
+    io.print(format!(
+        "Welcome to boxd, {}. Type a command (`help` lists them), `exit` to leave.\n",
+        caller.user.name
+    ))
+    .await;
+    let mut pending: std::collections::VecDeque<u8> = Default::default();
+    loop {
+        io.print("boxd> ").await;
+        let mut line: Vec<u8> = Vec::new();
+        // Read one line, echoing.
+        loop {
+            let Some(b) = pending.pop_front() else {
+                match io.input.recv().await {
+                    None | Some(In::Eof) => return 0,
+                    Some(In::Resize { rows, cols }) => {
+                        if let Some(p) = io.pty.as_mut() {
+                            (p.rows, p.cols) = (rows, cols);
+                        }
+                    }
+                    Some(In::Data(d)) => pending.extend(d),
+                }
+                continue;
+            };
+            match b {
+                b'\r' | b'\n' => {
+                    // A CR LF pair ends one line, not two.
+                    if b == b'\r' && pending.front() == Some(&b'\n') {
+                        pending.pop_front();
+                    }
+                    io.print("\n").await;
+                    break;
+                }
+                0x7f | 0x08 if line.pop().is_some() => io.print("\x08 \x08").await,
+                0x15 => {
+                    io.print("\x08 \x08".repeat(line.len())).await;
+                    line.clear();
+                }
+                0x03 => {
+                    io.print("^C\n").await;
+                    line.clear();
+                    io.print("boxd> ").await;
+                }
+                0x04 if line.is_empty() => {
+                    io.print("\n").await;
+                    return 0;
+                }
+                0x20..=0x7e if line.len() < LINE_MAX => {
+                    line.push(b);
+                    let _ = io.out.send(Out::Stdout(vec![b])).await;
+                }
+                _ => {}
+            }
+        }
+        let text = String::from_utf8_lossy(&line).trim().to_string();
+        match text.as_str() {
+            "" => continue,
+            "exit" | "quit" | "logout" => return 0,
+            _ => {}
+        }
+        let (argv, tail) = match split_command(&text) {
+            Ok(x) => x,
+            Err(e) => {
+                io.eprint(format!("error: {}\n", e.message)).await;
+                continue;
+            }
+        };
+        // Run it with its own channel ends, relaying output and (for exec and ssh)
+        // input until it finishes.
+        let (sub, mut out_rx, in_tx) = Io::pair(io.pty.clone());
+        let run = api.run(caller, argv, tail, sub);
+        tokio::pin!(run);
+        let mut in_tx = Some(in_tx);
+        let code = loop {
+            tokio::select! {
+                code = &mut run => break code,
+                o = out_rx.recv() => if let Some(o) = o {
+                    let _ = io.out.send(o).await;
+                },
+                i = io.input.recv(), if in_tx.is_some() => match i {
+                    Some(i) => {
+                        let _ = in_tx.as_ref().expect("checked").send(i).await;
+                    }
+                    None => in_tx = None,
+                },
+            }
+        };
+        while let Ok(o) = out_rx.try_recv() {
+            let _ = io.out.send(o).await;
+        }
+        if in_tx.is_none() {
+            return code;
+        }
+        if code != 0 {
+            io.print(format!("(exit {code})\n")).await;
         }
     }
 }
