@@ -292,37 +292,18 @@ async fn bootstrap(node: &Arc<Node>, cfg: &Config) -> Result<()> {
     Ok(())
 }
 
-/// The network backend daemon (a child process: it outlives nothing but keeps ports
-/// across VMM restarts) and the eBPF data path on the uplink, programmed from the state.
+/// The network backend daemon (its own process: it keeps machines' ports, and the
+/// frames held for them, across VMM and server restarts) and the eBPF data path on the
+/// uplink, programmed from the state.
 async fn network(cfg: &Config, node: &Arc<Node>, uplink: &str) -> Result<PathBuf> {
     let control = cfg.data_dir.join("net.sock");
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(cfg.data_dir.join("net.log"))?;
-    let mut child = std::process::Command::new(std::env::current_exe()?)
-        .args(["net", "serve", "--control"])
-        .arg(&control)
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .context("start the network backend (boxd net serve)")?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while boxd_vhost_net::Client::connect(&control).is_err() {
-        if let Some(st) = child.try_wait()? {
-            bail!(
-                "the network backend exited ({st}); see {}",
-                cfg.data_dir.join("net.log").display()
-            );
-        }
-        if std::time::Instant::now() > deadline {
-            bail!("the network backend did not answer within 20 s");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    // A backend left by an earlier server still serves the running machines' ports
+    // (and holds their frames): keep it.
+    if boxd_vhost_net::Client::connect(&control).is_ok() {
+        tracing::info!("reusing the running network backend");
+    } else {
+        start_net_backend(cfg, &control).await?;
     }
-    // The backend lives as long as the server's process: it is reaped by init if we go.
-    std::mem::forget(child);
     let pin = boxd_datapath::PinDir::default();
     let opts = boxd_datapath::UpOptions {
         pin: pin.clone(),
@@ -346,6 +327,39 @@ async fn network(cfg: &Config, node: &Arc<Node>, uplink: &str) -> Result<PathBuf
     }
     boxd_control::reconcile::spawn(node.clone(), crate::reconcile::BpfMaps { pin });
     Ok(control)
+}
+
+/// Starts `boxd net serve` on `control` (it outlives this process on purpose: running
+/// machines keep their ports when the server restarts) and waits until it answers.
+async fn start_net_backend(cfg: &Config, control: &std::path::Path) -> Result<()> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(cfg.data_dir.join("net.log"))?;
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(["net", "serve", "--control"])
+        .arg(control)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("start the network backend (boxd net serve)")?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while boxd_vhost_net::Client::connect(control).is_err() {
+        if let Some(st) = child.try_wait()? {
+            bail!(
+                "the network backend exited ({st}); see {}",
+                cfg.data_dir.join("net.log").display()
+            );
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the network backend did not answer within 20 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Not waited for: the backend is meant to outlive this process (init reaps it).
+    std::mem::forget(child);
+    Ok(())
 }
 
 /// One call from inside machine `id`: the caller is the machine's owner, known by the
