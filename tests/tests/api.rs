@@ -550,6 +550,15 @@ fn api_machines() -> Result<()> {
     );
     let o = s.ssh("alice", &["exec", "app", "--", "boxd rm sibling"])?;
     assert!(o.status.success(), "{}", stderr(&o));
+    // From inside, the account's keys can be listed but not changed.
+    let o = s.ssh("alice", &["exec", "app", "--", "boxd keys --json | grep -c fingerprint; boxd keys add --json ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJdD7y3aLq454yWBdwLWbieU1ebz9/cu7/QEXn9OIeZJ x"])?;
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(stdout(&o).starts_with("1\n"), "{}", stdout(&o));
+    assert!(stdout(&o).contains("\"forbidden\""), "{}", stdout(&o));
+    assert_eq!(
+        s.json("alice", &["keys"])?["keys"].as_array().map(Vec::len),
+        Some(1)
+    );
     // Another user's machines stay out of reach from inside too.
     s.json("bob", &["new", "--name=bobs", "--no-wait"])?;
     let o = s.ssh("alice", &["exec", "app", "--", "boxd info bobs"])?;

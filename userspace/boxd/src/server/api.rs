@@ -616,6 +616,12 @@ impl Api {
             }
             Verb::Expose { name, port } => self.expose(caller, name, port, true, json, io).await,
             Verb::Unexpose { name, port } => self.expose(caller, name, port, false, json, io).await,
+            // A machine acts for its owner on machines, not on the account's keys: a
+            // compromised guest must not be able to let another key in.
+            Verb::Keys { op: Some(_) } if caller.via.starts_with("vm:") => Err(ApiError::new(
+                "forbidden",
+                "keys can be added and removed over SSH only, not from inside a machine",
+            )),
             Verb::Keys { op } => self.keys(caller, op, json, io).await,
             Verb::Whoami => {
                 let u = &caller.user;
@@ -1132,11 +1138,12 @@ impl Api {
             .map_err(|e| ApiError::new("internal", e.to_string()))?;
         let s = tokio::net::UnixStream::from_std(s)
             .map_err(|e| ApiError::new("internal", e.to_string()))?;
-        let (mut rd, mut wr) = s.into_split();
+        let (rd, mut wr) = s.into_split();
+        let mut frames = frame_reader(rd);
         let mut input_open = true;
         loop {
             tokio::select! {
-                f = read_frame(&mut rd) => match f {
+                f = frames.recv() => match f.transpose() {
                     Ok(Some((Kind::Stdout, d))) => {
                         if io.out.send(Out::Stdout(d)).await.is_err() { return Ok(255) }
                     }
@@ -1174,6 +1181,29 @@ impl Api {
             }
         }
     }
+}
+
+/// Frames read from `r` by a task of their own, so that a `select!` on them is
+/// cancel-safe (a frame read half-way is never lost). Ends with the stream or an error.
+pub fn frame_reader(
+    mut r: impl AsyncRead + Unpin + Send + 'static,
+) -> mpsc::Receiver<std::io::Result<(Kind, Vec<u8>)>> {
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let f = read_frame(&mut r).await;
+            let end = !matches!(f, Ok(Some(_)));
+            let item = match f {
+                Ok(Some(frame)) => Ok(frame),
+                Ok(None) => break,
+                Err(e) => Err(e),
+            };
+            if tx.send(item).await.is_err() || end {
+                break;
+            }
+        }
+    });
+    rx
 }
 
 /// Reads one agent-protocol frame (`len:u32le kind:u8 payload`).

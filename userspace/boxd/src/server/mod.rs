@@ -365,10 +365,11 @@ async fn start_net_backend(cfg: &Config, control: &std::path::Path) -> Result<()
 /// One call from inside machine `id`: the caller is the machine's owner, known by the
 /// socket the call arrived on (the machine's own vsock), never by anything it says.
 async fn machine_call(api: Arc<Api>, id: u64, s: tokio::net::UnixStream) {
-    let (mut rd, mut wr) = s.into_split();
-    let first = tokio::time::timeout(Duration::from_secs(10), api::read_frame(&mut rd)).await;
+    let (rd, mut wr) = s.into_split();
+    let mut frames = api::frame_reader(rd);
+    let first = tokio::time::timeout(Duration::from_secs(10), frames.recv()).await;
     let call: MachineCall = match first {
-        Ok(Ok(Some((Kind::Request, p)))) => match serde_json::from_slice(&p) {
+        Ok(Some(Ok((Kind::Request, p)))) => match serde_json::from_slice(&p) {
             Ok(c) => c,
             Err(e) => {
                 let _ = reply_error(&mut wr, &format!("bad request: {e}")).await;
@@ -403,12 +404,12 @@ async fn machine_call(api: Arc<Api>, id: u64, s: tokio::net::UnixStream) {
                     in_tx = None;
                 }
             }
-            f = api::read_frame(&mut rd), if in_tx.is_some() => {
+            f = frames.recv(), if in_tx.is_some() => {
                 let tx = in_tx.as_ref().expect("checked");
                 let sent = match f {
-                    Ok(Some((Kind::Stdin, d))) => tx.send(In::Data(d)).await,
-                    Ok(Some((Kind::StdinEof, _))) => tx.send(In::Eof).await,
-                    Ok(Some((Kind::Resize, p))) => match serde_json::from_slice::<Resize>(&p) {
+                    Some(Ok((Kind::Stdin, d))) => tx.send(In::Data(d)).await,
+                    Some(Ok((Kind::StdinEof, _))) => tx.send(In::Eof).await,
+                    Some(Ok((Kind::Resize, p))) => match serde_json::from_slice::<Resize>(&p) {
                         Ok(r) => tx.send(In::Resize { rows: r.rows, cols: r.cols }).await,
                         Err(_) => Ok(()),
                     },
