@@ -401,7 +401,7 @@ impl Api {
 
     fn machine_json(&self, m: &Machine) -> Value {
         let host = &self.cfg.ssh.public_host;
-        let port = self.ssh_port();
+        let port = self.cfg.ssh_port();
         json!({
             "name": m.name,
             "id": m.id,
@@ -419,15 +419,6 @@ impl Api {
                 "direct": format!("ssh root@{}", m.ipv4),
             },
         })
-    }
-
-    fn ssh_port(&self) -> u16 {
-        self.cfg
-            .ssh
-            .listen
-            .parse::<std::net::SocketAddr>()
-            .map(|a| a.port())
-            .unwrap_or(2222)
     }
 
     async fn dispatch(
@@ -693,22 +684,17 @@ impl Api {
                 format!("your key is already registered (user {})", caller.user.name),
             )),
             Verb::Help { command } => {
-                let mut args = vec!["help".to_string()];
                 let text = match command {
-                    Some(c) => {
-                        args = vec![c, "--help".into()];
-                        match ApiCli::try_parse_from(&args) {
-                            Err(e) => e.render().to_string(),
-                            Ok(_) => String::new(),
-                        }
-                    }
+                    Some(c) => match ApiCli::try_parse_from([c.as_str(), "--help"]) {
+                        Err(e) => e.render().to_string(),
+                        Ok(_) => String::new(),
+                    },
                     None => {
                         use clap::CommandFactory;
-                        let _ = args;
                         let mut text = ApiCli::command().render_long_help().to_string();
                         text.push_str(&format!(
                             "\nGateway: `ssh -p {} NAME@{}` opens a shell in machine NAME; scp and sftp work the same way.\n",
-                            self.ssh_port(),
+                            self.cfg.ssh_port(),
                             self.cfg.ssh.public_host
                         ));
                         text

@@ -188,6 +188,15 @@ impl Config {
         Ok(())
     }
 
+    /// The SSH port users connect to (`[ssh] listen` is checked at load).
+    pub fn ssh_port(&self) -> u16 {
+        self.ssh
+            .listen
+            .parse::<std::net::SocketAddr>()
+            .map(|a| a.port())
+            .unwrap_or(2222)
+    }
+
     pub fn memory_mib(&self) -> Result<u64> {
         let b = parse_size(&self.machines.memory)
             .map_err(|e| anyhow::anyhow!("[machines] memory: {e}"))?;

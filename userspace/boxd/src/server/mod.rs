@@ -122,7 +122,7 @@ fn operator(cfg: &Config, op: ServerOp) -> Exit {
                 println!("{}", serde_json::json!({"invite": invite, "ttl_s": ttl_s}));
             } else {
                 println!("{invite}");
-                let port = cfg.ssh.listen.rsplit(':').next().unwrap_or("2222");
+                let port = cfg.ssh_port();
                 eprintln!(
                     "one-time, valid {ttl_s} s: ssh -p {port} {} register {invite}",
                     cfg.ssh.public_host
@@ -220,7 +220,7 @@ async fn run(cfg: Arc<Config>) -> Exit {
         use russh::server::Server as _;
         server.run_on_socket(ssh_config, &listener).await
     });
-    let port = cfg.ssh.listen.rsplit(':').next().unwrap_or("2222");
+    let port = cfg.ssh_port();
     tracing::info!(
         ssh = cfg.ssh.listen,
         data = %dir.display(),

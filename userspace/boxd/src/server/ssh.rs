@@ -382,7 +382,7 @@ async fn serve(
                 io.print(format!(
                     "Welcome to boxd, {}. Run commands as `ssh -p {} {} COMMAND`:\n\n",
                     caller.user.name,
-                    api.cfg.ssh.listen.rsplit(':').next().unwrap_or("2222"),
+                    api.cfg.ssh_port(),
                     api.cfg.ssh.public_host
                 ))
                 .await;
@@ -453,29 +453,18 @@ async fn register(
         What::Exec(raw) => shlex::split(raw).unwrap_or_default(),
         _ => Vec::new(),
     };
-    let port = api
-        .cfg
-        .ssh
-        .listen
-        .rsplit(':')
-        .next()
-        .unwrap_or("2222")
-        .to_string();
-    let host = &api.cfg.ssh.public_host;
-    let [verb, invite] = argv.as_slice() else {
-        io.eprint(format!(
-            "error: this server registers new keys by invite; run `ssh -p {port} {host} register INVITE`\n"
-        ))
-        .await;
-        return 1;
+    let invite = match argv.as_slice() {
+        [verb, invite] if verb == "register" => invite.clone(),
+        _ => {
+            io.eprint(format!(
+                "error: this server registers new keys by invite; run `ssh -p {} {} register INVITE`\n",
+                api.cfg.ssh_port(),
+                api.cfg.ssh.public_host
+            ))
+            .await;
+            return 1;
+        }
     };
-    if verb != "register" {
-        io.eprint(format!(
-            "error: this server registers new keys by invite; run `ssh -p {port} {host} register INVITE`\n"
-        ))
-        .await;
-        return 1;
-    }
     use sha2::Digest;
     let hash = hex::encode(sha2::Sha256::digest(invite.as_bytes()));
     let req = api.node.request(
