@@ -94,6 +94,8 @@ pub struct Vmm {
     block_stats: Option<Arc<BlockStats>>,
     ged: EventFd,
     last_press: Option<Instant>,
+    /// A shutdown or stop was asked for: a reboot now must not start the guest again.
+    off_requested: bool,
     control: Option<control::Server>,
     ready_listener: Option<(UnixListener, PathBuf)>,
     agent: Option<AgentReady>,
@@ -340,6 +342,7 @@ impl Vmm {
             block_stats,
             ged,
             last_press: None,
+            off_requested: false,
             control,
             ready_listener,
             agent: None,
@@ -542,6 +545,7 @@ impl Vmm {
                 Err(e) => Response::error(e),
             },
             Request::Stop {} => {
+                self.off_requested = true;
                 self.exit.request(ExitReason::Stopped);
                 Response::ok()
             }
@@ -552,6 +556,7 @@ impl Vmm {
                 // The main loop presses the ACPI power button (now, and again until the
                 // guest powers off); a stop follows at the deadline.
                 self.last_press = None;
+                self.off_requested = true;
                 *shutdown_deadline = Some(Instant::now() + Duration::from_millis(timeout_ms));
                 Response::ok()
             }
@@ -562,6 +567,13 @@ impl Vmm {
                 ..Response::ok()
             },
         }
+    }
+
+    /// Whether a shutdown or stop was asked for (through the control socket) before
+    /// the VM exited: a reboot then means "off" (a guest that reboots, or triple-faults,
+    /// on its way down must not come back up with nobody left waiting to stop it).
+    pub fn off_requested(&self) -> bool {
+        self.off_requested
     }
 
     fn press_power_button(&mut self) {

@@ -369,6 +369,13 @@ fn run(args: RunArgs) -> Exit {
                 if stopping.load(std::sync::atomic::Ordering::SeqCst) {
                     return Ok(0);
                 }
+                if vmm.off_requested() {
+                    eprintln!(
+                        "boxd vmm: {} rebooted while shutting down; stopped after {secs:.1}s",
+                        config.name
+                    );
+                    return Ok(0);
+                }
                 reboots.retain(|t| t.elapsed() < Duration::from_secs(60));
                 reboots.push(Instant::now());
                 if reboots.len() as u32 > args.reboots_per_minute {
