@@ -56,6 +56,10 @@ const MIGRATIONS: &[&str] = &[
     // 2: registration of unknown keys: invites and the allow-list.
     "CREATE TABLE invites (hash TEXT PRIMARY KEY, expires_ms INTEGER NOT NULL, used_by TEXT);
      CREATE TABLE allowlist (fingerprint TEXT PRIMARY KEY);",
+    // 3: certificates the proxies serve (and the internal CA).
+    "CREATE TABLE certificates (name TEXT PRIMARY KEY, cert_pem TEXT NOT NULL,
+                                key_pem TEXT NOT NULL, not_after_ms INTEGER NOT NULL,
+                                issuer TEXT NOT NULL, updated_ms INTEGER NOT NULL);",
 ];
 
 /// How long a request id is remembered for deduplication (a client retrying later than
@@ -349,6 +353,14 @@ fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
             if key == "machine_quota" && !value.parse::<u32>().is_ok_and(|q| q <= 10_000) {
                 return Err(AppError::Invalid(format!(
                     "machine_quota {value:?} is not a number of machines from 0 to 10000"
+                )));
+            }
+            if key == "zone"
+                && !value.is_empty()
+                && (value.len() > 189 || !value.split('.').all(valid_label))
+            {
+                return Err(AppError::Invalid(format!(
+                    "zone {value:?} is not a DNS name of labels (a-z, 0-9, '-') up to 189 characters"
                 )));
             }
             let previous: Option<String> = row1(
@@ -654,6 +666,33 @@ fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
             )
             .map_err(sql)?;
             Ok(Applied::Machine(m))
+        }
+        Command::PutCertificate {
+            name,
+            cert_pem,
+            key_pem,
+            not_after_ms,
+            issuer,
+        } => {
+            let pem = |s: &str| s.contains("-----BEGIN ") && s.len() <= 32 * 1024;
+            if name.is_empty() || name.len() > 253 || !pem(cert_pem) || !pem(key_pem) {
+                return Err(AppError::Invalid(
+                    "a certificate needs a name (at most 253 bytes) and PEM certificate and key (at most 32 KiB each)".into(),
+                ));
+            }
+            if !matches!(issuer.as_str(), "internal" | "acme") {
+                return Err(AppError::Invalid(format!(
+                    "issuer {issuer:?}: use \"internal\" or \"acme\""
+                )));
+            }
+            exec(
+                tx,
+                "INSERT OR REPLACE INTO certificates (name, cert_pem, key_pem, not_after_ms, issuer, updated_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![name, cert_pem, key_pem, not_after_ms, issuer, now],
+            )
+            .map_err(sql)?;
+            Ok(Applied::Done)
         }
         Command::CreateJoinToken { hash, expires_ms } => {
             exec(tx,
@@ -996,7 +1035,9 @@ fn create_machine(
     )
     .optional()
     .map_err(sql)?;
-    let domain = zone.map(|z| format!("{name}.{z}"));
+    let domain = zone
+        .filter(|z| !z.is_empty())
+        .map(|z| format!("{name}.{z}"));
     // Machine ids are never reused: the data path's counters and ports are keyed by them.
     let vid: u64 = row1(tx, "SELECT v FROM meta WHERE k = 'next_vid'", [], |r| {
         r.get::<_, String>(0)
@@ -1301,6 +1342,25 @@ pub fn query(db: &Connection, q: &Query) -> rusqlite::Result<QueryReply> {
         Query::UserByKey { key } => QueryReply::User {
             user: user_by_key(db, key)?,
         },
+        Query::Certificates => {
+            let mut st = db.prepare(
+                "SELECT name, cert_pem, key_pem, not_after_ms, issuer, updated_ms
+                 FROM certificates ORDER BY name",
+            )?;
+            let certs = st
+                .query_map([], |r| {
+                    Ok(crate::types::CertRow {
+                        name: r.get(0)?,
+                        cert_pem: r.get(1)?,
+                        key_pem: r.get(2)?,
+                        not_after_ms: r.get(3)?,
+                        issuer: r.get(4)?,
+                        updated_ms: r.get(5)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            QueryReply::Certificates { certs }
+        }
         Query::Counts => {
             let applied = read_applied(db)?.map(|l| l.index).unwrap_or(0);
             let mut tables = Vec::new();
@@ -1313,6 +1373,7 @@ pub fn query(db: &Connection, q: &Query) -> rusqlite::Result<QueryReply> {
                 "pools",
                 "machines",
                 "allocations",
+                "certificates",
                 "audit",
                 "requests",
             ] {

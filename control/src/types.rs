@@ -174,6 +174,17 @@ pub enum Command {
         addr: String,
         role: NodeRole,
     },
+    /// A TLS certificate the proxies serve (or the internal CA that signs them):
+    /// replicated so every proxy node has it. The key is never audited.
+    PutCertificate {
+        /// What it is for: a domain (`*.zone`, `app.example.com`) or `ca:internal`.
+        name: String,
+        cert_pem: String,
+        key_pem: String,
+        not_after_ms: u64,
+        /// `internal` (our CA) or `acme`.
+        issuer: String,
+    },
     /// The cluster CA's certificate (its key never enters the log: it lives only in the
     /// voters' data directories, see docs/control.md).
     SetClusterCa {
@@ -204,6 +215,7 @@ impl Command {
             Command::DeleteMachine { .. } => "delete_machine",
             Command::Expose { .. } => "expose",
             Command::Unexpose { .. } => "unexpose",
+            Command::PutCertificate { .. } => "put_certificate",
             Command::CreateJoinToken { .. } => "create_join_token",
             Command::ConsumeJoinToken { .. } => "consume_join_token",
             Command::SetClusterCa { .. } => "set_cluster_ca",
@@ -214,6 +226,12 @@ impl Command {
     pub fn summary(&self) -> String {
         match self {
             Command::SetClusterCa { .. } => String::new(),
+            Command::PutCertificate {
+                name,
+                not_after_ms,
+                issuer,
+                ..
+            } => format!("name={name} not_after_ms={not_after_ms} issuer={issuer}"),
             Command::CreateJoinToken { expires_ms, .. }
             | Command::CreateInvite { expires_ms, .. } => {
                 format!("expires_ms={expires_ms}")
@@ -416,6 +434,16 @@ pub struct NodeRow {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertRow {
+    pub name: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub not_after_ms: u64,
+    pub issuer: String,
+    pub updated_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditRow {
     pub index: u64,
     pub at_ms: u64,
@@ -456,6 +484,8 @@ pub enum Query {
     UserByKey {
         key: String,
     },
+    /// Every stored certificate, keys included (for the proxies; operators only).
+    Certificates,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -485,6 +515,9 @@ pub enum QueryReply {
     },
     User {
         user: Option<UserInfo>,
+    },
+    Certificates {
+        certs: Vec<CertRow>,
     },
 }
 
