@@ -46,6 +46,10 @@ impl Default for Options {
     }
 }
 
+/// The zone every test server is authoritative for, and the address its names point at.
+pub const ZONE: &str = "boxd.test";
+pub const PUBLIC: &str = "192.0.2.1";
+
 fn sh(cmd: &str) -> Result<()> {
     let out = Command::new("sh").args(["-c", cmd]).output()?;
     if !out.status.success() {
@@ -95,6 +99,9 @@ impl Server {
         };
         let config = format!(
             "data_dir = \"{data}\"\nmachine_quota = {quota}\nregistration = \"{reg}\"\n\
+             zone = \"{ZONE}\"\npublic_ipv4 = \"{PUBLIC}\"\n\
+             [dns]\nlisten = \"127.0.0.1:{dport}\"\n\
+             [proxy]\nhttps = \"127.0.0.1:{hport}\"\nhttp = \"127.0.0.1:{pport}\"\n\
              [ssh]\nlisten = \"127.0.0.1:{port}\"\npublic_host = \"127.0.0.1\"\n\
              [control]\nlisten = \"127.0.0.1:{cport}\"\n\
              [machines]\ncpus = {cpus}\nmemory = \"{mem}\"\nready_timeout_s = 400\n\
@@ -103,6 +110,9 @@ impl Server {
             quota = opts.machine_quota,
             reg = opts.registration,
             cport = port + 5000,
+            dport = port + 6000,
+            hport = port + 7000,
+            pport = port + 8000,
             cpus = opts.cpus,
             mem = opts.memory,
             k = images.kernel.display(),
@@ -151,6 +161,31 @@ impl Server {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(s)
+    }
+
+    /// The port the server's DNS listens on (UDP and TCP, loopback).
+    pub fn dns_port(&self) -> u16 {
+        self.port + 6000
+    }
+
+    /// The proxy's HTTPS and plain HTTP ports (loopback).
+    pub fn https_port(&self) -> u16 {
+        self.port + 7000
+    }
+
+    pub fn http_port(&self) -> u16 {
+        self.port + 8000
+    }
+
+    /// `dig @127.0.0.1 -p <dns port> ARGS`: the whole answer text.
+    pub fn dig(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new("dig")
+            .args(["@127.0.0.1", "-p", &self.dns_port().to_string()])
+            .args(["+tries=1", "+time=2"])
+            .args(args)
+            .output()
+            .context("run dig (package bind9-dnsutils; cargo xtask setup)")?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// `boxd server --config ... ARGS` (operator commands against this server).

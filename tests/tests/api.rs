@@ -526,6 +526,69 @@ fn api_machines() -> Result<()> {
     let o = s.direct("bob", &ip, "true")?;
     assert!(!o.status.success(), "bob got into alice's machine directly");
 
+    // https://app.<zone>: the proxy, with the internal CA, to a web server in the
+    // machine (port 80, nothing exposed), a WebSocket included.
+    let web = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/web");
+    let o = s.ssh_input(
+        "alice",
+        "alice",
+        &["exec", "app", "--", "cat > /root/backend.py"],
+        &std::fs::read(web.join("backend.py"))?,
+        false,
+    )?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = s.ssh(
+        "alice",
+        &[
+            "exec",
+            "app",
+            "--",
+            "setsid nohup python3 /root/backend.py 80 app >/dev/null 2>&1 &",
+        ],
+    )?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ca = dir.join("ca.pem");
+    let got = std::process::Command::new("curl")
+        .args(["-sSf", "-o"])
+        .arg(&ca)
+        .arg(format!(
+            "http://127.0.0.1:{}/.well-known/boxd/ca.pem",
+            s.http_port()
+        ))
+        .output()?;
+    assert!(got.status.success(), "CA: {}", stderr(&got));
+    let host = format!("app.{}", boxd_tests::api::ZONE);
+    let https = s.https_port();
+    let t0 = Instant::now();
+    let body = loop {
+        let o = std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--cacert"])
+            .arg(&ca)
+            .args(["--resolve", &format!("{host}:{https}:127.0.0.1")])
+            .args(["-w", "|%{http_code}|%{http_version}"])
+            .arg(format!("https://{host}:{https}/"))
+            .output()?;
+        let out = stdout(&o);
+        if out.ends_with("|200|2") || t0.elapsed() > Duration::from_secs(30) {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(
+        body, "hello from app\n|200|2",
+        "HTTPS to the machine through the proxy"
+    );
+    let ws = std::process::Command::new("python3")
+        .arg(web.join("wsclient.py"))
+        .args([
+            host.as_str(),
+            &https.to_string(),
+            ca.to_str().unwrap(),
+            "ping",
+        ])
+        .output()?;
+    assert_eq!(stdout(&ws), "echo: ping\n", "WebSocket: {}", stderr(&ws));
+
     // The in-VM CLI: no token; the host knows the machine by its vsock port.
     let o = s.ssh(
         "alice",

@@ -42,6 +42,9 @@ const ROOTFS_PACKAGES: &[&str] = &[
     // net` measures guest TCP with.
     "iputils-ping",
     "iperf3",
+    // A first web server (`python3 -m http.server 80` is https://<name>.<zone> at once),
+    // and what agents script with.
+    "python3",
 ];
 /// The base image spans the default 100 GB disk (24414062 blocks of 4 KiB, the VMM's
 /// DEFAULT_DISK_SIZE) as a sparse file: no VM has to grow its file system at first boot,

@@ -1,6 +1,8 @@
 //! boxd's development tasks: `cargo xtask <task>`.
 
 mod bench;
+mod bench_dns;
+mod bench_proxy;
 mod cpio;
 mod demo;
 mod images;
@@ -98,6 +100,11 @@ enum BenchKind {
     /// The control plane: committed writes per second and commit latency with 1 and 3
     /// voters, against etcd with 1 and 3 members.
     Control,
+    /// The HTTPS proxy: requests per second and p99 through `boxd proxy serve` against
+    /// nginx (wrk, same certificate and backend).
+    Proxy,
+    /// Authoritative DNS: queries per second of `boxd dns serve` against Knot (dnsperf).
+    Dns,
     /// The SSH API: `ssh host ls --json` p50/p99 against OpenSSH's sshd running `true`,
     /// and `new` to SSH-ready (--runs machines).
     Api,
@@ -156,6 +163,16 @@ fn main() -> Result<()> {
             seconds,
             ..
         } => bench::bpf(seconds),
+        Task::Bench {
+            what: BenchKind::Proxy,
+            seconds,
+            ..
+        } => bench_proxy::proxy(seconds.max(5.0)),
+        Task::Bench {
+            what: BenchKind::Dns,
+            seconds,
+            ..
+        } => bench_dns::dns(seconds.max(5.0)),
         Task::Bench {
             what: BenchKind::Control,
             seconds,

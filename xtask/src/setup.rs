@@ -30,6 +30,14 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "network namespaces and links in tests"),
     ("openssh-client", "real SSH clients in end-to-end tests"),
     (
+        "bind9-dnsutils",
+        "dig, the DNS client of the end-to-end tests",
+    ),
+    (
+        "python3",
+        "the web backend and WebSocket client of the proxy tests (stdlib only)",
+    ),
+    (
         "openssh-server",
         "OpenSSH's sshd: the floor `cargo xtask bench api` measures the SSH API against",
     ),

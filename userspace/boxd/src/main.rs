@@ -1,8 +1,11 @@
 //! `boxd`: every role of a boxd host in one binary, chosen by subcommand.
 
 mod bpf;
+mod certs;
 mod cluster;
+mod dns;
 mod net;
+mod proxy;
 mod reconcile;
 mod remote;
 mod server;
@@ -55,6 +58,16 @@ enum Command {
         #[command(subcommand)]
         command: cluster::ControlCommand,
     },
+    /// Authoritative DNS: serve a zone file (`boxd server` serves the machines' zone).
+    Dns {
+        #[command(subcommand)]
+        command: dns::DnsCommand,
+    },
+    /// The HTTPS proxy: serve a fixed routes file (`boxd server` proxies its machines).
+    Proxy {
+        #[command(subcommand)]
+        command: proxy::ProxyCommand,
+    },
     /// The in-guest agent (started by systemd inside every VM).
     Agent,
     /// Run a whole single node: control plane, worker, network, SSH API (port 2222).
@@ -93,6 +106,8 @@ fn main() {
         Command::Bpf { pin, command } => bpf::main(pin, command),
         Command::Cluster { dir, command } => cluster::main(dir, command),
         Command::Control { dir, command } => cluster::control_main(dir, command),
+        Command::Dns { command } => dns::main(command),
+        Command::Proxy { command } => proxy::main(command),
         Command::Agent => boxd_agent::server::run()
             .map(|()| 0)
             .map_err(|e| anyhow::anyhow!("agent: {e}")),

@@ -17,10 +17,17 @@ pub struct Config {
     pub machines: Machines,
     pub images: Images,
     pub network: Network,
+    pub dns: Dns,
+    pub proxy: Proxy,
+    /// The IPv4 address clients reach this node at: the proxy and the name server
+    /// (`<name>.<zone>` and `ns1.<zone>` point here). Default: the uplink's address, or
+    /// the address of the interface holding the default route.
+    pub public_ipv4: Option<std::net::Ipv4Addr>,
     /// Who may register: `open` (any key), `invite` (a one-time invite), `allowlist`.
     pub registration: String,
-    /// Machines get `<name>.<zone>` as their domain when set.
-    pub zone: Option<String>,
+    /// Machines get `<name>.<zone>`; this node's DNS server is authoritative for it.
+    /// Empty: no domains, no DNS.
+    pub zone: String,
     /// Machines a new account may have (existing accounts keep theirs).
     pub machine_quota: u32,
 }
@@ -82,6 +89,57 @@ pub struct Network {
     pub allow_generic_xdp: bool,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Dns {
+    /// Serve the zone (UDP and TCP).
+    pub enabled: bool,
+    pub listen: String,
+    /// Answers per second per source address; over it, every second query gets an
+    /// empty truncated answer (retry over TCP) and the rest none. 0: unlimited.
+    pub rate_limit: u32,
+    /// What `<name>.<zone>` points at: "proxy" (the public address, HTTPS through the
+    /// proxy) or "machine" (the machine's own public IPv4).
+    pub records: crate::dns::RecordTarget,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Proxy {
+    /// Serve `https://<name>.<zone>` (and redirect plain HTTP to it).
+    pub enabled: bool,
+    pub https: String,
+    /// Plain HTTP: redirects, ACME HTTP-01 challenges, the internal CA. Empty: none.
+    pub http: String,
+    /// Concurrent client connections (HTTP and HTTPS together).
+    pub max_connections: usize,
+    /// `Strict-Transport-Security: max-age=` in seconds; 0 sends none.
+    pub hsts_max_age: u64,
+}
+
+impl Default for Proxy {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            https: "0.0.0.0:443".into(),
+            http: "0.0.0.0:80".into(),
+            max_connections: 10_000,
+            hsts_max_age: 31_536_000,
+        }
+    }
+}
+
+impl Default for Dns {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: "0.0.0.0:53".into(),
+            rate_limit: 200,
+            records: crate::dns::RecordTarget::Proxy,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -91,8 +149,11 @@ impl Default for Config {
             machines: Machines::default(),
             images: Images::default(),
             network: Network::default(),
+            dns: Dns::default(),
+            proxy: Proxy::default(),
+            public_ipv4: None,
             registration: "open".into(),
-            zone: None,
+            zone: "boxd.internal".into(),
             machine_quota: 10,
         }
     }
@@ -170,6 +231,46 @@ impl Config {
             .with_context(|| format!("[ssh] listen = {:?} is not IP:port", self.ssh.listen))?;
         self.memory_mib()?;
         self.disk_gib()?;
+        if !self.zone.is_empty()
+            && (self.zone.len() > 189
+                || !self.zone.split('.').all(boxd_control::state::valid_label))
+        {
+            bail!(
+                "zone = {:?}: use a DNS name of lowercase labels (a-z, 0-9, '-'), at most 189 characters, or \"\" for none",
+                self.zone
+            );
+        }
+        if self.proxy.enabled {
+            self.proxy
+                .https
+                .parse::<std::net::SocketAddr>()
+                .with_context(|| {
+                    format!("[proxy] https = {:?} is not IP:port", self.proxy.https)
+                })?;
+            if !self.proxy.http.is_empty() {
+                self.proxy
+                    .http
+                    .parse::<std::net::SocketAddr>()
+                    .with_context(|| {
+                        format!(
+                            "[proxy] http = {:?} is not IP:port (or \"\" for none)",
+                            self.proxy.http
+                        )
+                    })?;
+            }
+            if !(1..=1_000_000).contains(&self.proxy.max_connections) {
+                bail!(
+                    "[proxy] max_connections = {}: use 1-1000000",
+                    self.proxy.max_connections
+                );
+            }
+        }
+        if self.dns.enabled {
+            self.dns
+                .listen
+                .parse::<std::net::SocketAddr>()
+                .with_context(|| format!("[dns] listen = {:?} is not IP:port", self.dns.listen))?;
+        }
         if !(1..=64).contains(&self.machines.cpu_overcommit) {
             bail!(
                 "[machines] cpu_overcommit = {}: use 1-64",

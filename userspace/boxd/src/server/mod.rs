@@ -5,6 +5,7 @@
 pub mod api;
 pub mod config;
 pub mod ssh;
+pub mod web;
 pub mod worker;
 
 use crate::Exit;
@@ -193,6 +194,65 @@ async fn run(cfg: Arc<Config>) -> Exit {
             None
         }
     };
+    let public = public_ipv4(&cfg);
+    if cfg.dns.enabled && !cfg.zone.is_empty() {
+        let authority = Arc::new(crate::dns::Authority::default());
+        let opts = crate::dns::ServeOptions {
+            listen: cfg.dns.listen.parse().context("[dns] listen")?,
+            rate_limit: cfg.dns.rate_limit,
+            udp_threads: crate::dns::default_threads(),
+        };
+        crate::dns::serve(authority.clone(), &opts)?;
+        boxd_control::reconcile::spawn(
+            node.clone(),
+            crate::dns::ZoneReconciler::new(authority, cfg.dns.records, public),
+        );
+        tracing::info!(zone = cfg.zone, listen = cfg.dns.listen, %public, "serving DNS");
+    }
+    if cfg.proxy.enabled && !cfg.zone.is_empty() {
+        web::ensure_certificates(&node, &cfg.zone).await?;
+        let table = Arc::new(crate::proxy::Table::default());
+        let certs = Arc::new(crate::certs::Store::default());
+        boxd_control::reconcile::spawn(
+            node.clone(),
+            web::WebReconciler {
+                table: table.clone(),
+                certs: certs.clone(),
+                ssh: format!("ssh -p {} {}", cfg.ssh_port(), cfg.ssh.public_host),
+            },
+        );
+        let proxy = crate::proxy::Proxy::new(
+            table,
+            certs,
+            Arc::new(crate::proxy::Challenges::default()),
+            cfg.proxy.hsts_max_age,
+        );
+        let opts = crate::proxy::Options {
+            https: cfg.proxy.https.parse().context("[proxy] https")?,
+            http: match cfg.proxy.http.as_str() {
+                "" => None,
+                a => Some(a.parse().context("[proxy] http")?),
+            },
+            max_connections: cfg.proxy.max_connections,
+        };
+        crate::proxy::serve(proxy, &opts).await?;
+        // Renewal: the internal certificates are checked twice a day.
+        let (n, zone) = (node.clone(), cfg.zone.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(12 * 3600)).await;
+                if let Err(e) = web::ensure_certificates(&n, &zone).await {
+                    tracing::warn!("certificate renewal failed (retried in 12 h): {e:#}");
+                }
+            }
+        });
+        tracing::info!(
+            https = cfg.proxy.https,
+            http = cfg.proxy.http,
+            "serving HTTPS for {}",
+            cfg.zone
+        );
+    }
     let worker = worker::Worker::new(cfg.clone(), node.clone(), net_control)?;
     let api = Arc::new(Api {
         cfg: cfg.clone(),
@@ -242,6 +302,46 @@ async fn run(cfg: Arc<Config>) -> Exit {
     Ok(0)
 }
 
+/// The address clients reach this node at (see `public_ipv4` in the configuration).
+fn public_ipv4(cfg: &Config) -> std::net::Ipv4Addr {
+    if let Some(a) = cfg.public_ipv4 {
+        return a;
+    }
+    let run = |args: &[&str]| -> String {
+        std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    // `ip -4 -o addr show dev X`: "2: eth0    inet 192.0.2.1/24 brd ..."
+    let from_addr = |out: &str| {
+        out.split_whitespace()
+            .skip_while(|w| *w != "inet")
+            .nth(1)
+            .and_then(|a| a.split('/').next()?.parse().ok())
+    };
+    // `ip -4 route get 192.0.2.0`: "... src 192.0.2.1 uid 0"
+    let from_route = |out: &str| {
+        out.split_whitespace()
+            .skip_while(|w| *w != "src")
+            .nth(1)
+            .and_then(|a| a.parse().ok())
+    };
+    let found = match &cfg.network.uplink {
+        Some(u) => from_addr(&run(&["-4", "-o", "addr", "show", "dev", u])),
+        None => None,
+    }
+    .or_else(|| from_route(&run(&["-4", "route", "get", "192.0.2.0"])));
+    found.unwrap_or_else(|| {
+        tracing::warn!(
+            "could not tell this node's public IPv4 (no uplink address, no default route); \
+             using 127.0.0.1: set public_ipv4 in the configuration"
+        );
+        std::net::Ipv4Addr::LOCALHOST
+    })
+}
+
 /// Settings and the address pool from the configuration, written once (a node that
 /// restarts with the same file changes nothing).
 async fn bootstrap(node: &Arc<Node>, cfg: &Config) -> Result<()> {
@@ -264,9 +364,7 @@ async fn bootstrap(node: &Arc<Node>, cfg: &Config) -> Result<()> {
         ("registration", cfg.registration.clone()),
         ("machine_quota", cfg.machine_quota.to_string()),
     ];
-    if let Some(z) = &cfg.zone {
-        settings.push(("zone", z.clone()));
-    }
+    settings.push(("zone", cfg.zone.clone()));
     for (k, v) in settings {
         let cur = node
             .read(Query::Setting { key: k.into() }, true)

@@ -1,0 +1,156 @@
+//! The node's web front: the HTTPS proxy's routes and certificates from the replicated
+//! state, and the internal CA's certificates kept issued and renewed.
+
+use crate::certs::{self, Store};
+use crate::proxy::{DEFAULT_PORTS, MACHINE_LINK_ADDR, Route, Table};
+use anyhow::{Result, bail};
+use boxd_control::node::Node;
+use boxd_control::reconcile::Reconciler;
+use boxd_control::state::StateMachine;
+use boxd_control::types::{CertRow, Command, MachineState, NodeId, Query, QueryReply};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// The internal CA's name for a zone (a CA is limited to its zone).
+pub fn ca_name(zone: &str) -> String {
+    format!("{}:{zone}", certs::INTERNAL_CA)
+}
+
+async fn stored(node: &Node) -> Result<Vec<CertRow>> {
+    match node.read(Query::Certificates, true).await {
+        Ok(QueryReply::Certificates { certs }) => Ok(certs),
+        Ok(other) => bail!("unexpected reply to a certificates query: {other:?}"),
+        Err(e) => bail!("read certificates: {e}"),
+    }
+}
+
+async fn put(node: &Node, name: &str, c: &certs::Issued) -> Result<()> {
+    let cmd = Command::PutCertificate {
+        name: name.to_string(),
+        cert_pem: c.cert_pem.clone(),
+        key_pem: c.key_pem.clone(),
+        not_after_ms: c.not_after_ms,
+        issuer: "internal".into(),
+    };
+    match node.write(node.request("operator", cmd)).await {
+        Ok(r) => r
+            .result
+            .map(|_| ())
+            .map_err(|e| anyhow::anyhow!("store certificate {name}: {e}")),
+        Err(e) => bail!("store certificate {name}: {e}"),
+    }
+}
+
+/// Makes sure the zone has an internal CA and a current wildcard certificate from it
+/// (an ACME certificate for the zone, when there is one, is left alone).
+pub async fn ensure_certificates(node: &Node, zone: &str) -> Result<()> {
+    let rows = stored(node).await?;
+    let wildcard = format!("*.{zone}");
+    let ca_row = rows.iter().find(|r| r.name == ca_name(zone));
+    let ca = match ca_row {
+        Some(r) if !certs::due(r.not_after_ms) => certs::Issued {
+            cert_pem: r.cert_pem.clone(),
+            key_pem: r.key_pem.clone(),
+            not_after_ms: r.not_after_ms,
+        },
+        _ => {
+            let ca = certs::new_ca(zone)?;
+            put(node, &ca_name(zone), &ca).await?;
+            tracing::info!(zone, "made an internal CA for the zone");
+            ca
+        }
+    };
+    let current = rows.iter().find(|r| r.name == wildcard);
+    let fresh = current
+        .is_some_and(|r| !certs::due(r.not_after_ms) && (r.issuer == "acme" || ca_row.is_some()));
+    if !fresh {
+        let leaf = certs::issue(&ca, &[zone.to_string(), wildcard.clone()])?;
+        put(node, &wildcard, &leaf).await?;
+        tracing::info!(zone, "issued the zone's certificate from the internal CA");
+    }
+    Ok(())
+}
+
+/// Keeps the proxy's routes and certificates in line with the replicated state.
+pub struct WebReconciler {
+    pub table: Arc<Table>,
+    pub certs: Arc<Store>,
+    /// `ssh -p PORT HOST`, for the hints on error pages.
+    pub ssh: String,
+}
+
+impl Reconciler for WebReconciler {
+    fn name(&self) -> &'static str {
+        "proxy"
+    }
+
+    fn reconcile(&mut self, state: &StateMachine, me: NodeId) -> Result<usize, String> {
+        let zone = match state.query(&Query::Setting { key: "zone".into() }) {
+            Ok(QueryReply::Setting { value: Some(z) }) => z,
+            Ok(_) => String::new(),
+            Err(e) => return Err(format!("read the zone: {e}")),
+        };
+        let rows = match state.query(&Query::Certificates) {
+            Ok(QueryReply::Certificates { certs }) => certs,
+            Ok(other) => return Err(format!("unexpected reply: {other:?}")),
+            Err(e) => return Err(format!("read certificates: {e}")),
+        };
+        let errors = self.certs.load(&rows, &ca_name(&zone));
+        for e in &errors {
+            tracing::warn!("stored certificate not served: {e}");
+        }
+        if let Some(k) = self.certs.find(&zone) {
+            self.certs.set_default_arc(k);
+        }
+        let machines = match state.query(&Query::Machines { owner: None }) {
+            Ok(QueryReply::Machines { machines }) => machines,
+            Ok(other) => return Err(format!("unexpected reply: {other:?}")),
+            Err(e) => return Err(format!("read machines: {e}")),
+        };
+        let mut routes = HashMap::new();
+        if !zone.is_empty() {
+            for m in machines {
+                let host = format!("{}.{zone}", m.name);
+                let down = |why: String, retry: bool| Route::Down {
+                    name: m.name.clone(),
+                    why,
+                    retry,
+                };
+                let route = if m.node != me {
+                    down(
+                        format!("runs on node {}; this node cannot reach it yet", m.node),
+                        false,
+                    )
+                } else {
+                    match m.state {
+                        MachineState::Running => Route::Backend {
+                            name: m.name.clone(),
+                            device: Some(crate::reconcile::port_name(m.id)),
+                            addr: MACHINE_LINK_ADDR,
+                            ports: match m.ports.first() {
+                                Some(p) => vec![*p],
+                                None => DEFAULT_PORTS.to_vec(),
+                            },
+                        },
+                        MachineState::Creating => {
+                            down("is starting; try again in a few seconds".into(), true)
+                        }
+                        MachineState::Stopped => down(
+                            format!(
+                                "is stopped; its owner can start it with `{} start {}`",
+                                self.ssh, m.name
+                            ),
+                            false,
+                        ),
+                        MachineState::Paused | MachineState::Suspended => {
+                            down("is asleep and wakes on SSH or `start`".into(), true)
+                        }
+                    }
+                };
+                routes.insert(host, route);
+            }
+        }
+        self.table.set(routes);
+        Ok(0)
+    }
+}
