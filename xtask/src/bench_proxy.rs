@@ -97,7 +97,7 @@ pub fn proxy(seconds: f64) -> Result<()> {
             .arg(dir.join("key.pem"))
             .args(["--https", &format!("127.0.0.1:{OURS}")])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("proxy.log"))?)
             .spawn()
             .context("start boxd proxy serve")?,
     );

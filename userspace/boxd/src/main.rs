@@ -75,9 +75,6 @@ enum Command {
 }
 
 fn main() {
-    // A CLI whose output is piped into `head` exits quietly when the pipe closes.
-    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
-    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BOXD_LOG")
@@ -88,6 +85,16 @@ fn main() {
     // API verbs (`boxd new`, `boxd ls --json`, ...) go to the host: over vsock from
     // inside a machine, over SSH with BOXD_HOST elsewhere.
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // A CLI whose output is piped into `head` exits quietly when the pipe closes; the
+    // daemons (server, proxy, DNS, network backend, VMM, agent) keep Rust's ignored
+    // SIGPIPE, or a client that resets a connection mid-write would kill them.
+    let cli = args.first().is_some_and(|a| {
+        remote::VERBS.contains(&a.as_str()) || matches!(a.as_str(), "bpf" | "cluster")
+    });
+    if cli {
+        // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     if args
         .first()
         .is_some_and(|a| remote::VERBS.contains(&a.as_str()))

@@ -114,7 +114,6 @@ impl Challenges {
             .unwrap_or_else(|e| e.into_inner())
             .remove(token);
     }
-
 }
 
 impl Challenges {
