@@ -426,6 +426,13 @@ impl Proxy {
             .expect("a valid response")
     }
 
+    fn same_certificate(&self, a: &str, b: &str) -> bool {
+        match (self.certs.find(a), self.certs.find(b)) {
+            (Some(x), Some(y)) => Arc::ptr_eq(&x, &y),
+            _ => false,
+        }
+    }
+
     fn ca_response(&self) -> Response<Body> {
         match self.certs.ca_pem() {
             Some(pem) => Response::builder()
@@ -470,9 +477,12 @@ impl Proxy {
                 "The request names no valid host.",
             );
         };
-        // A connection set up for one name must not reach another machine.
+        // A connection may carry requests for another name only where its certificate
+        // vouches for that name too (browsers coalesce HTTP/2 connections across a
+        // wildcard's names); anything else is misdirected (RFC 9110 15.5.20).
         if let Some(sni) = &sni
             && *sni != host
+            && !self.same_certificate(sni, &host)
         {
             return page(
                 StatusCode::MISDIRECTED_REQUEST,

@@ -219,6 +219,7 @@ async fn run(cfg: Arc<Config>) -> Exit {
                 table: table.clone(),
                 certs: certs.clone(),
                 ssh: format!("ssh -p {} {}", cfg.ssh_port(), cfg.ssh.public_host),
+                loaded: None,
             },
         );
         let proxy = crate::proxy::Proxy::new(

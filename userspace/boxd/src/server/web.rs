@@ -77,6 +77,8 @@ pub struct WebReconciler {
     pub certs: Arc<Store>,
     /// `ssh -p PORT HOST`, for the hints on error pages.
     pub ssh: String,
+    /// The zone and certificates (name, updated) last loaded.
+    pub loaded: Option<(String, Vec<(String, u64)>)>,
 }
 
 impl Reconciler for WebReconciler {
@@ -95,12 +97,20 @@ impl Reconciler for WebReconciler {
             Ok(other) => return Err(format!("unexpected reply: {other:?}")),
             Err(e) => return Err(format!("read certificates: {e}")),
         };
-        let errors = self.certs.load(&rows, &ca_name(&zone));
-        for e in &errors {
-            tracing::warn!("stored certificate not served: {e}");
-        }
-        if let Some(k) = self.certs.find(&zone) {
-            self.certs.set_default_arc(k);
+        // Parsing keys costs: only when a certificate (or the zone) changed.
+        let seen: Vec<(String, u64)> = rows
+            .iter()
+            .map(|r| (r.name.clone(), r.updated_ms))
+            .collect();
+        if self.loaded.as_ref() != Some(&(zone.clone(), seen.clone())) {
+            let errors = self.certs.load(&rows, &ca_name(&zone));
+            for e in &errors {
+                tracing::warn!("stored certificate not served: {e}");
+            }
+            if let Some(k) = self.certs.find(&zone) {
+                self.certs.set_default_arc(k);
+            }
+            self.loaded = Some((zone.clone(), seen));
         }
         let machines = match state.query(&Query::Machines { owner: None }) {
             Ok(QueryReply::Machines { machines }) => machines,
