@@ -60,6 +60,11 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE certificates (name TEXT PRIMARY KEY, cert_pem TEXT NOT NULL,
                                 key_pem TEXT NOT NULL, not_after_ms INTEGER NOT NULL,
                                 issuer TEXT NOT NULL, updated_ms INTEGER NOT NULL);",
+    // 4: ACME: the challenges every DNS server and proxy answers, and the accounts.
+    "CREATE TABLE acme_challenges (kind TEXT NOT NULL, name TEXT NOT NULL, value TEXT NOT NULL,
+                                   expires_ms INTEGER NOT NULL, PRIMARY KEY (kind, name, value));
+     CREATE TABLE acme_accounts (directory TEXT PRIMARY KEY, credentials TEXT NOT NULL,
+                                 updated_ms INTEGER NOT NULL);",
 ];
 
 /// How long a request id is remembered for deduplication (a client retrying later than
@@ -690,6 +695,70 @@ fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
                 "INSERT OR REPLACE INTO certificates (name, cert_pem, key_pem, not_after_ms, issuer, updated_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![name, cert_pem, key_pem, not_after_ms, issuer, now],
+            )
+            .map_err(sql)?;
+            Ok(Applied::Done)
+        }
+        Command::PutAcmeChallenge {
+            kind,
+            name,
+            value,
+            expires_ms,
+        } => {
+            check_challenge(kind, name, value)?;
+            if *expires_ms <= now || *expires_ms > now + MAX_CHALLENGE_MS {
+                return Err(AppError::Invalid(format!(
+                    "a challenge must expire within {} minutes",
+                    MAX_CHALLENGE_MS / 60_000
+                )));
+            }
+            // Expired ones go first, so abandoned orders cannot pile up.
+            exec(
+                tx,
+                "DELETE FROM acme_challenges WHERE expires_ms < ?1",
+                params![now],
+            )
+            .map_err(sql)?;
+            let live: u64 =
+                row1(tx, "SELECT COUNT(*) FROM acme_challenges", [], |r| r.get(0)).map_err(sql)?;
+            if live >= MAX_CHALLENGES {
+                return Err(AppError::QuotaExceeded(format!(
+                    "{MAX_CHALLENGES} ACME challenges are pending; wait for them to finish or expire"
+                )));
+            }
+            exec(
+                tx,
+                "INSERT OR REPLACE INTO acme_challenges (kind, name, value, expires_ms)
+                 VALUES (?1, ?2, ?3, ?4)",
+                params![kind, name, value, expires_ms],
+            )
+            .map_err(sql)?;
+            Ok(Applied::Done)
+        }
+        Command::RemoveAcmeChallenge { kind, name, value } => {
+            check_challenge(kind, name, value)?;
+            exec(
+                tx,
+                "DELETE FROM acme_challenges WHERE kind = ?1 AND name = ?2 AND value = ?3",
+                params![kind, name, value],
+            )
+            .map_err(sql)?;
+            Ok(Applied::Done)
+        }
+        Command::PutAcmeAccount {
+            directory,
+            credentials,
+        } => {
+            if directory.is_empty() || directory.len() > 2048 || credentials.len() > 16 * 1024 {
+                return Err(AppError::Invalid(
+                    "an ACME account needs its directory URL (at most 2048 bytes) and credentials (at most 16 KiB)".into(),
+                ));
+            }
+            exec(
+                tx,
+                "INSERT OR REPLACE INTO acme_accounts (directory, credentials, updated_ms)
+                 VALUES (?1, ?2, ?3)",
+                params![directory, credentials, now],
             )
             .map_err(sql)?;
             Ok(Applied::Done)
@@ -1361,6 +1430,31 @@ pub fn query(db: &Connection, q: &Query) -> rusqlite::Result<QueryReply> {
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             QueryReply::Certificates { certs }
         }
+        Query::AcmeChallenges => {
+            let mut st = db.prepare(
+                "SELECT kind, name, value, expires_ms FROM acme_challenges ORDER BY kind, name, value",
+            )?;
+            let challenges = st
+                .query_map([], |r| {
+                    Ok(crate::types::ChallengeRow {
+                        kind: r.get(0)?,
+                        name: r.get(1)?,
+                        value: r.get(2)?,
+                        expires_ms: r.get(3)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            QueryReply::AcmeChallenges { challenges }
+        }
+        Query::AcmeAccount { directory } => QueryReply::AcmeAccount {
+            credentials: row1(
+                db,
+                "SELECT credentials FROM acme_accounts WHERE directory = ?1",
+                [directory],
+                |r| r.get(0),
+            )
+            .optional()?,
+        },
         Query::Counts => {
             let applied = read_applied(db)?.map(|l| l.index).unwrap_or(0);
             let mut tables = Vec::new();
@@ -1374,6 +1468,8 @@ pub fn query(db: &Connection, q: &Query) -> rusqlite::Result<QueryReply> {
                 "machines",
                 "allocations",
                 "certificates",
+                "acme_challenges",
+                "acme_accounts",
                 "audit",
                 "requests",
             ] {
@@ -1383,6 +1479,30 @@ pub fn query(db: &Connection, q: &Query) -> rusqlite::Result<QueryReply> {
             QueryReply::Counts { applied, tables }
         }
     })
+}
+
+/// How long an ACME challenge may be published for, and how many at once.
+const MAX_CHALLENGE_MS: u64 = 60 * 60 * 1000;
+const MAX_CHALLENGES: u64 = 1000;
+
+fn check_challenge(kind: &str, name: &str, value: &str) -> Res<()> {
+    if !matches!(kind, "dns-01" | "http-01") {
+        return Err(AppError::Invalid(format!(
+            "challenge kind {kind:?}: use \"dns-01\" or \"http-01\""
+        )));
+    }
+    let printable = |s: &str| s.bytes().all(|b| b.is_ascii_graphic());
+    if name.is_empty() || name.len() > 253 || !printable(name) {
+        return Err(AppError::Invalid(
+            "a challenge's name is a DNS name or token of 1-253 printable characters".into(),
+        ));
+    }
+    if value.is_empty() || value.len() > 255 || !printable(value) {
+        return Err(AppError::Invalid(
+            "a challenge's value is 1-255 printable characters".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// An apply failure that is this node's, not the command's (stops the apply).
@@ -2021,6 +2141,103 @@ mod tests {
                 "invalid"
             ]
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn acme_challenges_and_accounts() {
+        let dir = scratch("acme");
+        let mut sm = StateMachine::open(&dir.join("state.db")).unwrap();
+        let put =
+            |kind: &str, name: &str, value: &str, expires_ms: u64| Command::PutAcmeChallenge {
+                kind: kind.into(),
+                name: name.into(),
+                value: value.into(),
+                expires_ms,
+            };
+        // Entry i is applied at 1000 + i ms (see `entry`).
+        let cmds = vec![
+            put("dns-01", "_acme-challenge.z", "v1", 60_000),
+            put("dns-01", "_acme-challenge.z", "v2", 60_000), // a second value, same name
+            put("http-01", "tok", "tok.thumb", 4_000),
+            put("tls-alpn-01", "x", "y", 60_000), // unknown kind
+            put("dns-01", "a b", "v", 60_000),    // not printable
+            put("dns-01", "n", &"v".repeat(256), 60_000), // too long
+            put("dns-01", "n", "v", 1),           // already expired
+            put("dns-01", "n", "v", 100_000_000), // more than an hour
+            Command::RemoveAcmeChallenge {
+                kind: "dns-01".into(),
+                name: "_acme-challenge.z".into(),
+                value: "v1".into(),
+            },
+            Command::PutAcmeAccount {
+                directory: "https://ca/dir".into(),
+                credentials: "{\"id\":\"1\"}".into(),
+            },
+            Command::PutAcmeAccount {
+                directory: String::new(),
+                credentials: "{}".into(),
+            },
+            put("dns-01", "later", "v3", 60_000), // at 1012 ms: "tok" (4000) still live
+        ];
+        let entries: Vec<Entry> = cmds
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| entry(i as u64 + 1, c))
+            .collect();
+        let codes: Vec<String> = sm
+            .apply(entries)
+            .await
+            .unwrap()
+            .into_iter()
+            .flatten()
+            .map(|r| match r.result {
+                Ok(_) => "ok".into(),
+                Err(e) => e.code().into(),
+            })
+            .collect();
+        assert_eq!(
+            codes,
+            [
+                "ok", "ok", "ok", "invalid", "invalid", "invalid", "invalid", "invalid", "ok",
+                "ok", "invalid", "ok"
+            ]
+        );
+        let Ok(QueryReply::AcmeChallenges { challenges }) = sm.query(&Query::AcmeChallenges) else {
+            panic!("challenges query")
+        };
+        let got: Vec<(&str, &str, &str)> = challenges
+            .iter()
+            .map(|c| (c.kind.as_str(), c.name.as_str(), c.value.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("dns-01", "_acme-challenge.z", "v2"),
+                ("dns-01", "later", "v3"),
+                ("http-01", "tok", "tok.thumb")
+            ]
+        );
+        let acct = |d: &str| match sm.query(&Query::AcmeAccount {
+            directory: d.into(),
+        }) {
+            Ok(QueryReply::AcmeAccount { credentials }) => credentials,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(acct("https://ca/dir").as_deref(), Some("{\"id\":\"1\"}"));
+        assert_eq!(acct("https://other/dir"), None);
+        // The account's key never reaches the audit log.
+        let Ok(QueryReply::Audit { entries }) = sm.query(&Query::Audit {
+            actor: None,
+            limit: 100,
+        }) else {
+            panic!("audit")
+        };
+        let acct_entry = entries
+            .iter()
+            .find(|e| e.op == "put_acme_account" && e.result == "ok")
+            .expect("audited");
+        assert_eq!(acct_entry.args, "directory=https://ca/dir");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -185,6 +185,27 @@ pub enum Command {
         /// `internal` (our CA) or `acme`.
         issuer: String,
     },
+    /// An ACME challenge answer to publish: `dns-01` (a TXT record at `name`, the
+    /// `_acme-challenge` name) or `http-01` (`name` is the token, served by every proxy
+    /// under /.well-known/acme-challenge/). Replicated so whichever node the CA asks
+    /// answers. Expires within the hour; expired ones are dropped.
+    PutAcmeChallenge {
+        kind: String,
+        name: String,
+        value: String,
+        expires_ms: u64,
+    },
+    RemoveAcmeChallenge {
+        kind: String,
+        name: String,
+        value: String,
+    },
+    /// An ACME account's credentials (its key, JSON) for one directory URL, so any node
+    /// can order with it. Never audited.
+    PutAcmeAccount {
+        directory: String,
+        credentials: String,
+    },
     /// The cluster CA's certificate (its key never enters the log: it lives only in the
     /// voters' data directories, see docs/control.md).
     SetClusterCa {
@@ -216,6 +237,9 @@ impl Command {
             Command::Expose { .. } => "expose",
             Command::Unexpose { .. } => "unexpose",
             Command::PutCertificate { .. } => "put_certificate",
+            Command::PutAcmeChallenge { .. } => "put_acme_challenge",
+            Command::RemoveAcmeChallenge { .. } => "remove_acme_challenge",
+            Command::PutAcmeAccount { .. } => "put_acme_account",
             Command::CreateJoinToken { .. } => "create_join_token",
             Command::ConsumeJoinToken { .. } => "consume_join_token",
             Command::SetClusterCa { .. } => "set_cluster_ca",
@@ -226,6 +250,7 @@ impl Command {
     pub fn summary(&self) -> String {
         match self {
             Command::SetClusterCa { .. } => String::new(),
+            Command::PutAcmeAccount { directory, .. } => format!("directory={directory}"),
             Command::PutCertificate {
                 name,
                 not_after_ms,
@@ -444,6 +469,16 @@ pub struct CertRow {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChallengeRow {
+    /// `dns-01` or `http-01`.
+    pub kind: String,
+    /// The TXT record's owner name (`_acme-challenge.<domain>`) or the HTTP token.
+    pub name: String,
+    pub value: String,
+    pub expires_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditRow {
     pub index: u64,
     pub at_ms: u64,
@@ -486,6 +521,12 @@ pub enum Query {
     },
     /// Every stored certificate, keys included (for the proxies; operators only).
     Certificates,
+    /// The published ACME challenges (expired ones included until the next put).
+    AcmeChallenges,
+    /// The ACME account for a directory URL.
+    AcmeAccount {
+        directory: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -518,6 +559,12 @@ pub enum QueryReply {
     },
     Certificates {
         certs: Vec<CertRow>,
+    },
+    AcmeChallenges {
+        challenges: Vec<ChallengeRow>,
+    },
+    AcmeAccount {
+        credentials: Option<String>,
     },
 }
 

@@ -32,6 +32,10 @@ pub struct Options {
     pub memory: &'static str,
     pub cpus: u32,
     pub registration: &'static str,
+    /// The address `<name>.<zone>` points at (`public_ipv4`).
+    pub public: &'static str,
+    /// More configuration, appended to the file (whole TOML sections).
+    pub extra: String,
 }
 
 impl Default for Options {
@@ -42,6 +46,8 @@ impl Default for Options {
             memory: "1G",
             cpus: 1,
             registration: "open",
+            public: PUBLIC,
+            extra: String::new(),
         }
     }
 }
@@ -99,13 +105,15 @@ impl Server {
         };
         let config = format!(
             "data_dir = \"{data}\"\nmachine_quota = {quota}\nregistration = \"{reg}\"\n\
-             zone = \"{ZONE}\"\npublic_ipv4 = \"{PUBLIC}\"\n\
+             zone = \"{ZONE}\"\npublic_ipv4 = \"{public}\"\n\
              [dns]\nlisten = \"127.0.0.1:{dport}\"\n\
              [proxy]\nhttps = \"127.0.0.1:{hport}\"\nhttp = \"127.0.0.1:{pport}\"\n\
              [ssh]\nlisten = \"127.0.0.1:{port}\"\npublic_host = \"127.0.0.1\"\n\
              [control]\nlisten = \"127.0.0.1:{cport}\"\n\
              [machines]\ncpus = {cpus}\nmemory = \"{mem}\"\nready_timeout_s = 400\n\
-             [images]\nkernel = \"{k}\"\ninitrd = \"{i}\"\nrootfs = \"{r}\"\n{network}",
+             [images]\nkernel = \"{k}\"\ninitrd = \"{i}\"\nrootfs = \"{r}\"\n{network}{extra}",
+            public = opts.public,
+            extra = opts.extra,
             data = dir.join("data").display(),
             quota = opts.machine_quota,
             reg = opts.registration,
@@ -131,6 +139,17 @@ impl Server {
                 bail!("ssh-keygen: {}", String::from_utf8_lossy(&out.stderr));
             }
         }
+        Self::launch(dir, port, opts.network)
+    }
+
+    /// Starts `boxd server` again on the state and configuration a stopped one left.
+    /// Its earlier log is kept as server.log.old.
+    pub fn restart(dir: &Path, port: u16) -> Result<Self> {
+        std::fs::rename(dir.join("server.log"), dir.join("server.log.old"))?;
+        Self::launch(dir, port, false)
+    }
+
+    fn launch(dir: &Path, port: u16, network: bool) -> Result<Self> {
         let log = std::fs::File::create(dir.join("server.log"))?;
         let child = Command::new(boxd_binary()?)
             .arg("server")
@@ -146,7 +165,7 @@ impl Server {
             dir: dir.to_path_buf(),
             port,
             child: Some(child),
-            network: opts.network,
+            network,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         while !s.log().contains("boxd server ready") {

@@ -12,6 +12,18 @@ pub mod testhost;
 pub mod tls;
 
 use std::path::{Path, PathBuf};
+use std::process::Child;
+
+/// A child process killed and reaped when dropped, so nothing a test or bench starts
+/// (a server, a backend, QEMU, a load generator) outlives it.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 /// The workspace root.
 pub fn root() -> PathBuf {

@@ -8,10 +8,11 @@
 //! per-run scratch folder is shared read-write at the same path too: the command's
 //! stdout, stderr and exit code come back through it, streamed live.
 
+use crate::Killed as Reaped;
 use anyhow::{Context, Result, bail};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// Paths of the guest images, as `cargo xtask images` records them.
@@ -519,16 +520,6 @@ impl Drop for Scratch {
         } else {
             eprintln!("test host scratch kept at {}", self.path.display());
         }
-    }
-}
-
-/// A child process killed and reaped when dropped, so no QEMU or virtiofsd outlives us.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

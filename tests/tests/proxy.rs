@@ -8,12 +8,13 @@
 //!   (Machines booted in the emulated host are reached the same way in api_machines.)
 
 use anyhow::{Context, Result, ensure};
+use boxd_tests::Killed;
 use boxd_tests::api::{Options, Server, ZONE};
 use boxd_tests::guest::boxd_binary;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn fixtures() -> PathBuf {
@@ -30,15 +31,6 @@ fn curl(args: &[&str]) -> Result<Output> {
 
 fn text(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn wait_port(port: u16) -> Result<()> {

@@ -4,23 +4,15 @@
 //! rate limiting (Knot's default; boxd's limit is per source and this is one source).
 
 use anyhow::{Context, Result, bail};
+use boxd_tests::Killed;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 /// Machine names in the zone.
 const HOSTS: usize = 1000;
 const OURS: u16 = 5391;
 const KNOT: u16 = 5392;
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 pub fn dns(seconds: f64) -> Result<()> {
     crate::setup::ensure_packages(&[

@@ -5,23 +5,15 @@
 //! interleaved rounds.
 
 use anyhow::{Context, Result, bail};
+use boxd_tests::Killed;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 const BACKEND: u16 = 24080;
 const OURS: u16 = 24443;
 const NGINX: u16 = 24444;
 const HOST: &str = "bench.boxd.test";
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn sh(dir: &Path, cmd: &str) -> Result<()> {
     let o = Command::new("sh")

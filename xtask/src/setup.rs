@@ -34,6 +34,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
         "dig, the DNS client of the end-to-end tests",
     ),
     (
+        "pebble",
+        "Let's Encrypt's test ACME server, which the ACME tests order certificates from",
+    ),
+    (
         "python3",
         "the web backend and WebSocket client of the proxy tests (stdlib only)",
     ),
@@ -71,7 +75,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ),
     ("etcd-server", "the peer in `cargo xtask bench control`"),
     ("curl", "a real TLS client for the SNI parser's tests"),
-    ("openssl", "a real TLS client for the SNI parser's tests"),
+    (
+        "openssl",
+        "a real TLS client for the SNI parser's tests; test certificates (Pebble, bench proxy)",
+    ),
 ];
 
 /// The nightly the eBPF programs were built and verified with (ebpf/programs).

@@ -106,6 +106,31 @@ pub fn issue(ca: &Issued, names: &[String]) -> Result<Issued, CertError> {
     })
 }
 
+/// A certificate signing request for `names` (ECDSA P-256, no subject: the names are
+/// in the SAN) and its key, PEM: what an ACME order is finalized with.
+pub fn csr(names: &[String]) -> Result<(Vec<u8>, String), CertError> {
+    let key = KeyPair::generate()?;
+    let mut p = CertificateParams::new(names.to_vec())?;
+    p.distinguished_name = DistinguishedName::new();
+    let req = p.serialize_request(&key)?;
+    Ok((req.der().to_vec(), key.serialize_pem()))
+}
+
+/// When the first (leaf) certificate of a PEM chain expires, in ms since the epoch.
+pub fn not_after_ms(chain_pem: &str) -> Result<u64, CertError> {
+    let bad = |why: String| CertError::Bad {
+        name: "ACME chain".into(),
+        why,
+    };
+    let der = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .next()
+        .ok_or_else(|| bad("no certificate in the PEM".into()))?
+        .map_err(|e| bad(format!("certificate PEM: {e}")))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(&der).map_err(|e| bad(format!("certificate: {e}")))?;
+    Ok((cert.validity().not_after.timestamp().max(0) as u64) * 1000)
+}
+
 /// Whether a stored certificate should be replaced now.
 pub fn due(not_after_ms: u64) -> bool {
     not_after_ms <= now_ms() + RENEW_BEFORE_MS

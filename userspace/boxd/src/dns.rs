@@ -705,11 +705,33 @@ pub fn spec_from_state(
         hosts.push((m.name, addr));
     }
     hosts.sort();
+    // ACME DNS-01 answers in the zone, by name relative to it.
+    let mut txt = Vec::new();
+    match state.query(&Query::AcmeChallenges) {
+        Ok(QueryReply::AcmeChallenges { challenges }) => {
+            for c in challenges.into_iter().filter(|c| c.kind == "dns-01") {
+                let name = c.name.trim_end_matches('.').to_ascii_lowercase();
+                let label = |l: &str| {
+                    (1..=63).contains(&l.len())
+                        && l.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                };
+                // A name that is not one would fail the whole zone: left out.
+                if let Some(rel) = name.strip_suffix(&format!(".{zone}"))
+                    && rel.split('.').all(label)
+                {
+                    txt.push((rel.to_string(), c.value));
+                }
+            }
+        }
+        Ok(other) => return Err(format!("unexpected reply to a challenges query: {other:?}")),
+        Err(e) => return Err(format!("read ACME challenges: {e}")),
+    }
     Ok(Some(ZoneSpec {
         nameservers: vec![(format!("ns1.{zone}"), public)],
         apex: Some(public),
         hosts,
-        txt: Vec::new(),
+        txt,
         zone,
     }))
 }

@@ -81,6 +81,8 @@ fn main() {
                 .unwrap_or_else(|_| "info,openraft=warn,quinn_udp=warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Colours only for a person: logs in files and journald stay plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     // API verbs (`boxd new`, `boxd ls --json`, ...) go to the host: over vsock from
     // inside a machine, over SSH with BOXD_HOST elsewhere.

@@ -97,27 +97,13 @@ pub struct Challenges {
     tokens: RwLock<HashMap<String, String>>,
 }
 
-// `set`/`remove` are the ACME client's (HTTP-01), which comes next; until then no
-// token is ever set and the challenge path answers 404.
-#[allow(dead_code)]
 impl Challenges {
-    pub fn set(&self, token: &str, key_authorization: &str) {
-        let mut t = self.tokens.write().unwrap_or_else(|e| e.into_inner());
-        if t.len() < 1024 {
-            t.insert(token.to_string(), key_authorization.to_string());
-        }
+    /// Replaces the whole table (from the replicated state's HTTP-01 challenges).
+    pub fn replace(&self, tokens: HashMap<String, String>) {
+        *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = tokens;
     }
 
-    pub fn remove(&self, token: &str) {
-        self.tokens
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(token);
-    }
-}
-
-impl Challenges {
-    fn get(&self, token: &str) -> Option<String> {
+    pub fn get(&self, token: &str) -> Option<String> {
         self.tokens
             .read()
             .unwrap_or_else(|e| e.into_inner())

@@ -19,6 +19,7 @@ pub struct Config {
     pub network: Network,
     pub dns: Dns,
     pub proxy: Proxy,
+    pub acme: Acme,
     /// The IPv4 address clients reach this node at: the proxy and the name server
     /// (`<name>.<zone>` and `ns1.<zone>` point here). Default: the uplink's address, or
     /// the address of the interface holding the default route.
@@ -117,6 +118,39 @@ pub struct Proxy {
     pub hsts_max_age: u64,
 }
 
+/// Certificates from an ACME CA (Let's Encrypt, or any RFC 8555 server) instead of the
+/// internal CA, for zones the public can resolve.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Acme {
+    /// The CA's directory URL, e.g. https://acme-v02.api.letsencrypt.org/directory.
+    /// Empty: no ACME, the internal CA's certificates are served.
+    pub directory: String,
+    /// Account contacts (`mailto:ops@example.com`), for the CA's expiry notices.
+    pub contact: Vec<String>,
+    /// `dns-01`: one wildcard certificate for the zone, proved through this node's DNS
+    /// server (the zone must be delegated to it). `http-01`: a certificate per machine,
+    /// proved through the proxy's plain-HTTP port (which must be reachable on port 80).
+    pub challenge: String,
+    /// A PEM root to trust for the directory's own HTTPS (a private or test CA);
+    /// default: the system's roots.
+    pub ca_root: Option<PathBuf>,
+    /// Renew when a certificate has fewer days left than this.
+    pub renew_before_days: u32,
+}
+
+impl Default for Acme {
+    fn default() -> Self {
+        Self {
+            directory: String::new(),
+            contact: Vec::new(),
+            challenge: "dns-01".into(),
+            ca_root: None,
+            renew_before_days: 30,
+        }
+    }
+}
+
 impl Default for Proxy {
     fn default() -> Self {
         Self {
@@ -151,6 +185,7 @@ impl Default for Config {
             network: Network::default(),
             dns: Dns::default(),
             proxy: Proxy::default(),
+            acme: Acme::default(),
             public_ipv4: None,
             registration: "open".into(),
             zone: "boxd.internal".into(),
@@ -265,6 +300,44 @@ impl Config {
                 );
             }
         }
+        if !self.acme.directory.is_empty() {
+            let a = &self.acme;
+            if !a.directory.starts_with("https://") {
+                bail!(
+                    "[acme] directory = {:?}: use the CA's https:// directory URL (or \"\" for the internal CA)",
+                    a.directory
+                );
+            }
+            match a.challenge.as_str() {
+                "dns-01" if !self.dns.enabled => bail!(
+                    "[acme] challenge = \"dns-01\" needs this node's DNS server: set [dns] enabled = true, or use \"http-01\""
+                ),
+                "http-01" if !self.proxy.enabled || self.proxy.http.is_empty() => bail!(
+                    "[acme] challenge = \"http-01\" needs the proxy's plain-HTTP port: set [proxy] http, or use \"dns-01\""
+                ),
+                "dns-01" | "http-01" => {}
+                other => bail!("[acme] challenge = {other:?}: use \"dns-01\" or \"http-01\""),
+            }
+            if self.zone.is_empty() || !self.proxy.enabled {
+                bail!("[acme] needs a zone and the proxy (zone = \"...\", [proxy] enabled = true)");
+            }
+            if let Some(p) = &a.ca_root
+                && !p.exists()
+            {
+                bail!("[acme] ca_root = {}: no such file", p.display());
+            }
+            if !(1..=180).contains(&a.renew_before_days) {
+                bail!(
+                    "[acme] renew_before_days = {}: use 1-180",
+                    a.renew_before_days
+                );
+            }
+            for c in &a.contact {
+                if !c.starts_with("mailto:") {
+                    bail!("[acme] contact = {c:?}: use mailto:ADDRESS");
+                }
+            }
+        }
         if self.dns.enabled {
             self.dns
                 .listen
@@ -370,6 +443,19 @@ mod tests {
             ("[machines]\ncpu_overcommit = 0", "cpu_overcommit"),
             ("[machnes]\ncpus = 2", "machnes"),
             ("[ssh]\nlisen = \"0.0.0.0:22\"", "lisen"),
+            ("[acme]\ndirectory = \"http://ca/dir\"", "directory"),
+            (
+                "[acme]\ndirectory = \"https://ca/dir\"\nchallenge = \"tls-alpn-01\"",
+                "challenge",
+            ),
+            (
+                "[acme]\ndirectory = \"https://ca/dir\"\ncontact = [\"ops@x\"]",
+                "contact",
+            ),
+            (
+                "[acme]\ndirectory = \"https://ca/dir\"\nca_root = \"/nonexistent.pem\"",
+                "ca_root",
+            ),
         ] {
             let e = format!("{:#}", parse(text).unwrap_err());
             assert!(e.contains(want), "{text}: {e}");

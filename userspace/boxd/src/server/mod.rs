@@ -2,6 +2,7 @@
 //! voter), the worker (VMMs), the network backend and data path when an uplink is
 //! configured, the SSH API, and each machine's own API port.
 
+pub mod acme;
 pub mod api;
 pub mod config;
 pub mod ssh;
@@ -195,8 +196,10 @@ async fn run(cfg: Arc<Config>) -> Exit {
         }
     };
     let public = public_ipv4(&cfg);
+    let mut dns_authority = None;
     if cfg.dns.enabled && !cfg.zone.is_empty() {
         let authority = Arc::new(crate::dns::Authority::default());
+        dns_authority = Some(authority.clone());
         let opts = crate::dns::ServeOptions {
             listen: cfg.dns.listen.parse().context("[dns] listen")?,
             rate_limit: cfg.dns.rate_limit,
@@ -213,21 +216,44 @@ async fn run(cfg: Arc<Config>) -> Exit {
         web::ensure_certificates(&node, &cfg.zone).await?;
         let table = Arc::new(crate::proxy::Table::default());
         let certs = Arc::new(crate::certs::Store::default());
+        let challenges = Arc::new(crate::proxy::Challenges::default());
         boxd_control::reconcile::spawn(
             node.clone(),
             web::WebReconciler {
                 table: table.clone(),
                 certs: certs.clone(),
+                challenges: challenges.clone(),
                 ssh: format!("ssh -p {} {}", cfg.ssh_port(), cfg.ssh.public_host),
                 loaded: None,
             },
         );
-        let proxy = crate::proxy::Proxy::new(
-            table,
-            certs,
-            Arc::new(crate::proxy::Challenges::default()),
-            cfg.proxy.hsts_max_age,
-        );
+        if !cfg.acme.directory.is_empty() {
+            let kind = acme::ChallengeKind::parse(&cfg.acme.challenge)?;
+            let (tx, rx) = tokio::sync::watch::channel((node.cfg.id, Vec::new()));
+            boxd_control::reconcile::spawn(
+                node.clone(),
+                acme::WantReconciler {
+                    challenge: kind,
+                    tx,
+                },
+            );
+            let manager = acme::Manager {
+                node: node.clone(),
+                cfg: cfg.acme.clone(),
+                kind,
+                authority: dns_authority.clone(),
+                challenges: challenges.clone(),
+                account: None,
+                backoff: acme::Backoff::default(),
+            };
+            tokio::spawn(manager.run(rx));
+            tracing::info!(
+                directory = cfg.acme.directory,
+                challenge = cfg.acme.challenge,
+                "certificates from ACME"
+            );
+        }
+        let proxy = crate::proxy::Proxy::new(table, certs, challenges, cfg.proxy.hsts_max_age);
         let opts = crate::proxy::Options {
             https: cfg.proxy.https.parse().context("[proxy] https")?,
             http: match cfg.proxy.http.as_str() {

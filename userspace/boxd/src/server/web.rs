@@ -2,7 +2,7 @@
 //! state, and the internal CA's certificates kept issued and renewed.
 
 use crate::certs::{self, Store};
-use crate::proxy::{DEFAULT_PORTS, MACHINE_LINK_ADDR, Route, Table};
+use crate::proxy::{Challenges, DEFAULT_PORTS, MACHINE_LINK_ADDR, Route, Table};
 use anyhow::{Result, bail};
 use boxd_control::node::Node;
 use boxd_control::reconcile::Reconciler;
@@ -61,8 +61,15 @@ pub async fn ensure_certificates(node: &Node, zone: &str) -> Result<()> {
         }
     };
     let current = rows.iter().find(|r| r.name == wildcard);
-    let fresh = current
-        .is_some_and(|r| !certs::due(r.not_after_ms) && (r.issuer == "acme" || ca_row.is_some()));
+    // An ACME certificate is kept until it has expired (renewing it is ACME's job; the
+    // internal one would be a step down for every client that does not trust our CA).
+    let fresh = current.is_some_and(|r| {
+        if r.issuer == "acme" {
+            r.not_after_ms > boxd_control::node::now_ms()
+        } else {
+            !certs::due(r.not_after_ms) && ca_row.is_some()
+        }
+    });
     if !fresh {
         let leaf = certs::issue(&ca, &[zone.to_string(), wildcard.clone()])?;
         put(node, &wildcard, &leaf).await?;
@@ -75,6 +82,8 @@ pub async fn ensure_certificates(node: &Node, zone: &str) -> Result<()> {
 pub struct WebReconciler {
     pub table: Arc<Table>,
     pub certs: Arc<Store>,
+    /// ACME HTTP-01 answers, from the replicated state.
+    pub challenges: Arc<Challenges>,
     /// `ssh -p PORT HOST`, for the hints on error pages.
     pub ssh: String,
     /// The zone and certificates (name, updated) last loaded.
@@ -111,6 +120,17 @@ impl Reconciler for WebReconciler {
                 self.certs.set_default_arc(k);
             }
             self.loaded = Some((zone.clone(), seen));
+        }
+        match state.query(&Query::AcmeChallenges) {
+            Ok(QueryReply::AcmeChallenges { challenges }) => self.challenges.replace(
+                challenges
+                    .into_iter()
+                    .filter(|c| c.kind == "http-01")
+                    .map(|c| (c.name, c.value))
+                    .collect(),
+            ),
+            Ok(other) => return Err(format!("unexpected reply: {other:?}")),
+            Err(e) => return Err(format!("read ACME challenges: {e}")),
         }
         let machines = match state.query(&Query::Machines { owner: None }) {
             Ok(QueryReply::Machines { machines }) => machines,
