@@ -196,6 +196,50 @@ impl Server {
         self.port + 8000
     }
 
+    /// Downloads the server's internal CA (plain HTTP, as a client would) to `to`.
+    pub fn fetch_ca(&self, to: &Path) -> Result<()> {
+        let o = Command::new("curl")
+            .args(["-sSf", "--max-time", "10", "-o"])
+            .arg(to)
+            .arg(format!(
+                "http://127.0.0.1:{}/.well-known/boxd/ca.pem",
+                self.http_port()
+            ))
+            .output()
+            .context("run curl")?;
+        if !o.status.success() {
+            bail!("CA download: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        Ok(())
+    }
+
+    /// `curl https://HOST/` through the proxy, trusting `ca`: the output is the body
+    /// followed by `|<status>|<HTTP version>`.
+    pub fn https_get(&self, host: &str, ca: &Path) -> Result<Output> {
+        let https = self.https_port();
+        Command::new("curl")
+            .args(["-sS", "--max-time", "40", "--cacert"])
+            .arg(ca)
+            .args(["--resolve", &format!("{host}:{https}:127.0.0.1")])
+            .args(["-w", "|%{http_code}|%{http_version}"])
+            .arg(format!("https://{host}:{https}/"))
+            .output()
+            .context("run curl")
+    }
+
+    /// [`Server::https_get`] until it answers 200 (a web server just started in a
+    /// machine needs a moment), at most `within`; the last output.
+    pub fn https_until_ok(&self, host: &str, ca: &Path, within: Duration) -> Result<Output> {
+        let t0 = Instant::now();
+        loop {
+            let o = self.https_get(host, ca)?;
+            if String::from_utf8_lossy(&o.stdout).contains("|200|") || t0.elapsed() > within {
+                return Ok(o);
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
     /// `dig @127.0.0.1 -p <dns port> ARGS`: the whole answer text.
     pub fn dig(&self, args: &[&str]) -> Result<String> {
         let out = Command::new("dig")

@@ -155,6 +155,9 @@ fn api_commands_and_bad_input() -> Result<()> {
         (vec!["info", "nope"], "not_found"),
         (vec!["exec", "--json", "nope", "--", "true"], "not_found"),
         (vec!["rm", "nope"], "not_found"),
+        (vec!["pause", "nope"], "not_found"),
+        // Only a running machine can be paused (web has no VMM here: still creating).
+        (vec!["pause", "web"], "invalid"),
     ] {
         let (code, err, msg) = s.json_err("alice", &args)?;
         assert_eq!(err, want, "{args:?}: {msg}");
@@ -548,32 +551,10 @@ fn api_machines() -> Result<()> {
     )?;
     assert!(o.status.success(), "{}", stderr(&o));
     let ca = dir.join("ca.pem");
-    let got = std::process::Command::new("curl")
-        .args(["-sSf", "-o"])
-        .arg(&ca)
-        .arg(format!(
-            "http://127.0.0.1:{}/.well-known/boxd/ca.pem",
-            s.http_port()
-        ))
-        .output()?;
-    assert!(got.status.success(), "CA: {}", stderr(&got));
+    s.fetch_ca(&ca)?;
     let host = format!("app.{}", boxd_tests::api::ZONE);
     let https = s.https_port();
-    let t0 = Instant::now();
-    let body = loop {
-        let o = std::process::Command::new("curl")
-            .args(["-sS", "--max-time", "10", "--cacert"])
-            .arg(&ca)
-            .args(["--resolve", &format!("{host}:{https}:127.0.0.1")])
-            .args(["-w", "|%{http_code}|%{http_version}"])
-            .arg(format!("https://{host}:{https}/"))
-            .output()?;
-        let out = stdout(&o);
-        if out.ends_with("|200|2") || t0.elapsed() > Duration::from_secs(30) {
-            break out;
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    };
+    let body = stdout(&s.https_until_ok(&host, &ca, Duration::from_secs(30))?);
     assert_eq!(
         body, "hello from app\n|200|2",
         "HTTPS to the machine through the proxy"
@@ -588,6 +569,29 @@ fn api_machines() -> Result<()> {
         ])
         .output()?;
     assert_eq!(stdout(&ws), "echo: ping\n", "WebSocket: {}", stderr(&ws));
+
+    // Paused: the vCPUs stop, the memory stays. The next HTTPS request wakes it and is
+    // answered (the web server's state survives: nothing was restarted).
+    let m = s.json("alice", &["pause", "app"])?;
+    assert_eq!(m["state"], "paused", "{m}");
+    assert_eq!(s.json("alice", &["info", "app"])?["state"], "paused");
+    let t0 = Instant::now();
+    let o = s.https_get(&host, &ca)?;
+    let woke = t0.elapsed();
+    assert_eq!(
+        stdout(&o),
+        "hello from app\n|200|2",
+        "first request to a paused machine: {}",
+        stderr(&o)
+    );
+    eprintln!("paused machine answered HTTPS after {woke:?} (wake included)");
+    assert_eq!(s.json("alice", &["info", "app"])?["state"], "running");
+    assert!(s.log().contains("waking for a request"), "{}", s.log());
+    // exec wakes it too; a stopped machine cannot be paused.
+    s.json("alice", &["pause", "app"])?;
+    let o = s.ssh("alice", &["exec", "app", "--", "echo awake"])?;
+    assert_eq!(stdout(&o), "awake\n", "{}", stderr(&o));
+    assert_eq!(s.json("alice", &["info", "app"])?["state"], "running");
 
     // The in-VM CLI: no token; the host knows the machine by its vsock port.
     let o = s.ssh(

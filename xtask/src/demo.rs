@@ -112,8 +112,8 @@ pub fn run() -> Result<()> {
         &ssh("exec my-app -- 'boxd whoami' (the in-VM CLI, no token)"),
         || show(&s.ssh("you", &["exec", "my-app", "--", "boxd whoami"])?),
     )?;
-    let https = s.https_port();
     let host = format!("my-app.{}", boxd_tests::api::ZONE);
+    let ca = dir.join("ca.pem");
     step(
         &format!(
             "https://{host} (a web server in the machine, through the proxy, trusting the internal CA)"
@@ -128,31 +128,19 @@ pub fn run() -> Result<()> {
                     "mkdir -p /srv && echo \"hello over HTTPS from $(hostname)\" > /srv/index.html && setsid nohup python3 -m http.server 80 -d /srv >/dev/null 2>&1 &",
                 ],
             )?)?;
-            let ca = dir.join("ca.pem");
-            let got = std::process::Command::new("curl")
-                .args(["-sSf", "-o"])
-                .arg(&ca)
-                .arg(format!(
-                    "http://127.0.0.1:{}/.well-known/boxd/ca.pem",
-                    s.http_port()
-                ))
-                .output()?;
-            show(&got)?;
-            // The server needs a moment to listen.
-            let t0 = Instant::now();
-            loop {
-                let o = std::process::Command::new("curl")
-                    .args(["-sS", "--max-time", "10", "--cacert"])
-                    .arg(&ca)
-                    .args(["--resolve", &format!("{host}:{https}:127.0.0.1")])
-                    .args(["-w", "    (HTTP %{http_version}, status %{http_code})\n"])
-                    .arg(format!("https://{host}:{https}/"))
-                    .output()?;
-                if stdout(&o).contains("status 200") || t0.elapsed().as_secs() > 30 {
-                    return show(&o);
-                }
-                std::thread::sleep(std::time::Duration::from_millis(300));
-            }
+            s.fetch_ca(&ca)?;
+            // The web server needs a moment to listen.
+            show(&s.https_until_ok(&host, &ca, std::time::Duration::from_secs(30))?)
+        },
+    )?;
+    step(
+        &format!(
+            "{} then https://{host} (the request wakes it)",
+            ssh("pause my-app")
+        ),
+        || {
+            show(&s.ssh("you", &["pause", "my-app"])?)?;
+            show(&s.https_get(&host, &ca)?)
         },
     )?;
     step(&ssh("rm my-app"), || {
@@ -161,7 +149,7 @@ pub fn run() -> Result<()> {
     drop(s);
     let _ = std::fs::remove_dir_all(&dir);
     println!(
-        "demo done: a boxd node made a machine over SSH; it ran commands, took a shell, a direct SSH login and a file, served HTTPS at its name, and went away"
+        "demo done: a boxd node made a machine over SSH; it ran commands, took a shell, a direct SSH login and a file, served HTTPS at its name, slept and woke on a request, and went away"
     );
     Ok(())
 }

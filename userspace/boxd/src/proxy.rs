@@ -59,7 +59,26 @@ pub enum Route {
         why: String,
         retry: bool,
     },
+    /// A machine that is paused (or suspended): a request wakes it and waits, bounded
+    /// by [`WAKE_TIMEOUT`], until it is a backend again.
+    Asleep {
+        name: String,
+        owner: String,
+    },
     NotFound,
+}
+
+/// How long a request waits for a sleeping machine to wake.
+pub const WAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Wakes sleeping machines (in `boxd server`: a replicated state change to running,
+/// which the worker carries out).
+pub trait Waker: Send + Sync + 'static {
+    fn wake(
+        &self,
+        owner: &str,
+        name: &str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
 }
 
 /// Maps host names to routes (the replicated state in `boxd server`, a file in
@@ -124,6 +143,7 @@ pub struct Proxy {
     pub router: Arc<dyn Router>,
     pub certs: Arc<Store>,
     pub challenges: Arc<Challenges>,
+    pub waker: Option<Arc<dyn Waker>>,
     client: Client<Connector, Body>,
     hsts: Option<HeaderValue>,
 }
@@ -133,6 +153,7 @@ impl Proxy {
         router: Arc<dyn Router>,
         certs: Arc<Store>,
         challenges: Arc<Challenges>,
+        waker: Option<Arc<dyn Waker>>,
         hsts_max_age: u64,
     ) -> Arc<Self> {
         let client = Client::builder(TokioExecutor::new())
@@ -144,6 +165,7 @@ impl Proxy {
             router,
             certs,
             challenges,
+            waker,
             client,
             hsts: (hsts_max_age > 0)
                 .then(|| HeaderValue::from_str(&format!("max-age={hsts_max_age}")).ok())
@@ -476,32 +498,68 @@ impl Proxy {
                 &format!("This connection is for {sni}; open a new one for {host}."),
             );
         }
-        let (name, device, addr, ports) = match self.router.route(&host) {
-            Route::NotFound => {
-                return page(
-                    StatusCode::NOT_FOUND,
-                    "No such machine",
-                    &format!("There is no machine at {host}."),
-                );
-            }
-            Route::Down { name, why, retry } => {
-                let mut r = page(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "Machine unavailable",
-                    &format!("{name}: {why}"),
-                );
-                if retry {
-                    r.headers_mut()
-                        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        let deadline = std::time::Instant::now() + WAKE_TIMEOUT;
+        let mut woken = false;
+        let (name, device, addr, ports) = loop {
+            break match self.router.route(&host) {
+                Route::Asleep { name, owner } => {
+                    let Some(waker) = &self.waker else {
+                        return page(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "Machine asleep",
+                            &format!("{name} is asleep."),
+                        );
+                    };
+                    if !woken {
+                        woken = true;
+                        tracing::info!(machine = name, "waking for a request");
+                        if let Err(e) = waker.wake(&owner, &name).await {
+                            return page(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "Machine asleep",
+                                &format!("{name} is asleep and could not be woken: {e}"),
+                            );
+                        }
+                    }
+                    if std::time::Instant::now() > deadline {
+                        let mut r = page(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "Machine waking",
+                            &format!("{name} did not wake within {WAKE_TIMEOUT:?}; try again."),
+                        );
+                        r.headers_mut()
+                            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                        return r;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
                 }
-                return r;
-            }
-            Route::Backend {
-                name,
-                device,
-                addr,
-                ports,
-            } => (name, device, addr, ports),
+                Route::NotFound => {
+                    return page(
+                        StatusCode::NOT_FOUND,
+                        "No such machine",
+                        &format!("There is no machine at {host}."),
+                    );
+                }
+                Route::Down { name, why, retry } => {
+                    let mut r = page(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "Machine unavailable",
+                        &format!("{name}: {why}"),
+                    );
+                    if retry {
+                        r.headers_mut()
+                            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                    }
+                    return r;
+                }
+                Route::Backend {
+                    name,
+                    device,
+                    addr,
+                    ports,
+                } => (name, device, addr, ports),
+            };
         };
         let websocket = is_websocket(&req);
         let upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
@@ -813,7 +871,13 @@ pub fn main(cmd: ProxyCommand) -> crate::Exit {
         .build()
         .context("start the async runtime")?;
     rt.block_on(async {
-        let proxy = Proxy::new(router, store, Arc::new(Challenges::default()), 63_072_000);
+        let proxy = Proxy::new(
+            router,
+            store,
+            Arc::new(Challenges::default()),
+            None,
+            63_072_000,
+        );
         serve(
             proxy,
             &Options {

@@ -12,8 +12,8 @@ use std::io::{IsTerminal, Read, Write};
 
 /// The verbs that are API commands rather than local roles.
 pub const VERBS: &[&str] = &[
-    "new", "ls", "info", "rm", "start", "stop", "restart", "exec", "ssh", "console", "expose",
-    "unexpose", "keys", "whoami", "quota", "audit", "register",
+    "new", "ls", "info", "rm", "start", "stop", "pause", "restart", "exec", "ssh", "console",
+    "expose", "unexpose", "keys", "whoami", "quota", "audit", "register",
 ];
 
 pub fn main(argv: Vec<String>) -> Exit {

@@ -22,6 +22,8 @@ pub const MAX_COMMAND: usize = 64 << 10;
 const CONSOLE_BYTES: u64 = 16 << 10;
 /// How long `stop` waits for the machine to be down before it answers.
 const STOP_WAIT: Duration = Duration::from_secs(45);
+/// How long pause and resume may take (the VMM parks every vCPU within a second).
+const PAUSE_WAIT: Duration = Duration::from_secs(15);
 
 /// Output of a command, in order.
 #[derive(Debug)]
@@ -172,8 +174,13 @@ pub enum Verb {
     Rm {
         name: String,
     },
-    /// Start a stopped machine (and wait until it is reachable).
+    /// Start a stopped machine, or wake a paused one (and wait until it is reachable).
     Start {
+        name: String,
+    },
+    /// Pause a running machine: its vCPUs stop, its memory stays. It wakes in
+    /// milliseconds on its next HTTPS request, exec, ssh, console or `start`.
+    Pause {
         name: String,
     },
     /// Power a machine off (ACPI, then the plug after 30 s); its disk stays.
@@ -514,6 +521,7 @@ impl Api {
                 let t = Instant::now();
                 self.set_state(caller, &name, MachineState::Running).await?;
                 let m = self.machine(caller, &name).await?;
+                self.wait_paused(&m, false).await?;
                 self.wait_ready(&m).await?;
                 let m = self.machine(caller, &name).await?;
                 self.emit(
@@ -521,6 +529,31 @@ impl Api {
                     json,
                     self.machine_json(&m),
                     format!("started {name} in {:.1} s\n", t.elapsed().as_secs_f64()),
+                )
+                .await
+            }
+            Verb::Pause { name } => {
+                let m = self.machine(caller, &name).await?;
+                if !matches!(m.state, MachineState::Running | MachineState::Paused) {
+                    return Err(ApiError::new(
+                        "invalid",
+                        format!(
+                            "{name} is {}; only a running machine can be paused",
+                            m.state.as_str()
+                        ),
+                    ));
+                }
+                let t = Instant::now();
+                let m = self.set_state(caller, &name, MachineState::Paused).await?;
+                self.wait_paused(&m, true).await?;
+                self.emit(
+                    io,
+                    json,
+                    self.machine_json(&m),
+                    format!(
+                        "paused {name} in {} ms: its memory is kept; its next HTTPS request, exec or ssh wakes it\n",
+                        t.elapsed().as_millis()
+                    ),
                 )
                 .await
             }
@@ -845,6 +878,28 @@ impl Api {
         })
     }
 
+    /// Waits (bounded) until the worker has paused or resumed `m`'s vCPUs.
+    async fn wait_paused(&self, m: &Machine, paused: bool) -> Res<()> {
+        self.local(m)?;
+        let t = Instant::now();
+        while self.worker.paused(m.id) != paused {
+            if t.elapsed() > PAUSE_WAIT {
+                return Err(ApiError::new(
+                    "timeout",
+                    format!(
+                        "{} was not {} within {} s; its VMM log (`console {}`) may say why",
+                        m.name,
+                        if paused { "paused" } else { "resumed" },
+                        PAUSE_WAIT.as_secs(),
+                        m.name
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
+    }
+
     async fn wait_down(&self, m: &Machine) -> Res<()> {
         let Some(mut rx) = self.worker.phase(m.id) else {
             return Ok(());
@@ -874,7 +929,12 @@ impl Api {
 
     /// `name`, running and reachable (waits, bounded, for one still booting).
     async fn running(&self, caller: &Caller, name: &str) -> Res<Machine> {
-        let m = self.machine(caller, name).await?;
+        let mut m = self.machine(caller, name).await?;
+        if m.state == MachineState::Paused {
+            // Using a paused machine wakes it, as a request through the proxy does.
+            m = self.set_state(caller, name, MachineState::Running).await?;
+            self.wait_paused(&m, false).await?;
+        }
         if !matches!(m.state, MachineState::Running | MachineState::Creating) {
             return Err(ApiError::new(
                 "invalid",

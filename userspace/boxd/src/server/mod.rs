@@ -253,7 +253,13 @@ async fn run(cfg: Arc<Config>) -> Exit {
                 "certificates from ACME"
             );
         }
-        let proxy = crate::proxy::Proxy::new(table, certs, challenges, cfg.proxy.hsts_max_age);
+        let proxy = crate::proxy::Proxy::new(
+            table,
+            certs,
+            challenges,
+            Some(Arc::new(web::NodeWaker(node.clone()))),
+            cfg.proxy.hsts_max_age,
+        );
         let opts = crate::proxy::Options {
             https: cfg.proxy.https.parse().context("[proxy] https")?,
             http: match cfg.proxy.http.as_str() {

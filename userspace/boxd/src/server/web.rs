@@ -172,9 +172,10 @@ impl Reconciler for WebReconciler {
                             ),
                             false,
                         ),
-                        MachineState::Paused | MachineState::Suspended => {
-                            down("is asleep and wakes on SSH or `start`".into(), true)
-                        }
+                        MachineState::Paused | MachineState::Suspended => Route::Asleep {
+                            name: m.name.clone(),
+                            owner: m.owner.clone(),
+                        },
                     }
                 };
                 routes.insert(host, route);
@@ -182,5 +183,30 @@ impl Reconciler for WebReconciler {
         }
         self.table.set(routes);
         Ok(0)
+    }
+}
+
+/// Wakes a sleeping machine for the proxy: the state goes back to running (audited as
+/// the proxy's doing), and the worker resumes the VMM.
+pub struct NodeWaker(pub Arc<Node>);
+
+impl crate::proxy::Waker for NodeWaker {
+    fn wake(
+        &self,
+        owner: &str,
+        name: &str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>> {
+        let node = self.0.clone();
+        let cmd = Command::SetMachineState {
+            owner: owner.to_string(),
+            name: name.to_string(),
+            state: MachineState::Running,
+        };
+        Box::pin(async move {
+            match node.write(node.request("proxy", cmd)).await {
+                Ok(r) => r.result.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        })
     }
 }

@@ -63,6 +63,8 @@ struct Vm {
     /// Counts VMM starts: a bring-up gives up when its start is no longer the current one.
     generation: u64,
     api: Option<tokio::task::JoinHandle<()>>,
+    /// The VMM's vCPUs are paused (as last set, or read at adoption).
+    paused: bool,
 }
 
 /// What the worker calls for each connection a machine makes to [`API_PORT`].
@@ -114,6 +116,15 @@ impl Worker {
     }
 
     /// Follows machine `id`'s phase (None: this worker does not know it yet).
+    /// Whether machine `id`'s vCPUs are paused.
+    pub fn paused(&self, id: u64) -> bool {
+        self.vms
+            .lock()
+            .unwrap()
+            .get(&id)
+            .is_some_and(|v| v.paused && !matches!(v.proc, Proc::None))
+    }
+
     pub fn phase(&self, id: u64) -> Option<watch::Receiver<Phase>> {
         self.vms
             .lock()
@@ -268,6 +279,7 @@ impl Worker {
         let child = cmd.spawn().map_err(|e| format!("start boxd vmm: {e}"))?;
         tracing::info!(machine = m.name, id = m.id, pid = child.id(), "VMM started");
         vm.proc = Proc::Child(child);
+        vm.paused = false;
         vm.starts.push_back(Instant::now());
         vm.generation += 1;
         vm.phase.send_replace(Phase::Booting);
@@ -434,6 +446,7 @@ impl Worker {
             starts: VecDeque::new(),
             generation: 0,
             api: None,
+            paused: false,
         });
         if vm.busy {
             return Ok(0);
@@ -448,7 +461,11 @@ impl Worker {
                 .then_some(None),
             Proc::None => None,
         };
-        let want_up = matches!(m.state, MachineState::Creating | MachineState::Running);
+        // A paused machine keeps its VMM (memory and all), with the vCPUs parked.
+        let want_up = matches!(
+            m.state,
+            MachineState::Creating | MachineState::Running | MachineState::Paused
+        );
         if let Some(code) = exited {
             vm.proc = Proc::None;
             vm.phase.send_replace(Phase::Down);
@@ -493,7 +510,34 @@ impl Worker {
             return Ok(0);
         }
         if !matches!(vm.proc, Proc::None) {
-            return Ok(0);
+            let want_paused = m.state == MachineState::Paused;
+            // Pausing waits for the bring-up to finish (the next pass does it).
+            if want_paused == vm.paused || (want_paused && *vm.phase.borrow() != Phase::Ready) {
+                return Ok(0);
+            }
+            let (req, what) = if want_paused {
+                (VmmRequest::Pause {}, "pause")
+            } else {
+                (VmmRequest::Resume {}, "resume")
+            };
+            let t = Instant::now();
+            return match VmmClient::connect(&control).and_then(|mut c| c.call(&req)) {
+                Ok(r) if r.ok => {
+                    vm.paused = want_paused;
+                    tracing::info!(
+                        machine = m.name,
+                        took_us = t.elapsed().as_micros() as u64,
+                        "{what}d"
+                    );
+                    Ok(1)
+                }
+                Ok(r) => Err(format!(
+                    "{what} {}: {}",
+                    m.name,
+                    r.error.unwrap_or_default()
+                )),
+                Err(e) => Err(format!("{what} {}: {e}", m.name)),
+            };
         }
         if matches!(*vm.phase.borrow(), Phase::Failed(_)) && !vm.starts.is_empty() {
             // A failed bring-up stays failed until `restart`.
@@ -506,6 +550,11 @@ impl Worker {
                 .is_ok()
         {
             tracing::info!(machine = m.name, "adopting the running VMM");
+            vm.paused = VmmClient::connect(&control)
+                .and_then(|mut c| c.call(&VmmRequest::Status {}))
+                .ok()
+                .and_then(|r| r.status)
+                .is_some_and(|s| s["state"] == "paused");
             vm.proc = Proc::Adopted;
             vm.starts.push_back(Instant::now());
             vm.generation += 1;
