@@ -64,7 +64,11 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE acme_challenges (kind TEXT NOT NULL, name TEXT NOT NULL, value TEXT NOT NULL,
                                    expires_ms INTEGER NOT NULL, PRIMARY KEY (kind, name, value));
      CREATE TABLE acme_accounts (directory TEXT PRIMARY KEY, credentials TEXT NOT NULL,
-                                 updated_ms INTEGER NOT NULL);",
+                                 updated_ms INTEGER NOT NULL);
+     ALTER TABLE machines ADD COLUMN web TEXT NOT NULL DEFAULT 'public';
+     CREATE TABLE domains (domain TEXT PRIMARY KEY,
+                           machine TEXT NOT NULL REFERENCES machines(name) ON DELETE CASCADE);
+     CREATE INDEX domains_machine ON domains(machine);",
 ];
 
 /// How long a request id is remembered for deduplication (a client retrying later than
@@ -672,6 +676,91 @@ fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
             .map_err(sql)?;
             Ok(Applied::Machine(m))
         }
+        Command::SetWeb { owner, name, mode } => {
+            need_machine(tx, owner, name)?;
+            exec(
+                tx,
+                "UPDATE machines SET web = ?2 WHERE name = ?1",
+                params![name, mode.as_str()],
+            )
+            .map_err(sql)?;
+            Ok(Applied::Machine(need_machine(tx, owner, name)?))
+        }
+        Command::AddDomain {
+            owner,
+            name,
+            domain,
+        } => {
+            let m = need_machine(tx, owner, name)?;
+            let d = domain.trim_end_matches('.').to_ascii_lowercase();
+            if d.len() > 253 || d.split('.').count() < 2 || !d.split('.').all(valid_label) {
+                return Err(AppError::Invalid(format!(
+                    "{domain:?} is not a domain name (labels of a-z, 0-9 and '-', at least two)"
+                )));
+            }
+            let zone: Option<String> = row1(
+                tx,
+                "SELECT value FROM settings WHERE key = 'zone'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql)?;
+            if let Some(z) = zone.filter(|z| !z.is_empty())
+                && (d == z || d.ends_with(&format!(".{z}")))
+            {
+                return Err(AppError::Invalid(format!(
+                    "{d} is in the zone {z}, whose names are automatic; add a domain of your own"
+                )));
+            }
+            let holder: Option<String> = row1(
+                tx,
+                "SELECT machine FROM domains WHERE domain = ?1",
+                [&d],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(sql)?;
+            match holder {
+                Some(h) if h == *name => return Ok(Applied::Machine(m)),
+                Some(_) => {
+                    return Err(AppError::AlreadyExists(format!(
+                        "{d} already belongs to another machine"
+                    )));
+                }
+                None => {}
+            }
+            if m.domains.len() >= MAX_DOMAINS {
+                return Err(AppError::QuotaExceeded(format!(
+                    "{name} already has {MAX_DOMAINS} domains; remove one first"
+                )));
+            }
+            exec(
+                tx,
+                "INSERT INTO domains (domain, machine) VALUES (?1, ?2)",
+                params![d, name],
+            )
+            .map_err(sql)?;
+            Ok(Applied::Machine(need_machine(tx, owner, name)?))
+        }
+        Command::RemoveDomain {
+            owner,
+            name,
+            domain,
+        } => {
+            need_machine(tx, owner, name)?;
+            let d = domain.trim_end_matches('.').to_ascii_lowercase();
+            let n = tx
+                .execute(
+                    "DELETE FROM domains WHERE domain = ?1 AND machine = ?2",
+                    params![d, name],
+                )
+                .map_err(sql)?;
+            if n == 0 {
+                return Err(AppError::NotFound(format!("{name} has no domain {d}")));
+            }
+            Ok(Applied::Machine(need_machine(tx, owner, name)?))
+        }
         Command::PutCertificate {
             name,
             cert_pem,
@@ -1265,10 +1354,13 @@ fn machine_from_row(r: &rusqlite::Row) -> rusqlite::Result<Machine> {
         ports: serde_json::from_str(&ports).unwrap_or_default(),
         parent: r.get(10)?,
         created_ms: r.get(11)?,
+        web: WebMode::parse(&r.get::<_, String>(13)?).unwrap_or_default(),
+        domains: serde_json::from_str(&r.get::<_, String>(14)?).unwrap_or_default(),
     })
 }
 
-const MACHINE_COLS: &str = "name, owner, cpus, memory_mib, disk_gib, state, node, ipv4, domain, ports, parent, created_ms, vid";
+const MACHINE_COLS: &str = "name, owner, cpus, memory_mib, disk_gib, state, node, ipv4, domain, ports, parent, created_ms, vid, web, \
+     (SELECT COALESCE(json_group_array(d.domain), '[]') FROM (SELECT domain FROM domains WHERE machine = machines.name ORDER BY domain) d)";
 
 fn machine(db: &Connection, name: &str) -> rusqlite::Result<Option<Machine>> {
     row1(
@@ -1470,6 +1562,7 @@ pub fn query(db: &Connection, q: &Query) -> rusqlite::Result<QueryReply> {
                 "certificates",
                 "acme_challenges",
                 "acme_accounts",
+                "domains",
                 "audit",
                 "requests",
             ] {
@@ -1480,6 +1573,9 @@ pub fn query(db: &Connection, q: &Query) -> rusqlite::Result<QueryReply> {
         }
     })
 }
+
+/// Custom domains one machine may have.
+const MAX_DOMAINS: usize = 10;
 
 /// How long an ACME challenge may be published for, and how many at once.
 const MAX_CHALLENGE_MS: u64 = 60 * 60 * 1000;
@@ -2141,6 +2237,125 @@ mod tests {
                 "invalid"
             ]
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn web_modes_and_domains() {
+        let dir = scratch("domains");
+        let mut sm = StateMachine::open(&dir.join("state.db")).unwrap();
+        let spec = MachineSpec {
+            cpus: 1,
+            memory_mib: 512,
+            disk_gib: 10,
+        };
+        let mk = |owner: &str, name: &str| Command::CreateMachine {
+            owner: owner.into(),
+            name: name.into(),
+            spec,
+            parent: None,
+        };
+        let add = |owner: &str, name: &str, d: &str| Command::AddDomain {
+            owner: owner.into(),
+            name: name.into(),
+            domain: d.into(),
+        };
+        let user = |fp: &str| Command::CreateUser {
+            fingerprint: fp.into(),
+            name: fp.into(),
+            public_key: "k".into(),
+        };
+        let cmds = vec![
+            user("ann"),
+            user("bob"),
+            Command::RegisterNode {
+                id: 1,
+                addr: "a:1".into(),
+                role: NodeRole::Server,
+                cpus: 16,
+                memory_mib: 16384,
+            },
+            Command::AddPool {
+                name: "p".into(),
+                cidr: "198.51.100.0/24".into(),
+            },
+            Command::SetSetting {
+                key: "zone".into(),
+                value: "boxd.test".into(),
+            },
+            mk("ann", "a1"),
+            mk("bob", "b1"),
+            add("ann", "a1", "WWW.Example.com."), // stored lower-case, no dot
+            add("ann", "a1", "www.example.com"),  // again: a no-op
+            add("bob", "b1", "www.example.com"),  // taken
+            add("bob", "a1", "b.example.com"),    // not bob's machine
+            add("ann", "a1", "x.boxd.test"),      // the zone's own names
+            add("ann", "a1", "boxd.test"),
+            add("ann", "a1", "nodots"),
+            add("ann", "a1", "bad_label.com"),
+            Command::SetWeb {
+                owner: "ann".into(),
+                name: "a1".into(),
+                mode: WebMode::Passthrough,
+            },
+            Command::DeleteMachine {
+                owner: "ann".into(),
+                name: "a1".into(),
+            },
+            add("bob", "b1", "www.example.com"), // free again: deleted with a1
+            Command::RemoveDomain {
+                owner: "bob".into(),
+                name: "b1".into(),
+                domain: "nope.example.com".into(),
+            },
+        ];
+        let entries: Vec<Entry> = cmds
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| entry(i as u64 + 1, c))
+            .collect();
+        let codes: Vec<String> = sm
+            .apply(entries)
+            .await
+            .unwrap()
+            .into_iter()
+            .flatten()
+            .map(|r| match r.result {
+                Ok(_) => "ok".into(),
+                Err(e) => e.code().into(),
+            })
+            .collect();
+        assert_eq!(
+            codes,
+            [
+                "ok",
+                "ok",
+                "ok",
+                "ok",
+                "ok",
+                "ok",
+                "ok",
+                "ok",
+                "ok",
+                "already_exists",
+                "not_found",
+                "invalid",
+                "invalid",
+                "invalid",
+                "invalid",
+                "ok",
+                "ok",
+                "ok",
+                "not_found"
+            ]
+        );
+        let Ok(QueryReply::Machines { machines }) = sm.query(&Query::Machines { owner: None })
+        else {
+            panic!("machines")
+        };
+        assert_eq!(machines.len(), 1);
+        assert_eq!(machines[0].domains, ["www.example.com"]);
+        assert_eq!(machines[0].web, WebMode::Public);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

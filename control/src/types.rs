@@ -185,6 +185,24 @@ pub enum Command {
         /// `internal` (our CA) or `acme`.
         issuer: String,
     },
+    /// How the proxy serves a machine (see [`WebMode`]).
+    SetWeb {
+        owner: String,
+        name: String,
+        mode: WebMode,
+    },
+    /// A domain of the owner's own (they point its DNS here) served like the
+    /// machine's name. A domain belongs to one machine at most.
+    AddDomain {
+        owner: String,
+        name: String,
+        domain: String,
+    },
+    RemoveDomain {
+        owner: String,
+        name: String,
+        domain: String,
+    },
     /// An ACME challenge answer to publish: `dns-01` (a TXT record at `name`, the
     /// `_acme-challenge` name) or `http-01` (`name` is the token, served by every proxy
     /// under /.well-known/acme-challenge/). Replicated so whichever node the CA asks
@@ -238,6 +256,9 @@ impl Command {
             Command::Unexpose { .. } => "unexpose",
             Command::PutCertificate { .. } => "put_certificate",
             Command::PutAcmeChallenge { .. } => "put_acme_challenge",
+            Command::SetWeb { .. } => "set_web",
+            Command::AddDomain { .. } => "add_domain",
+            Command::RemoveDomain { .. } => "remove_domain",
             Command::RemoveAcmeChallenge { .. } => "remove_acme_challenge",
             Command::PutAcmeAccount { .. } => "put_acme_account",
             Command::CreateJoinToken { .. } => "create_join_token",
@@ -443,6 +464,44 @@ pub struct Machine {
     pub ports: Vec<u16>,
     pub parent: Option<String>,
     pub created_ms: u64,
+    /// How the HTTPS proxy serves it.
+    #[serde(default)]
+    pub web: WebMode,
+    /// Custom domains served like `<name>.<zone>`.
+    #[serde(default)]
+    pub domains: Vec<String>,
+}
+
+/// How the HTTPS proxy serves a machine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WebMode {
+    /// TLS ends at the proxy; HTTP goes to the machine's port.
+    #[default]
+    Public,
+    /// Nobody reaches it through the proxy; its owner does through an SSH tunnel.
+    Private,
+    /// No termination: the raw TLS stream (chosen by SNI) goes to the machine's 443.
+    Passthrough,
+}
+
+impl WebMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebMode::Public => "public",
+            WebMode::Private => "private",
+            WebMode::Passthrough => "passthrough",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "public" => WebMode::Public,
+            "private" => WebMode::Private,
+            "passthrough" => WebMode::Passthrough,
+            _ => return None,
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

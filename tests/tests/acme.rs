@@ -1,13 +1,15 @@
 //! ACME end to end against Pebble (Debian's `pebble`, Let's Encrypt's test CA, a real
-//! RFC 8555 server that really validates): Pebble resolves names through the server's
-//! own DNS (`-dnsserver`) and fetches HTTP-01 answers from the proxy's plain-HTTP port,
-//! so every step is the production path. `curl` then checks the proxy's certificate
-//! against Pebble's root.
-//! - `acme_dns01_wildcard`: the zone's wildcard through TXT records; served for every
-//!   machine and the apex; the challenges are gone afterwards; a restarted server keeps
-//!   its account and certificate (nothing ordered again).
-//! - `acme_http01_per_machine`: a certificate per machine through the challenge path;
-//!   a CA that is down is retried with backoff while other names are issued.
+//! RFC 8555 server that really validates): it resolves names with `-dnsserver` and
+//! fetches HTTP-01 answers from the proxy's plain-HTTP port, so every step is the
+//! production path. `curl` then checks the proxy's certificate against Pebble's root.
+//! - `acme_dns01_wildcard`: Pebble resolves through the server's own DNS; the zone's
+//!   wildcard through TXT records; served for every machine and the apex; the
+//!   challenges are gone afterwards; a restarted server keeps its account and
+//!   certificate (nothing ordered again).
+//! - `acme_http01_per_machine`: a certificate per machine through the challenge path,
+//!   and one for a custom domain (outside the zone, so Pebble resolves through
+//!   pebble-challtestsrv, which answers 127.0.0.1 for any name); a CA that is down is
+//!   retried with backoff while other names are issued; a private machine gets 403.
 
 use anyhow::{Context, Result, ensure};
 use boxd_tests::Killed;
@@ -86,6 +88,7 @@ fn directory(port: u16) -> String {
 }
 
 impl Pebble {
+    /// Pebble resolving names through the DNS server on `dns_port` (loopback).
     fn start(dir: &Path, port: u16, dns_port: u16, http_port: u16) -> Result<Self> {
         let (cert, key) = pebble_tls(dir)?;
         let config = serde_json::json!({
@@ -263,6 +266,24 @@ fn acme_dns01_wildcard() -> Result<()> {
     Ok(())
 }
 
+/// pebble-challtestsrv as a resolver that answers 127.0.0.1 for every name: how the
+/// HTTP-01 test's custom domain (outside our zone) reaches the proxy.
+fn any_name_resolver(port: u16) -> Result<Killed> {
+    let child = Command::new("pebble-challtestsrv")
+        .args(["-dns01", &format!("127.0.0.1:{port}")])
+        .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
+        .args(["-management", &format!("127.0.0.1:{}", port + 1)])
+        .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start pebble-challtestsrv (Debian package pebble)")?;
+    let k = Killed(child);
+    wait_port(port + 1)?;
+    Ok(k)
+}
+
 #[test]
 fn acme_http01_per_machine() -> Result<()> {
     if skip() {
@@ -295,8 +316,12 @@ fn acme_http01_per_machine() -> Result<()> {
 
     // Now the CA is up (same address): a new machine is issued at once; the one that
     // failed waits out its backoff, then is issued too.
-    let pebble = Pebble::start(&pebble_dir, directory_port, port + 6000, port + 8000)?;
+    let _resolver = any_name_resolver(24020)?;
+    let pebble = Pebble::start(&pebble_dir, directory_port, 24020, port + 8000)?;
     s.json("alice", &["new", "--name", "web", "--no-wait"])?;
+    // A domain of the owner's own: served like web's name, with its own certificate.
+    let m = s.json("alice", &["domain", "add", "web", "www.example.org"])?;
+    assert_eq!(m["domains"][0], "www.example.org", "{m}");
     wait_issued(&s, &format!("web.{ZONE}"), Duration::from_secs(30))?;
     ensure!(
         !issued(&s, &format!("early.{ZONE}")),
@@ -307,6 +332,26 @@ fn acme_http01_per_machine() -> Result<()> {
     let (code, verbose) = fetch(&s, &format!("web.{ZONE}"), &root)?;
     ensure!(code == "503", "web with Pebble's root: {code:?}\n{verbose}");
     ensure!(verbose.contains("Pebble Intermediate"), "{verbose}");
+    wait_issued(&s, "www.example.org", Duration::from_secs(30))?;
+    let (code, verbose) = fetch(&s, "www.example.org", &root)?;
+    ensure!(code == "503", "custom domain: {code:?}\n{verbose}");
+    ensure!(verbose.contains("Pebble Intermediate"), "{verbose}");
+    // Private machines get no certificate and no proxy: 403 (through a verified TLS
+    // connection, as web's certificate covers the name).
+    let m = s.json("alice", &["web", "web", "private"])?;
+    assert_eq!(m["web"], "private", "{m}");
+    let t0 = Instant::now();
+    loop {
+        let (code, _) = fetch(&s, &format!("web.{ZONE}"), &root)?;
+        if code == "403" {
+            break;
+        }
+        ensure!(
+            t0.elapsed() < Duration::from_secs(5),
+            "private: HTTP {code}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // Names without their own certificate keep the internal CA's wildcard, which
     // Pebble's root does not vouch for.
     let (code, _) = fetch(&s, &format!("nothing.{ZONE}"), &root)?;

@@ -158,12 +158,48 @@ fn api_commands_and_bad_input() -> Result<()> {
         (vec!["pause", "nope"], "not_found"),
         // Only a running machine can be paused (web has no VMM here: still creating).
         (vec!["pause", "web"], "invalid"),
+        (vec!["web", "web", "bogus"], "invalid"),
+        (vec!["web", "nope", "private"], "not_found"),
+        (vec!["domain", "add", "web", "x.boxd.test"], "invalid"),
+        (vec!["domain", "add", "web", "bad_domain.org"], "invalid"),
+        (vec!["domain", "add", "web", "localhost"], "invalid"),
+        (vec!["domain", "rm", "web", "www.nowhere.org"], "not_found"),
+        (
+            vec!["domain", "add", "nope", "www.example.com"],
+            "not_found",
+        ),
     ] {
         let (code, err, msg) = s.json_err("alice", &args)?;
         assert_eq!(err, want, "{args:?}: {msg}");
         assert_eq!(code, if want == "usage" { 2 } else { 1 }, "{args:?}");
         assert!(!msg.is_empty(), "{args:?}");
     }
+    // Web modes and domains: shown in info, a domain belongs to one machine.
+    let m = s.json("alice", &["web", "web"])?;
+    assert_eq!(
+        (m["web"].as_str(), m["url"].as_str()),
+        (Some("public"), Some("https://web.boxd.test")),
+        "{m}"
+    );
+    let m = s.json("alice", &["web", "web", "passthrough"])?;
+    assert_eq!(m["web"], "passthrough", "{m}");
+    let m = s.json("alice", &["domain", "add", "web", "WWW.Example.COM."])?;
+    assert_eq!(m["domains"], serde_json::json!(["www.example.com"]), "{m}");
+    let m = s.json("alice", &["domain", "add", "web", "www.example.com"])?;
+    assert_eq!(
+        m["domains"].as_array().map(Vec::len),
+        Some(1),
+        "adding twice is one"
+    );
+    let (_, err, _) = s.json_err("bob", &["domain", "add", "web", "www.example.com"])?;
+    assert_eq!(err, "not_found", "bob on alice's machine");
+    let m = s.json("alice", &["info", "web"])?;
+    assert_eq!(
+        (m["web"].as_str(), m["domains"][0].as_str()),
+        (Some("passthrough"), Some("www.example.com")),
+        "{m}"
+    );
+    s.json("alice", &["web", "web", "public"])?;
     let o = s.ssh("alice", &["frobnicate"])?;
     assert_eq!(o.status.code(), Some(2));
     assert!(

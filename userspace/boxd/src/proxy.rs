@@ -59,6 +59,19 @@ pub enum Route {
         why: String,
         retry: bool,
     },
+    /// A private machine: the proxy never reaches it (its owner does, through an SSH
+    /// tunnel, which `hint` says how to open).
+    Private {
+        name: String,
+        hint: String,
+    },
+    /// No TLS termination: the raw stream, chosen by the ClientHello's SNI before any
+    /// handshake, goes to `addr:443` (through `device`).
+    Passthrough {
+        name: String,
+        device: Option<String>,
+        addr: Ipv4Addr,
+    },
     /// A machine that is paused (or suspended): a request wakes it and waits, bounded
     /// by [`WAKE_TIMEOUT`], until it is a backend again.
     Asleep {
@@ -85,21 +98,36 @@ pub trait Waker: Send + Sync + 'static {
 /// `boxd proxy serve`).
 pub trait Router: Send + Sync + 'static {
     fn route(&self, host: &str) -> Route;
+    /// Whether any route is a passthrough (only then is every ClientHello peeked at
+    /// before the handshake).
+    fn any_passthrough(&self) -> bool {
+        false
+    }
 }
 
 /// Routes from a fixed table, swapped whole (what both routers are built on).
 #[derive(Default)]
 pub struct Table {
     routes: RwLock<Arc<HashMap<String, Route>>>,
+    passthrough: std::sync::atomic::AtomicBool,
 }
 
 impl Table {
     pub fn set(&self, routes: HashMap<String, Route>) {
+        let any = routes
+            .values()
+            .any(|r| matches!(r, Route::Passthrough { .. }));
         *self.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(routes);
+        self.passthrough
+            .store(any, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
 impl Router for Table {
+    fn any_passthrough(&self) -> bool {
+        self.passthrough.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn route(&self, host: &str) -> Route {
         let routes = self
             .routes
@@ -208,6 +236,18 @@ pub async fn serve(proxy: Arc<Proxy>, opts: &Options) -> anyhow::Result<()> {
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 let _permit = permit;
+                if proxy.router.any_passthrough()
+                    && let Ok(Some(name)) =
+                        tokio::time::timeout(HANDSHAKE_TIMEOUT, peek_sni(&stream)).await
+                    && let Route::Passthrough {
+                        name: machine,
+                        device,
+                        addr,
+                    } = proxy.router.route(&name)
+                {
+                    passthrough(stream, &machine, device, addr).await;
+                    return;
+                }
                 let Ok(Ok(tls)) =
                     tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
                 else {
@@ -245,6 +285,63 @@ pub async fn serve(proxy: Arc<Proxy>, opts: &Options) -> anyhow::Result<()> {
         }));
     }
     Ok(())
+}
+
+/// The server name of the ClientHello waiting on `stream`, read without consuming it
+/// (peeked, parsed by rustls), so the stream can still go anywhere whole.
+async fn peek_sni(stream: &tokio::net::TcpStream) -> Option<String> {
+    // A ClientHello fits in one TLS record: 16 KiB and its header.
+    let mut buf = vec![0u8; 16 * 1024 + 5];
+    let mut seen = 0;
+    for _ in 0..500 {
+        let n = stream.peek(&mut buf).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        if n != seen {
+            seen = n;
+            let mut acceptor = rustls::server::Acceptor::default();
+            let mut rd = &buf[..n];
+            while !rd.is_empty() {
+                if acceptor.read_tls(&mut rd).ok()? == 0 {
+                    break;
+                }
+            }
+            match acceptor.accept() {
+                Ok(Some(hello)) => {
+                    return hello
+                        .client_hello()
+                        .server_name()
+                        .map(|s| s.to_ascii_lowercase());
+                }
+                Ok(None) if n < buf.len() => {}
+                _ => return None,
+            }
+        }
+        // More of the ClientHello is on its way (peek returns what is there at once).
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    None
+}
+
+/// Joins a client's untouched TLS stream to the machine's port 443.
+async fn passthrough(
+    mut client: tokio::net::TcpStream,
+    name: &str,
+    device: Option<String>,
+    addr: Ipv4Addr,
+) {
+    let target = Target {
+        device,
+        addr,
+        ports: vec![443],
+    };
+    match target.connect().await {
+        Ok(mut machine) => {
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut machine).await;
+        }
+        Err(e) => tracing::debug!(machine = name, "passthrough: {e}"),
+    }
 }
 
 fn connection_builder() -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
@@ -534,6 +631,20 @@ impl Proxy {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
+                Route::Private { name, hint } => {
+                    return page(
+                        StatusCode::FORBIDDEN,
+                        "Private machine",
+                        &format!("{name} is private. Its owner reaches it with {hint}."),
+                    );
+                }
+                Route::Passthrough { name, .. } => {
+                    return page(
+                        StatusCode::MISDIRECTED_REQUEST,
+                        "Misdirected request",
+                        &format!("{name} serves its own TLS: connect with the server name {host}."),
+                    );
+                }
                 Route::NotFound => {
                     return page(
                         StatusCode::NOT_FOUND,
@@ -766,6 +877,17 @@ impl Target {
         }
         Err(last)
     }
+}
+
+/// A connection to `port` of the machine behind host port `device`.
+pub async fn connect_machine(device: &str, port: u16) -> Result<tokio::net::TcpStream, String> {
+    Target {
+        device: Some(device.to_string()),
+        addr: MACHINE_LINK_ADDR,
+        ports: vec![port],
+    }
+    .connect()
+    .await
 }
 
 /// Every machine's side of its link (docs/datapath.md).

@@ -34,6 +34,8 @@ use tokio::sync::watch;
 pub struct Want {
     pub name: String,
     pub names: Vec<String>,
+    /// How to prove them (custom domains always by HTTP-01: their DNS is not ours).
+    pub kind: ChallengeKind,
     /// When the stored ACME certificate expires (None: there is none).
     pub not_after_ms: Option<u64>,
 }
@@ -81,6 +83,8 @@ impl Backoff {
 /// Computes the wanted certificates on every state change and hands them to [`run`].
 pub struct WantReconciler {
     pub challenge: ChallengeKind,
+    /// The proxy serves plain HTTP (HTTP-01 possible, so custom domains get certificates).
+    pub http: bool,
     pub tx: watch::Sender<(NodeId, Vec<Want>)>,
 }
 
@@ -114,8 +118,9 @@ impl ChallengeKind {
     }
 }
 
-/// The certificates `state` calls for (see the module docs).
-pub fn wanted(state: &StateMachine, kind: ChallengeKind) -> Result<Vec<Want>, String> {
+/// The certificates `state` calls for (see the module docs); with `http`, also one per
+/// custom domain of a public machine.
+pub fn wanted(state: &StateMachine, kind: ChallengeKind, http: bool) -> Result<Vec<Want>, String> {
     let zone = match state.query(&Query::Setting { key: "zone".into() }) {
         Ok(QueryReply::Setting { value: Some(z) }) if !z.is_empty() => z,
         Ok(_) => return Ok(Vec::new()),
@@ -130,31 +135,38 @@ pub fn wanted(state: &StateMachine, kind: ChallengeKind) -> Result<Vec<Want>, St
         Ok(other) => return Err(format!("unexpected reply: {other:?}")),
         Err(e) => return Err(format!("read certificates: {e}")),
     };
-    let want = |name: String, names: Vec<String>| Want {
+    let want = |name: String, names: Vec<String>, kind| Want {
         not_after_ms: stored.get(&name).copied(),
         name,
         names,
+        kind,
     };
-    Ok(match kind {
-        ChallengeKind::Dns01 => {
-            let wildcard = format!("*.{zone}");
-            vec![want(wildcard.clone(), vec![zone, wildcard])]
+    let machines = match state.query(&Query::Machines { owner: None }) {
+        Ok(QueryReply::Machines { machines }) => machines,
+        Ok(other) => return Err(format!("unexpected reply: {other:?}")),
+        Err(e) => return Err(format!("read machines: {e}")),
+    };
+    let mut out = Vec::new();
+    if kind == ChallengeKind::Dns01 {
+        let wildcard = format!("*.{zone}");
+        out.push(want(wildcard.clone(), vec![zone.clone(), wildcard], kind));
+    }
+    for m in machines {
+        // Passthrough and private machines: the proxy terminates no TLS for them.
+        if m.web != boxd_control::types::WebMode::Public {
+            continue;
         }
-        ChallengeKind::Http01 => {
-            let machines = match state.query(&Query::Machines { owner: None }) {
-                Ok(QueryReply::Machines { machines }) => machines,
-                Ok(other) => return Err(format!("unexpected reply: {other:?}")),
-                Err(e) => return Err(format!("read machines: {e}")),
-            };
-            machines
-                .into_iter()
-                .map(|m| {
-                    let host = format!("{}.{zone}", m.name);
-                    want(host.clone(), vec![host])
-                })
-                .collect()
+        if kind == ChallengeKind::Http01 {
+            let host = format!("{}.{zone}", m.name);
+            out.push(want(host.clone(), vec![host], kind));
         }
-    })
+        if http {
+            for d in m.domains {
+                out.push(want(d.clone(), vec![d], ChallengeKind::Http01));
+            }
+        }
+    }
+    Ok(out)
 }
 
 impl Reconciler for WantReconciler {
@@ -163,7 +175,7 @@ impl Reconciler for WantReconciler {
     }
 
     fn reconcile(&mut self, state: &StateMachine, me: NodeId) -> Result<usize, String> {
-        let w = wanted(state, self.challenge)?;
+        let w = wanted(state, self.challenge, self.http)?;
         self.tx.send_if_modified(|cur| {
             let changed = cur.1 != w;
             *cur = (me, w);
@@ -177,7 +189,6 @@ impl Reconciler for WantReconciler {
 pub struct Manager {
     pub node: Arc<Node>,
     pub cfg: config::Acme,
-    pub kind: ChallengeKind,
     /// This node's DNS answers and proxy challenge table, to see a published answer
     /// arrive before the CA is told to look.
     pub authority: Option<Arc<Authority>>,
@@ -315,8 +326,8 @@ impl Manager {
     }
 
     /// Whether this node serves the answer yet.
-    fn served(&self, name: &str, value: &str) -> bool {
-        match self.kind {
+    fn served(&self, kind: ChallengeKind, name: &str, value: &str) -> bool {
+        match kind {
             ChallengeKind::Http01 => self.challenges.get(name).as_deref() == Some(value),
             ChallengeKind::Dns01 => {
                 use hickory_proto::rr::{DNSClass, LowerName, Name, RData, RecordType};
@@ -344,12 +355,10 @@ impl Manager {
             .await
             .with_context(|| format!("order a certificate for {}", w.names.join(", ")))?;
         let mut published: Vec<(String, String)> = Vec::new();
-        let res = self
-            .prove_and_finish(&mut order, &w.names, &mut published)
-            .await;
+        let res = self.prove_and_finish(&mut order, w, &mut published).await;
         for (name, value) in published {
             let cmd = Command::RemoveAcmeChallenge {
-                kind: self.kind.as_str().into(),
+                kind: w.kind.as_str().into(),
                 name,
                 value,
             };
@@ -374,10 +383,10 @@ impl Manager {
     async fn prove_and_finish(
         &self,
         order: &mut instant_acme::Order,
-        names: &[String],
+        w: &Want,
         published: &mut Vec<(String, String)>,
     ) -> Result<(String, String)> {
-        let kind = self.kind;
+        let kind = w.kind;
         let mut auths = order.authorizations();
         let mut n = 0;
         while let Some(a) = auths.next().await {
@@ -415,7 +424,7 @@ impl Manager {
             .await?;
             published.push((name.clone(), value.clone()));
             let deadline = Instant::now() + PUBLISH_TIMEOUT;
-            while !self.served(&name, &value) {
+            while !self.served(kind, &name, &value) {
                 if Instant::now() > deadline {
                     bail!(
                         "the challenge for {domain} was not served here within {PUBLISH_TIMEOUT:?}"
@@ -437,7 +446,7 @@ impl Manager {
         if status != OrderStatus::Ready {
             bail!("validation failed: {}", problems(order).await);
         }
-        let (csr, key_pem) = certs::csr(names)?;
+        let (csr, key_pem) = certs::csr(&w.names)?;
         order
             .finalize_csr(&csr)
             .await

@@ -8,6 +8,7 @@ use boxd_agent::proto::{ExitStatus, Kind, Pty, Request as AgentRequest, Resize, 
 use boxd_control::node::Node;
 use boxd_control::types::{
     AppError, Applied, Command, Machine, MachineSpec, MachineState, Query, QueryReply, UserInfo,
+    WebMode,
 };
 use clap::{Parser, Subcommand};
 use serde_json::{Value, json};
@@ -226,6 +227,20 @@ pub enum Verb {
         name: String,
         port: u16,
     },
+    /// How https://NAME.<zone> is served: `web NAME` shows it; `public` (TLS ends at
+    /// the proxy, HTTP to the machine), `private` (only you, through
+    /// `ssh -L 8080:NAME:80 -p PORT HOST`), `passthrough` (the raw TLS stream, chosen
+    /// by SNI, to the machine's port 443: bring your own certificate).
+    Web {
+        name: String,
+        mode: Option<String>,
+    },
+    /// Domains of your own served like NAME.<zone> (point their DNS at this server):
+    /// `domain add NAME www.example.com`, `domain rm NAME www.example.com`.
+    Domain {
+        #[command(subcommand)]
+        op: DomainOp,
+    },
     /// Your SSH keys: list, `keys add 'ssh-ed25519 AAAA... comment'`, `keys rm FINGERPRINT`.
     Keys {
         #[command(subcommand)]
@@ -259,6 +274,12 @@ pub enum KeysOp {
     Rm {
         fingerprint: String,
     },
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum DomainOp {
+    Add { name: String, domain: String },
+    Rm { name: String, domain: String },
 }
 
 /// How a gateway session enters a machine.
@@ -419,6 +440,9 @@ impl Api {
             "memory_mib": m.spec.memory_mib,
             "disk_gib": m.spec.disk_gib,
             "ports": m.ports,
+            "web": m.web.as_str(),
+            "domains": m.domains,
+            "url": (!self.cfg.zone.is_empty()).then(|| format!("https://{}.{}", m.name, self.cfg.zone)),
             "node": m.node,
             "created_ms": m.created_ms,
             "ssh": {
@@ -637,6 +661,76 @@ impl Api {
             } => {
                 let m = self.machine(caller, &name).await?;
                 self.console(&m, follow, bytes.min(1 << 20), json, io).await
+            }
+            Verb::Web { name, mode } => {
+                let m = match mode {
+                    None => self.machine(caller, &name).await?,
+                    Some(mode) => {
+                        let mode = WebMode::parse(&mode).ok_or_else(|| {
+                            ApiError::new(
+                                "invalid",
+                                format!("{mode:?}: use public, private or passthrough"),
+                            )
+                        })?;
+                        let cmd = Command::SetWeb {
+                            owner: caller.user.id.clone(),
+                            name: name.clone(),
+                            mode,
+                        };
+                        self.write(caller, cmd).await?;
+                        self.machine(caller, &name).await?
+                    }
+                };
+                let how = match m.web {
+                    WebMode::Public => {
+                        "public: TLS ends at the proxy, HTTP goes to the machine".to_string()
+                    }
+                    WebMode::Private => format!(
+                        "private: only you, through `ssh -p {} -L 8080:{}:80 {}` then http://localhost:8080",
+                        self.cfg.ssh_port(),
+                        m.name,
+                        self.cfg.ssh.public_host
+                    ),
+                    WebMode::Passthrough => {
+                        "passthrough: the TLS stream goes to the machine's port 443 untouched"
+                            .to_string()
+                    }
+                };
+                let text = format!("{name} is {how}\n");
+                self.emit(io, json, self.machine_json(&m), text).await
+            }
+            Verb::Domain { op } => {
+                let owner = caller.user.id.clone();
+                let (name, cmd) = match op {
+                    DomainOp::Add { name, domain } => (
+                        name.clone(),
+                        Command::AddDomain {
+                            owner,
+                            name,
+                            domain,
+                        },
+                    ),
+                    DomainOp::Rm { name, domain } => (
+                        name.clone(),
+                        Command::RemoveDomain {
+                            owner,
+                            name,
+                            domain,
+                        },
+                    ),
+                };
+                self.write(caller, cmd).await?;
+                let m = self.machine(caller, &name).await?;
+                let text = if m.domains.is_empty() {
+                    format!("{name} has no domains of its own\n")
+                } else {
+                    format!(
+                        "{name} answers for {} (point their DNS at {})\n",
+                        m.domains.join(", "),
+                        self.cfg.ssh.public_host
+                    )
+                };
+                self.emit(io, json, self.machine_json(&m), text).await
             }
             Verb::Expose { name, port } => self.expose(caller, name, port, true, json, io).await,
             Verb::Unexpose { name, port } => self.expose(caller, name, port, false, json, io).await,
@@ -943,6 +1037,20 @@ impl Api {
         }
         self.wait_ready(&m).await?;
         Ok(m)
+    }
+
+    /// A TCP connection to `port` of the caller's machine `name` (woken if paused),
+    /// over its host port: what `ssh -L` tunnels ride on.
+    pub async fn tunnel(
+        &self,
+        caller: &Caller,
+        name: &str,
+        port: u16,
+    ) -> Res<tokio::net::TcpStream> {
+        let m = self.running(caller, name).await?;
+        crate::proxy::connect_machine(&crate::reconcile::port_name(m.id), port)
+            .await
+            .map_err(|e| ApiError::new("unavailable", format!("{name} port {port}: {e}")))
     }
 
     async fn user(&self, caller: &Caller) -> Res<UserInfo> {

@@ -234,13 +234,13 @@ async fn run(cfg: Arc<Config>) -> Exit {
                 node.clone(),
                 acme::WantReconciler {
                     challenge: kind,
+                    http: !cfg.proxy.http.is_empty(),
                     tx,
                 },
             );
             let manager = acme::Manager {
                 node: node.clone(),
                 cfg: cfg.acme.clone(),
-                kind,
                 authority: dns_authority.clone(),
                 challenges: challenges.clone(),
                 account: None,

@@ -91,10 +91,14 @@ impl russh::server::Server for Server {
             pending: None,
             channels: HashMap::new(),
             ptys: HashMap::new(),
+            tunnels: Arc::new(Semaphore::new(TUNNELS_PER_CONNECTION)),
             _slot: self.slots.clone().try_acquire_owned().ok(),
         }
     }
 }
+
+/// Port forwards (`ssh -L`) one connection may have open at once.
+const TUNNELS_PER_CONNECTION: usize = 64;
 
 pub struct Handler {
     api: Arc<Api>,
@@ -106,6 +110,8 @@ pub struct Handler {
     pending: Option<(String, String)>,
     channels: HashMap<ChannelId, Channel<Msg>>,
     ptys: HashMap<ChannelId, Pty>,
+    /// `ssh -L` forwards open at once on this connection.
+    tunnels: Arc<Semaphore>,
     /// None when the server is at its connection limit: every request is refused.
     _slot: Option<OwnedSemaphorePermit>,
 }
@@ -238,6 +244,59 @@ impl russh::server::Handler for Handler {
         }
         self.channels.insert(channel.id(), channel);
         reply.accept().await;
+        Ok(())
+    }
+
+    /// `ssh -L LOCAL:NAME:PORT`: a TCP connection to port PORT of the caller's machine
+    /// NAME (or NAME.<zone>), woken if paused; how private machines are reached.
+    #[allow(clippy::too_many_arguments)]
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: russh::server::ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(caller) = self.caller.clone() else {
+            return Ok(()); // dropping the handle refuses the channel
+        };
+        let Ok(permit) = self.tunnels.clone().try_acquire_owned() else {
+            reply
+                .reject(russh::ChannelOpenFailure::ResourceShortage)
+                .await;
+            return Ok(());
+        };
+        let zone = format!(".{}", self.api.cfg.zone);
+        let host = host_to_connect.trim_end_matches('.').to_ascii_lowercase();
+        let name = host.strip_suffix(&zone).unwrap_or(&host).to_string();
+        let Ok(port) = u16::try_from(port_to_connect) else {
+            reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
+            return Ok(());
+        };
+        let api = self.api.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            match api.tunnel(&caller, &name, port).await {
+                Ok(mut tcp) => {
+                    reply.accept().await;
+                    let mut stream = channel.into_stream();
+                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
+                }
+                Err(e) => {
+                    tracing::info!(
+                        actor = caller.actor,
+                        machine = name,
+                        port,
+                        "tunnel refused: {}",
+                        e.message
+                    );
+                    reply.reject(russh::ChannelOpenFailure::ConnectFailed).await;
+                }
+            }
+        });
         Ok(())
     }
 

@@ -7,7 +7,7 @@ use anyhow::{Result, bail};
 use boxd_control::node::Node;
 use boxd_control::reconcile::Reconciler;
 use boxd_control::state::StateMachine;
-use boxd_control::types::{CertRow, Command, MachineState, NodeId, Query, QueryReply};
+use boxd_control::types::{CertRow, Command, MachineState, NodeId, Query, QueryReply, WebMode};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -178,6 +178,25 @@ impl Reconciler for WebReconciler {
                         },
                     }
                 };
+                let route = match m.web {
+                    WebMode::Public => route,
+                    WebMode::Private => Route::Private {
+                        name: m.name.clone(),
+                        hint: format!(
+                            "`{} -L 8080:{}:80` and then http://localhost:8080",
+                            self.ssh, m.name
+                        ),
+                    },
+                    WebMode::Passthrough => match route {
+                        Route::Backend {
+                            name, device, addr, ..
+                        } => Route::Passthrough { name, device, addr },
+                        other => other,
+                    },
+                };
+                for d in &m.domains {
+                    routes.insert(d.clone(), route.clone());
+                }
                 routes.insert(host, route);
             }
         }
