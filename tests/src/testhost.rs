@@ -429,6 +429,17 @@ fn wedge_diagnosis(dir: &Path, qemu_pid: u32) -> String {
     }
     let busy = cpu_ticks().saturating_sub(t0);
     let _ = std::fs::write(dir.join("wedge-cpus.txt"), dumps.join("\n=====\n"));
+    // The scratch folder goes with the retry: the evidence is kept beside it, under
+    // target/testhost/wedges/, for whoever looks into wedges next.
+    if let (Some(base), Some(run)) = (dir.parent(), dir.file_name()) {
+        let keep = base.join("wedges").join(run);
+        if std::fs::create_dir_all(&keep).is_ok() {
+            for f in ["wedge-cpus.txt", "console.log", "qemu.log"] {
+                let _ = std::fs::copy(dir.join(f), keep.join(f));
+            }
+            eprintln!("wedge evidence kept in {}", keep.display());
+        }
+    }
     let rips = |t: &str| -> Vec<String> {
         t.lines()
             .filter_map(|l| {

@@ -629,6 +629,102 @@ fn api_machines() -> Result<()> {
     assert_eq!(stdout(&o), "awake\n", "{}", stderr(&o));
     assert_eq!(s.json("alice", &["info", "app"])?["state"], "running");
 
+    // Private: the proxy answers 403 to everyone; the owner reaches the machine through
+    // an SSH tunnel (`ssh -L`), which the server forwards to the machine's port.
+    let m = s.json("alice", &["web", "app", "private"])?;
+    assert_eq!(m["web"], "private", "{m}");
+    let t0 = Instant::now();
+    while !stdout(&s.https_get(&host, &ca)?).contains("|403|") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "private machine still served"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let tunnel = |user: &str, local: u16| -> Result<boxd_tests::Killed> {
+        Ok(boxd_tests::Killed(
+            std::process::Command::new("ssh")
+                .args(s.ssh_opts(user))
+                .args(["-p", &s.port.to_string(), "-N", "-L"])
+                .arg(format!("127.0.0.1:{local}:app:80"))
+                .arg(format!("{user}@127.0.0.1"))
+                .stdin(std::process::Stdio::null())
+                .spawn()?,
+        ))
+    };
+    let get = |port: u16| {
+        std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "10"])
+            .arg(format!("http://127.0.0.1:{port}/"))
+            .output()
+    };
+    let _alice_tunnel = tunnel("alice", 18480)?;
+    let t0 = Instant::now();
+    let body = loop {
+        let o = get(18480)?;
+        if o.status.success() || t0.elapsed() > Duration::from_secs(20) {
+            break stdout(&o);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(body, "hello from app\n", "through alice's ssh -L tunnel");
+    let _bob_tunnel = tunnel("bob", 18481)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let o = get(18481)?;
+    assert!(
+        !stdout(&o).contains("hello"),
+        "bob tunnelled into alice's machine"
+    );
+
+    // Passthrough: the machine terminates TLS itself, with a certificate of its own
+    // that the proxy never sees (chosen by the ClientHello's server name).
+    let (cert, key) = (dir.join("app-own.pem"), dir.join("app-own.key"));
+    let o = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args(["-nodes", "-days", "2", "-subj", &format!("/CN={host}")])
+        .args(["-addext", &format!("subjectAltName=DNS:{host}")])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()?;
+    assert!(o.status.success(), "openssl: {}", stderr(&o));
+    for (file, to) in [(&cert, "/root/own.pem"), (&key, "/root/own.key")] {
+        let o = s.ssh_input(
+            "alice",
+            "alice",
+            &["exec", "app", "--", &format!("cat > {to}")],
+            &std::fs::read(file)?,
+            false,
+        )?;
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let o = s.ssh(
+        "alice",
+        &[
+            "exec",
+            "app",
+            "--",
+            "setsid nohup python3 /root/backend.py 443 app-tls 0.0.0.0 /root/own.pem /root/own.key >/dev/null 2>&1 &",
+        ],
+    )?;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m = s.json("alice", &["web", "app", "passthrough"])?;
+    assert_eq!(m["web"], "passthrough", "{m}");
+    let body = stdout(&s.https_until_ok(&host, &cert, Duration::from_secs(30))?);
+    assert!(
+        body.starts_with("hello from app-tls\n|200|"),
+        "HTTPS terminated by the machine itself: {body}"
+    );
+    s.json("alice", &["web", "app", "public"])?;
+
     // The in-VM CLI: no token; the host knows the machine by its vsock port.
     let o = s.ssh(
         "alice",
