@@ -165,6 +165,10 @@ pub struct Options {
     pub https: SocketAddr,
     pub http: Option<SocketAddr>,
     pub max_connections: usize,
+    /// Serving threads, each with its own event loop, listeners (SO_REUSEPORT) and
+    /// backend pool, as nginx runs a worker per core: a request and its backend call
+    /// never cross threads.
+    pub threads: usize,
 }
 
 pub struct Proxy {
@@ -172,7 +176,6 @@ pub struct Proxy {
     pub certs: Arc<Store>,
     pub challenges: Arc<Challenges>,
     pub waker: Option<Arc<dyn Waker>>,
-    client: Client<Connector, Body>,
     hsts: Option<HeaderValue>,
 }
 
@@ -184,17 +187,11 @@ impl Proxy {
         waker: Option<Arc<dyn Waker>>,
         hsts_max_age: u64,
     ) -> Arc<Self> {
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_max_idle_per_host(256)
-            .pool_timer(TokioTimer::new())
-            .build(Connector);
         Arc::new(Self {
             router,
             certs,
             challenges,
             waker,
-            client,
             hsts: (hsts_max_age > 0)
                 .then(|| HeaderValue::from_str(&format!("max-age={hsts_max_age}")).ok())
                 .flatten(),
@@ -202,20 +199,55 @@ impl Proxy {
     }
 }
 
+thread_local! {
+    /// Each serving thread's pool of backend connections (used only on that thread).
+    static CLIENT: std::cell::OnceCell<Client<Connector, Body>> =
+        const { std::cell::OnceCell::new() };
+}
+
+fn client() -> Client<Connector, Body> {
+    CLIENT.with(|c| {
+        c.get_or_init(|| {
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(30))
+                .pool_max_idle_per_host(256)
+                .pool_timer(TokioTimer::new())
+                .build(Connector)
+        })
+        .clone()
+    })
+}
+
+/// `n` listeners on `addr` sharing it through SO_REUSEPORT (the kernel spreads
+/// connections across them).
+fn listeners(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    (0..n)
+        .map(|_| {
+            let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            s.set_reuse_address(true)?;
+            s.set_reuse_port(true)?;
+            s.set_nonblocking(true)?;
+            s.bind(&addr.into())?;
+            s.listen(1024)?;
+            Ok(s.into())
+        })
+        .collect()
+}
+
 /// Binds the listeners (errors come back before anything is served), then serves them
-/// in the background.
+/// on `threads` threads of their own.
 pub async fn serve(proxy: Arc<Proxy>, opts: &Options) -> anyhow::Result<()> {
     use anyhow::Context;
-    let https = tokio::net::TcpListener::bind(opts.https)
-        .await
-        .with_context(|| {
-            format!(
-                "listen for HTTPS on {}: set [proxy] https to another address, or enabled = false",
-                opts.https
-            )
-        })?;
+    let threads = opts.threads.clamp(1, 256);
+    let https = listeners(opts.https, threads).with_context(|| {
+        format!(
+            "listen for HTTPS on {}: set [proxy] https to another address, or enabled = false",
+            opts.https
+        )
+    })?;
     let http = match opts.http {
-        Some(a) => Some(tokio::net::TcpListener::bind(a).await.with_context(|| {
+        Some(a) => Some(listeners(a, threads).with_context(|| {
             format!("listen for HTTP on {a}: set [proxy] http to another address")
         })?),
         None => None,
@@ -229,7 +261,59 @@ pub async fn serve(proxy: Arc<Proxy>, opts: &Options) -> anyhow::Result<()> {
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let slots = Arc::new(tokio::sync::Semaphore::new(opts.max_connections));
-    tokio::spawn(accept_loop(https, slots.clone(), {
+    let mut http = http.map(Vec::into_iter);
+    for (i, https) in https.into_iter().enumerate() {
+        let http = http.as_mut().and_then(Iterator::next);
+        let (proxy, acceptor, slots) = (proxy.clone(), acceptor.clone(), slots.clone());
+        std::thread::Builder::new()
+            .name(format!("proxy-{i}"))
+            .spawn(move || serve_thread(proxy, acceptor, slots, https, http))
+            .context("start a proxy thread")?;
+    }
+    Ok(())
+}
+
+/// One serving thread: its own single-threaded event loop over its own listeners.
+fn serve_thread(
+    proxy: Arc<Proxy>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    slots: Arc<tokio::sync::Semaphore>,
+    https: std::net::TcpListener,
+    http: Option<std::net::TcpListener>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("proxy thread: no event loop: {e}");
+            return;
+        }
+    };
+    rt.block_on(async move {
+        let (https, http) = match (
+            tokio::net::TcpListener::from_std(https),
+            http.map(tokio::net::TcpListener::from_std).transpose(),
+        ) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!("proxy thread: listener: {e}");
+                return;
+            }
+        };
+        serve_listeners(proxy, acceptor, slots, https, http).await;
+    });
+}
+
+async fn serve_listeners(
+    proxy: Arc<Proxy>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    slots: Arc<tokio::sync::Semaphore>,
+    https: tokio::net::TcpListener,
+    http: Option<tokio::net::TcpListener>,
+) {
+    let https = tokio::spawn(accept_loop(https, slots.clone(), {
         let proxy = proxy.clone();
         move |stream, peer, permit| {
             let proxy = proxy.clone();
@@ -258,12 +342,20 @@ pub async fn serve(proxy: Arc<Proxy>, opts: &Options) -> anyhow::Result<()> {
                     .1
                     .server_name()
                     .map(|s| s.to_ascii_lowercase());
+                // ALPN already chose the protocol: no sniffing of the first bytes.
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
                 let service = hyper::service::service_fn(move |req| {
                     let proxy = proxy.clone();
                     let sni = sni.clone();
                     async move { Ok::<_, std::convert::Infallible>(proxy.https(req, peer, sni).await) }
                 });
-                let _ = connection_builder()
+                let builder = connection_builder();
+                let builder = if h2 {
+                    builder.http2_only()
+                } else {
+                    builder.http1_only()
+                };
+                let _ = builder
                     .serve_connection_with_upgrades(TokioIo::new(tls), service)
                     .await;
             });
@@ -284,7 +376,8 @@ pub async fn serve(proxy: Arc<Proxy>, opts: &Options) -> anyhow::Result<()> {
             });
         }));
     }
-    Ok(())
+    // The loops run for the life of the process.
+    let _ = https.await;
 }
 
 /// The server name of the ClientHello waiting on `stream`, read without consuming it
@@ -348,6 +441,9 @@ fn connection_builder() -> hyper_util::server::conn::auto::Builder<TokioExecutor
     let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(TokioTimer::new())
+        // One buffer per response head and small body: over TLS that is one record
+        // and one write, not one per part.
+        .writev(false)
         .header_read_timeout(HEADER_TIMEOUT)
         .max_buf_size(MAX_HEADER_BYTES);
     b.http2()
@@ -754,7 +850,7 @@ impl Proxy {
             };
         }
         let req = Request::from_parts(parts, body.boxed());
-        match tokio::time::timeout(BACKEND_TIMEOUT, self.client.request(req)).await {
+        match tokio::time::timeout(BACKEND_TIMEOUT, client().request(req)).await {
             Err(_) => page(
                 StatusCode::GATEWAY_TIMEOUT,
                 "Timed out",
@@ -944,6 +1040,9 @@ pub enum ProxyCommand {
         http: Option<SocketAddr>,
         #[arg(long, default_value_t = 10_000)]
         max_connections: usize,
+        /// Serving threads (default: one per core).
+        #[arg(long)]
+        threads: Option<usize>,
     },
 }
 
@@ -956,7 +1055,9 @@ pub fn main(cmd: ProxyCommand) -> crate::Exit {
         https,
         http,
         max_connections,
+        threads,
     } = cmd;
+    let threads = threads.unwrap_or_else(crate::dns::default_threads);
     let text =
         std::fs::read_to_string(&routes).with_context(|| format!("read {}", routes.display()))?;
     let table: HashMap<String, String> = serde_json::from_str(&text).with_context(|| {
@@ -1006,6 +1107,7 @@ pub fn main(cmd: ProxyCommand) -> crate::Exit {
                 https,
                 http,
                 max_connections,
+                threads,
             },
         )
         .await?;

@@ -257,7 +257,10 @@ async fn run(cfg: Arc<Config>) -> Exit {
             table,
             certs,
             challenges,
-            Some(Arc::new(web::NodeWaker(node.clone()))),
+            Some(Arc::new(web::NodeWaker {
+                node: node.clone(),
+                rt: tokio::runtime::Handle::current(),
+            })),
             cfg.proxy.hsts_max_age,
         );
         let opts = crate::proxy::Options {
@@ -267,6 +270,7 @@ async fn run(cfg: Arc<Config>) -> Exit {
                 a => Some(a.parse().context("[proxy] http")?),
             },
             max_connections: cfg.proxy.max_connections,
+            threads: crate::dns::default_threads(),
         };
         crate::proxy::serve(proxy, &opts).await?;
         // Renewal: the internal certificates are checked twice a day.

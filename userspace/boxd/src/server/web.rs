@@ -207,7 +207,11 @@ impl Reconciler for WebReconciler {
 
 /// Wakes a sleeping machine for the proxy: the state goes back to running (audited as
 /// the proxy's doing), and the worker resumes the VMM.
-pub struct NodeWaker(pub Arc<Node>);
+pub struct NodeWaker {
+    pub node: Arc<Node>,
+    /// The server's runtime: the proxy's threads run event loops of their own.
+    pub rt: tokio::runtime::Handle,
+}
 
 impl crate::proxy::Waker for NodeWaker {
     fn wake(
@@ -215,17 +219,18 @@ impl crate::proxy::Waker for NodeWaker {
         owner: &str,
         name: &str,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>> {
-        let node = self.0.clone();
+        let node = self.node.clone();
         let cmd = Command::SetMachineState {
             owner: owner.to_string(),
             name: name.to_string(),
             state: MachineState::Running,
         };
-        Box::pin(async move {
+        let write = self.rt.spawn(async move {
             match node.write(node.request("proxy", cmd)).await {
                 Ok(r) => r.result.map(|_| ()).map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             }
-        })
+        });
+        Box::pin(async move { write.await.map_err(|e| e.to_string())? })
     }
 }
