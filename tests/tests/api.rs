@@ -628,6 +628,22 @@ fn api_machines() -> Result<()> {
     let o = s.ssh("alice", &["exec", "app", "--", "echo awake"])?;
     assert_eq!(stdout(&o), "awake\n", "{}", stderr(&o));
     assert_eq!(s.json("alice", &["info", "app"])?["state"], "running");
+    // So does the first packet to its public IPv4: the data path's wake event.
+    s.json("alice", &["pause", "app"])?;
+    let t0 = Instant::now();
+    let o = s.direct("alice", &ip, "echo woken by a packet")?;
+    assert_eq!(
+        stdout(&o),
+        "woken by a packet\n",
+        "direct ssh to a paused machine: {}",
+        stderr(&o)
+    );
+    eprintln!(
+        "paused machine answered ssh to its IPv4 after {:?}",
+        t0.elapsed()
+    );
+    assert!(s.log().contains("waking on traffic"), "{}", s.log());
+    assert_eq!(s.json("alice", &["info", "app"])?["state"], "running");
 
     // Private: the proxy answers 403 to everyone; the owner reaches the machine through
     // an SSH tunnel (`ssh -L`), which the server forwards to the machine's port.
@@ -722,6 +738,14 @@ fn api_machines() -> Result<()> {
     assert!(
         body.starts_with("hello from app-tls\n|200|"),
         "HTTPS terminated by the machine itself: {body}"
+    );
+    // Asleep and passthrough: the ClientHello waits unread in the socket while the
+    // machine wakes, then the stream is joined to it whole.
+    s.json("alice", &["pause", "app"])?;
+    let body = stdout(&s.https_get(&host, &cert)?);
+    assert!(
+        body.starts_with("hello from app-tls\n|200|"),
+        "passthrough to a paused machine: {body}"
     );
     s.json("alice", &["web", "app", "public"])?;
 

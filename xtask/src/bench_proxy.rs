@@ -45,15 +45,28 @@ pub fn proxy(seconds: f64) -> Result<()> {
     )?;
     std::fs::write(dir.join("index.html"), "x".repeat(1024))?;
     let d = dir.display();
+    // Two nginx instances: the backend on its own (as a machine is), and the peer
+    // proxy. Serving both from one instance would put the peer's backend hop inside its
+    // own worker processes, a shortcut boxd's proxy does not get.
+    let common = |name: &str| {
+        format!(
+            "worker_processes {cores};\npid {d}/{name}.pid;\nerror_log {d}/{name}-error.log;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/tmp;\n  proxy_temp_path {d}/tmp;\n\
+               fastcgi_temp_path {d}/tmp;\n  uwsgi_temp_path {d}/tmp;\n  scgi_temp_path {d}/tmp;\n"
+        )
+    };
+    std::fs::write(
+        dir.join("backend.conf"),
+        format!(
+            "{}  server {{ listen 127.0.0.1:{BACKEND}; root {d}; }}\n}}\n",
+            common("backend")
+        ),
+    )?;
     std::fs::write(
         dir.join("nginx.conf"),
         format!(
-            "worker_processes {cores};\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log;\n\
-             events {{ worker_connections 4096; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {d}/tmp;\n  proxy_temp_path {d}/tmp;\n\
-               fastcgi_temp_path {d}/tmp;\n  uwsgi_temp_path {d}/tmp;\n  scgi_temp_path {d}/tmp;\n\
-               upstream machine {{ server 127.0.0.1:{BACKEND}; keepalive 256; }}\n\
-               server {{ listen 127.0.0.1:{BACKEND}; root {d}; }}\n\
+            "{}  upstream machine {{ server 127.0.0.1:{BACKEND}; keepalive 256; }}\n\
                server {{\n    listen 127.0.0.1:{NGINX} ssl http2;\n    server_name {HOST};\n\
                  ssl_certificate {d}/cert.pem;\n    ssl_certificate_key {d}/key.pem;\n\
                  ssl_protocols TLSv1.2 TLSv1.3;\n\
@@ -61,7 +74,8 @@ pub fn proxy(seconds: f64) -> Result<()> {
                  location / {{\n      proxy_pass http://machine;\n      proxy_http_version 1.1;\n\
                    proxy_set_header Connection \"\";\n      proxy_set_header Host $host;\n\
                    proxy_set_header X-Forwarded-For $remote_addr;\n\
-                   proxy_set_header X-Forwarded-Proto https;\n      proxy_buffering off;\n    }}\n  }}\n}}\n"
+                   proxy_set_header X-Forwarded-Proto https;\n      proxy_buffering off;\n    }}\n  }}\n}}\n",
+            common("nginx")
         ),
     )?;
     std::fs::create_dir_all(dir.join("tmp"))?;
@@ -70,15 +84,19 @@ pub fn proxy(seconds: f64) -> Result<()> {
         format!("{{\"{HOST}\": \"127.0.0.1:{BACKEND}\"}}"),
     )?;
     std::fs::write(dir.join("hosts"), format!("127.0.0.1 localhost {HOST}\n"))?;
-    let _nginx = Killed(
-        Command::new("nginx")
-            .args(["-g", "daemon off;", "-c"])
-            .arg(dir.join("nginx.conf"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("start nginx (package nginx-light)")?,
-    );
+    let nginx = |conf: &str| -> Result<Killed> {
+        Ok(Killed(
+            Command::new("nginx")
+                .args(["-g", "daemon off;", "-c"])
+                .arg(dir.join(conf))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("start nginx (package nginx-light)")?,
+        ))
+    };
+    let _backend = nginx("backend.conf")?;
+    let _nginx = nginx("nginx.conf")?;
     let _ours = Killed(
         Command::new(boxd_tests::target_dir().join("release/boxd"))
             .args(["proxy", "serve", "--routes"])

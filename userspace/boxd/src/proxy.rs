@@ -73,10 +73,12 @@ pub enum Route {
         addr: Ipv4Addr,
     },
     /// A machine that is paused (or suspended): a request wakes it and waits, bounded
-    /// by [`WAKE_TIMEOUT`], until it is a backend again.
+    /// by [`WAKE_TIMEOUT`], until it is a backend again (a passthrough one: until its
+    /// TLS stream can be joined, the ClientHello still unread in the socket).
     Asleep {
         name: String,
         owner: String,
+        passthrough: bool,
     },
     NotFound,
 }
@@ -114,9 +116,16 @@ pub struct Table {
 
 impl Table {
     pub fn set(&self, routes: HashMap<String, Route>) {
-        let any = routes
-            .values()
-            .any(|r| matches!(r, Route::Passthrough { .. }));
+        let any = routes.values().any(|r| {
+            matches!(
+                r,
+                Route::Passthrough { .. }
+                    | Route::Asleep {
+                        passthrough: true,
+                        ..
+                    }
+            )
+        });
         *self.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(routes);
         self.passthrough
             .store(any, std::sync::atomic::Ordering::Relaxed);
@@ -180,6 +189,32 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// Wakes a sleeping machine and waits (bounded) until `host` routes elsewhere: the
+    /// new route, or why not.
+    async fn wake(&self, host: &str, owner: &str, name: &str) -> Result<Route, String> {
+        let Some(waker) = &self.waker else {
+            return Err(format!("{name} is asleep."));
+        };
+        tracing::info!(machine = name, "waking for a request");
+        waker
+            .wake(owner, name)
+            .await
+            .map_err(|e| format!("{name} is asleep and could not be woken: {e}"))?;
+        let deadline = std::time::Instant::now() + WAKE_TIMEOUT;
+        loop {
+            let route = self.router.route(host);
+            if !matches!(route, Route::Asleep { .. }) {
+                return Ok(route);
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!(
+                    "{name} did not wake within {WAKE_TIMEOUT:?}; try again."
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn new(
         router: Arc<dyn Router>,
         certs: Arc<Store>,
@@ -321,16 +356,29 @@ async fn serve_listeners(
             tokio::spawn(async move {
                 let _permit = permit;
                 if proxy.router.any_passthrough()
-                    && let Ok(Some(name)) =
+                    && let Ok(Some(host)) =
                         tokio::time::timeout(HANDSHAKE_TIMEOUT, peek_sni(&stream)).await
-                    && let Route::Passthrough {
-                        name: machine,
-                        device,
-                        addr,
-                    } = proxy.router.route(&name)
                 {
-                    passthrough(stream, &machine, device, addr).await;
-                    return;
+                    let mut route = proxy.router.route(&host);
+                    if let Route::Asleep {
+                        name,
+                        owner,
+                        passthrough: true,
+                    } = &route
+                    {
+                        // Nothing is read yet: the ClientHello waits in the socket.
+                        match proxy.wake(&host, owner, name).await {
+                            Ok(r) => route = r,
+                            Err(why) => {
+                                tracing::info!("passthrough: {why}");
+                                return;
+                            }
+                        }
+                    }
+                    if let Route::Passthrough { name, device, addr } = route {
+                        passthrough(stream, &name, device, addr).await;
+                        return;
+                    }
                 }
                 let Ok(Ok(tls)) =
                     tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
@@ -691,41 +739,26 @@ impl Proxy {
                 &format!("This connection is for {sni}; open a new one for {host}."),
             );
         }
-        let deadline = std::time::Instant::now() + WAKE_TIMEOUT;
-        let mut woken = false;
-        let (name, device, addr, ports) = loop {
-            break match self.router.route(&host) {
-                Route::Asleep { name, owner } => {
-                    let Some(waker) = &self.waker else {
-                        return page(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "Machine asleep",
-                            &format!("{name} is asleep."),
-                        );
-                    };
-                    if !woken {
-                        woken = true;
-                        tracing::info!(machine = name, "waking for a request");
-                        if let Err(e) = waker.wake(&owner, &name).await {
-                            return page(
-                                StatusCode::SERVICE_UNAVAILABLE,
-                                "Machine asleep",
-                                &format!("{name} is asleep and could not be woken: {e}"),
-                            );
-                        }
-                    }
-                    if std::time::Instant::now() > deadline {
-                        let mut r = page(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "Machine waking",
-                            &format!("{name} did not wake within {WAKE_TIMEOUT:?}; try again."),
-                        );
-                        r.headers_mut()
-                            .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-                        return r;
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
+        let mut route = self.router.route(&host);
+        if let Route::Asleep { name, owner, .. } = &route {
+            route = match self.wake(&host, owner, name).await {
+                Ok(r) => r,
+                Err(why) => {
+                    let mut r = page(StatusCode::SERVICE_UNAVAILABLE, "Machine asleep", &why);
+                    r.headers_mut()
+                        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                    return r;
+                }
+            };
+        }
+        let (name, device, addr, ports) = {
+            match route {
+                Route::Asleep { name, .. } => {
+                    return page(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "Machine asleep",
+                        &format!("{name} is asleep."),
+                    );
                 }
                 Route::Private { name, hint } => {
                     return page(
@@ -766,7 +799,7 @@ impl Proxy {
                     addr,
                     ports,
                 } => (name, device, addr, ports),
-            };
+            }
         };
         let websocket = is_websocket(&req);
         let upgrade = websocket.then(|| hyper::upgrade::on(&mut req));

@@ -460,8 +460,59 @@ async fn network(cfg: &Config, node: &Arc<Node>, uplink: &str) -> Result<PathBuf
     for w in &rep.warnings {
         tracing::warn!("data path: {w}");
     }
-    boxd_control::reconcile::spawn(node.clone(), crate::reconcile::BpfMaps { pin });
+    boxd_control::reconcile::spawn(node.clone(), crate::reconcile::BpfMaps { pin: pin.clone() });
+    match boxd_datapath::events::subscribe(&pin) {
+        Ok(sub) => wake_on_traffic(node.clone(), sub),
+        Err(e) => tracing::warn!(
+            "wake events not followed (a paused machine wakes on HTTPS, exec, ssh or start, not on its IPv4's first packet): {e:#}"
+        ),
+    }
     Ok(control)
+}
+
+/// The data path raises an event when traffic arrives for a machine that is not
+/// running (the router, for its public IPv4; the SNI parser, for its domain): a paused
+/// machine is woken (the state goes back to running, audited as `datapath`; the worker
+/// resumes it). The packet itself waits in the machine's queue or is retransmitted.
+fn wake_on_traffic(node: Arc<Node>, sub: boxd_datapath::events::Subscription) {
+    let rt = tokio::runtime::Handle::current();
+    let spawned = std::thread::Builder::new()
+        .name("wake-events".into())
+        .spawn(move || {
+            loop {
+                let Some(w) = sub.recv_timeout(Duration::from_millis(500)) else {
+                    continue;
+                };
+                if w.state != "paused" {
+                    continue;
+                }
+                let n = node.clone();
+                rt.spawn(async move {
+                    let machines = match n.read(Query::Machines { owner: None }, false).await {
+                        Ok(QueryReply::Machines { machines }) => machines,
+                        _ => return,
+                    };
+                    let Some(m) = machines
+                        .into_iter()
+                        .find(|m| m.id == u64::from(w.vm_id) && m.state == boxd_control::types::MachineState::Paused)
+                    else {
+                        return;
+                    };
+                    tracing::info!(machine = m.name, reason = w.reason, public = %w.public, "waking on traffic");
+                    let cmd = Command::SetMachineState {
+                        owner: m.owner,
+                        name: m.name.clone(),
+                        state: boxd_control::types::MachineState::Running,
+                    };
+                    if let Err(e) = n.write(n.request("datapath", cmd)).await {
+                        tracing::warn!(machine = m.name, "wake on traffic: {e}");
+                    }
+                });
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("wake events not followed: {e}");
+    }
 }
 
 /// Starts `boxd net serve` on `control` (it outlives this process on purpose: running

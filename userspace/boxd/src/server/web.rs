@@ -175,6 +175,7 @@ impl Reconciler for WebReconciler {
                         MachineState::Paused | MachineState::Suspended => Route::Asleep {
                             name: m.name.clone(),
                             owner: m.owner.clone(),
+                            passthrough: m.web == WebMode::Passthrough,
                         },
                     }
                 };
