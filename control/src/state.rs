@@ -611,8 +611,30 @@ fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
             spec,
             parent,
         } => create_machine(tx, owner, name, spec, parent, now),
+        Command::WakeMachine { owner, name } => {
+            let m = need_machine(tx, owner, name)?;
+            if m.state != MachineState::Paused {
+                // Stopped, suspended or already running: traffic changes nothing.
+                return Ok(Applied::Machine(m));
+            }
+            exec(
+                tx,
+                "UPDATE machines SET state = 'running' WHERE name = ?1",
+                [name],
+            )
+            .map_err(sql)?;
+            Ok(Applied::Machine(need_machine(tx, owner, name)?))
+        }
         Command::SetMachineState { owner, name, state } => {
             let m = need_machine(tx, owner, name)?;
+            if *state == MachineState::Paused
+                && !matches!(m.state, MachineState::Running | MachineState::Paused)
+            {
+                return Err(AppError::Invalid(format!(
+                    "{name} is {}; only a running machine can be paused",
+                    m.state.as_str()
+                )));
+            }
             let active = |s: MachineState| {
                 matches!(
                     s,
@@ -733,6 +755,20 @@ fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
             if m.domains.len() >= MAX_DOMAINS {
                 return Err(AppError::QuotaExceeded(format!(
                     "{name} already has {MAX_DOMAINS} domains; remove one first"
+                )));
+            }
+            // Each domain may cost an ACME order on the cluster's account: bounded per
+            // owner too, not only per machine.
+            let owned: u64 = row1(
+                tx,
+                "SELECT COUNT(*) FROM domains d JOIN machines m ON m.name = d.machine WHERE m.owner = ?1",
+                [owner],
+                |r| r.get(0),
+            )
+            .map_err(sql)?;
+            if owned >= MAX_DOMAINS_PER_OWNER {
+                return Err(AppError::QuotaExceeded(format!(
+                    "you already have {MAX_DOMAINS_PER_OWNER} domains; remove one first"
                 )));
             }
             exec(
@@ -1574,8 +1610,9 @@ pub fn query(db: &Connection, q: &Query) -> rusqlite::Result<QueryReply> {
     })
 }
 
-/// Custom domains one machine may have.
+/// Custom domains one machine, and one owner, may have.
 const MAX_DOMAINS: usize = 10;
+const MAX_DOMAINS_PER_OWNER: u64 = 20;
 
 /// How long an ACME challenge may be published for, and how many at once.
 const MAX_CHALLENGE_MS: u64 = 60 * 60 * 1000;
@@ -2308,6 +2345,39 @@ mod tests {
                 name: "b1".into(),
                 domain: "nope.example.com".into(),
             },
+            // Only a running machine pauses; a wake moves only a paused one.
+            Command::SetMachineState {
+                owner: "bob".into(),
+                name: "b1".into(),
+                state: MachineState::Paused,
+            },
+            Command::WakeMachine {
+                owner: "bob".into(),
+                name: "b1".into(),
+            },
+            Command::SetMachineState {
+                owner: "bob".into(),
+                name: "b1".into(),
+                state: MachineState::Running,
+            },
+            Command::SetMachineState {
+                owner: "bob".into(),
+                name: "b1".into(),
+                state: MachineState::Paused,
+            },
+            Command::WakeMachine {
+                owner: "bob".into(),
+                name: "b1".into(),
+            },
+            Command::SetMachineState {
+                owner: "bob".into(),
+                name: "b1".into(),
+                state: MachineState::Stopped,
+            },
+            Command::WakeMachine {
+                owner: "bob".into(),
+                name: "b1".into(),
+            },
         ];
         let entries: Vec<Entry> = cmds
             .into_iter()
@@ -2346,7 +2416,14 @@ mod tests {
                 "ok",
                 "ok",
                 "ok",
-                "not_found"
+                "not_found",
+                "invalid",
+                "ok",
+                "ok",
+                "ok",
+                "ok",
+                "ok",
+                "ok"
             ]
         );
         let Ok(QueryReply::Machines { machines }) = sm.query(&Query::Machines { owner: None })
@@ -2356,6 +2433,8 @@ mod tests {
         assert_eq!(machines.len(), 1);
         assert_eq!(machines[0].domains, ["www.example.com"]);
         assert_eq!(machines[0].web, WebMode::Public);
+        // The last wake found it stopped and left it so.
+        assert_eq!(machines[0].state, MachineState::Stopped);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -185,6 +185,12 @@ pub enum Command {
         /// `internal` (our CA) or `acme`.
         issuer: String,
     },
+    /// Traffic for a paused machine: back to running, and only from paused (a machine
+    /// stopped or suspended meanwhile stays so; anonymous traffic never boots one).
+    WakeMachine {
+        owner: String,
+        name: String,
+    },
     /// How the proxy serves a machine (see [`WebMode`]).
     SetWeb {
         owner: String,
@@ -257,6 +263,7 @@ impl Command {
             Command::PutCertificate { .. } => "put_certificate",
             Command::PutAcmeChallenge { .. } => "put_acme_challenge",
             Command::SetWeb { .. } => "set_web",
+            Command::WakeMachine { .. } => "wake_machine",
             Command::AddDomain { .. } => "add_domain",
             Command::RemoveDomain { .. } => "remove_domain",
             Command::RemoveAcmeChallenge { .. } => "remove_acme_challenge",

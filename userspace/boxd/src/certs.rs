@@ -181,6 +181,12 @@ impl Store {
                 }
                 continue;
             }
+            // An expired certificate is never served: a name without one falls back to
+            // the zone's wildcard (an exact match would otherwise shadow it).
+            if r.not_after_ms <= now_ms() {
+                errors.push(format!("certificate {} has expired; not served", r.name));
+                continue;
+            }
             match certified_key(&r.name, &r.cert_pem, &r.key_pem) {
                 Ok(k) => {
                     let k = Arc::new(k);

@@ -185,6 +185,8 @@ pub struct Proxy {
     pub certs: Arc<Store>,
     pub challenges: Arc<Challenges>,
     pub waker: Option<Arc<dyn Waker>>,
+    /// Machines a wake write is in flight for.
+    waking: std::sync::Mutex<std::collections::HashSet<String>>,
     hsts: Option<HeaderValue>,
 }
 
@@ -195,12 +197,30 @@ impl Proxy {
         let Some(waker) = &self.waker else {
             return Err(format!("{name} is asleep."));
         };
-        tracing::info!(machine = name, "waking for a request");
-        waker
-            .wake(owner, name)
-            .await
-            .map_err(|e| format!("{name} is asleep and could not be woken: {e}"))?;
         let deadline = std::time::Instant::now() + WAKE_TIMEOUT;
+        // One wake write per machine at a time, however many requests are waiting.
+        let first = self
+            .waking
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string());
+        if first {
+            tracing::info!(machine = name, "waking for a request");
+            let res = tokio::time::timeout(WAKE_TIMEOUT, waker.wake(owner, name)).await;
+            self.waking
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(name);
+            match res {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(format!("{name} is asleep and could not be woken: {e}")),
+                Err(_) => {
+                    return Err(format!(
+                        "{name} is asleep and the wake was not recorded within {WAKE_TIMEOUT:?}"
+                    ));
+                }
+            }
+        }
         loop {
             let route = self.router.route(host);
             if !matches!(route, Route::Asleep { .. }) {
@@ -227,6 +247,7 @@ impl Proxy {
             certs,
             challenges,
             waker,
+            waking: Default::default(),
             hsts: (hsts_max_age > 0)
                 .then(|| HeaderValue::from_str(&format!("max-age={hsts_max_age}")).ok())
                 .flatten(),
@@ -257,6 +278,9 @@ fn client() -> Client<Connector, Body> {
 /// connections across them).
 fn listeners(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
     use socket2::{Domain, Protocol, Socket, Type};
+    // A plain bind first: an address another process holds (even one that shares it
+    // through SO_REUSEPORT) is an error here, not a silent split of the connections.
+    drop(std::net::TcpListener::bind(addr)?);
     (0..n)
         .map(|_| {
             let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
@@ -355,9 +379,11 @@ async fn serve_listeners(
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
                 let _permit = permit;
+                // One deadline for the peek and the handshake together.
+                let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
                 if proxy.router.any_passthrough()
                     && let Ok(Some(host)) =
-                        tokio::time::timeout(HANDSHAKE_TIMEOUT, peek_sni(&stream)).await
+                        tokio::time::timeout_at(deadline, peek_sni(&stream)).await
                 {
                     let mut route = proxy.router.route(&host);
                     if let Route::Asleep {
@@ -380,8 +406,7 @@ async fn serve_listeners(
                         return;
                     }
                 }
-                let Ok(Ok(tls)) =
-                    tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                let Ok(Ok(tls)) = tokio::time::timeout_at(deadline, acceptor.accept(stream)).await
                 else {
                     return;
                 };

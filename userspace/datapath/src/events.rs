@@ -49,6 +49,14 @@ impl Wake {
     }
 }
 
+/// What [`Subscription::next`] found.
+#[derive(Debug)]
+pub enum Next {
+    Event(Wake),
+    Timeout,
+    Closed,
+}
+
 /// A running subscription; dropping it stops the reader thread.
 pub struct Subscription {
     rx: Receiver<Wake>,
@@ -61,6 +69,15 @@ impl Subscription {
     /// The next event, waiting at most `timeout`.
     pub fn recv_timeout(&self, timeout: Duration) -> Option<Wake> {
         self.rx.recv_timeout(timeout).ok()
+    }
+    /// The next event, a timeout, or the end of the stream (the reader thread is gone:
+    /// nothing will ever come, so a loop over this must stop rather than spin).
+    pub fn next(&self, timeout: Duration) -> Next {
+        match self.rx.recv_timeout(timeout) {
+            Ok(w) => Next::Event(w),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Next::Timeout,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Next::Closed,
+        }
     }
     /// Events lost because this subscriber fell more than [`QUEUE`] behind.
     pub fn dropped(&self) -> u64 {

@@ -40,8 +40,10 @@ pub struct Want {
     pub not_after_ms: Option<u64>,
 }
 
-/// How long an order may take, challenges included.
+/// How long the CA may take to validate, and then to issue.
 const ORDER_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long one whole order may take (account, challenges, validation, issuance).
+const ORDER_LIMIT: Duration = Duration::from_secs(5 * 60);
 /// How long a published challenge answer may take to reach this node's DNS or proxy.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Orders at most this many certificates per pass (the rest wait for the next one).
@@ -217,13 +219,32 @@ impl Manager {
                 .collect();
             if leader {
                 for w in due {
+                    // Leadership can move during a pass: two nodes never order at once.
+                    if self.node.status().leader != Some(me) {
+                        break;
+                    }
                     let started = Instant::now();
-                    let res =
-                        tokio::time::timeout(ORDER_TIMEOUT + PUBLISH_TIMEOUT, self.obtain(&w))
-                            .await
-                            .unwrap_or_else(|_| {
-                                Err(anyhow!("the order took over {ORDER_TIMEOUT:?}"))
-                            });
+                    let mut published = Vec::new();
+                    let res = tokio::time::timeout(ORDER_LIMIT, self.obtain(&w, &mut published))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(anyhow!(
+                                "the order did not finish within {} minutes",
+                                ORDER_LIMIT.as_secs() / 60
+                            ))
+                        });
+                    // Answers published for the order are withdrawn whatever became of
+                    // it (they would expire within the hour anyway).
+                    for (name, value) in published {
+                        let cmd = Command::RemoveAcmeChallenge {
+                            kind: w.kind.as_str().into(),
+                            name,
+                            value,
+                        };
+                        if let Err(e) = self.write(cmd).await {
+                            tracing::debug!("remove a spent challenge: {e:#}");
+                        }
+                    }
                     match res {
                         Ok(not_after_ms) => {
                             self.backoff.succeeded(&w.name);
@@ -347,26 +368,14 @@ impl Manager {
     }
 
     /// Runs one order to the end; stores the certificate; returns its expiry.
-    async fn obtain(&mut self, w: &Want) -> Result<u64> {
+    async fn obtain(&mut self, w: &Want, published: &mut Vec<(String, String)>) -> Result<u64> {
         let account = self.account().await?;
         let ids: Vec<Identifier> = w.names.iter().cloned().map(Identifier::Dns).collect();
         let mut order = account
             .new_order(&NewOrder::new(&ids))
             .await
             .with_context(|| format!("order a certificate for {}", w.names.join(", ")))?;
-        let mut published: Vec<(String, String)> = Vec::new();
-        let res = self.prove_and_finish(&mut order, w, &mut published).await;
-        for (name, value) in published {
-            let cmd = Command::RemoveAcmeChallenge {
-                kind: w.kind.as_str().into(),
-                name,
-                value,
-            };
-            if let Err(e) = self.write(cmd).await {
-                tracing::debug!("remove a spent challenge (it expires anyway): {e:#}");
-            }
-        }
-        let (chain, key_pem) = res?;
+        let (chain, key_pem) = self.prove_and_finish(&mut order, w, published).await?;
         let not_after_ms = certs::not_after_ms(&chain)?;
         certs::certified_key(&w.name, &chain, &key_pem)?;
         self.write(Command::PutCertificate {

@@ -228,9 +228,10 @@ pub enum Verb {
         port: u16,
     },
     /// How https://NAME.<zone> is served: `web NAME` shows it; `public` (TLS ends at
-    /// the proxy, HTTP to the machine), `private` (only you, through
-    /// `ssh -L 8080:NAME:80 -p PORT HOST`), `passthrough` (the raw TLS stream, chosen
-    /// by SNI, to the machine's port 443: bring your own certificate).
+    /// the proxy, HTTP to the machine), `private` (the proxy serves it to nobody; you
+    /// reach it through `ssh -L 8080:NAME:80 -p PORT HOST`; the machine's own public
+    /// IPv4 is as open as its firewall), `passthrough` (the raw TLS stream, chosen by
+    /// SNI, to the machine's port 443: bring your own certificate).
     Web {
         name: String,
         mode: Option<String>,
@@ -686,7 +687,7 @@ impl Api {
                         "public: TLS ends at the proxy, HTTP goes to the machine".to_string()
                     }
                     WebMode::Private => format!(
-                        "private: only you, through `ssh -p {} -L 8080:{}:80 {}` then http://localhost:8080",
+                        "private: the proxy serves it to nobody; you reach it through `ssh -p {} -L 8080:{}:80 {}` then http://localhost:8080 (its own public IPv4 is as open as its firewall)",
                         self.cfg.ssh_port(),
                         m.name,
                         self.cfg.ssh.public_host

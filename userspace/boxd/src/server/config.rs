@@ -315,6 +315,9 @@ impl Config {
                 "http-01" if !self.proxy.enabled || self.proxy.http.is_empty() => bail!(
                     "[acme] challenge = \"http-01\" needs the proxy's plain-HTTP port: set [proxy] http, or use \"dns-01\""
                 ),
+                "http-01" if self.dns.records == crate::dns::RecordTarget::Machine => bail!(
+                    "[acme] challenge = \"http-01\" needs names to point at the proxy, but [dns] records = \"machine\" points them at the machines: use records = \"proxy\" or challenge = \"dns-01\""
+                ),
                 "dns-01" | "http-01" => {}
                 other => bail!("[acme] challenge = {other:?}: use \"dns-01\" or \"http-01\""),
             }
@@ -455,6 +458,10 @@ mod tests {
             (
                 "[acme]\ndirectory = \"https://ca/dir\"\nca_root = \"/nonexistent.pem\"",
                 "ca_root",
+            ),
+            (
+                "[dns]\nrecords = \"machine\"\n[acme]\ndirectory = \"https://ca/dir\"\nchallenge = \"http-01\"",
+                "records",
             ),
         ] {
             let e = format!("{:#}", parse(text).unwrap_err());

@@ -480,8 +480,15 @@ fn wake_on_traffic(node: Arc<Node>, sub: boxd_datapath::events::Subscription) {
         .name("wake-events".into())
         .spawn(move || {
             loop {
-                let Some(w) = sub.recv_timeout(Duration::from_millis(500)) else {
-                    continue;
+                let w = match sub.next(Duration::from_millis(500)) {
+                    boxd_datapath::events::Next::Event(w) => w,
+                    boxd_datapath::events::Next::Timeout => continue,
+                    boxd_datapath::events::Next::Closed => {
+                        tracing::warn!(
+                            "the data path's wake events ended: paused machines now wake on HTTPS, exec, ssh or start only"
+                        );
+                        return;
+                    }
                 };
                 if w.state != "paused" {
                     continue;
@@ -499,10 +506,9 @@ fn wake_on_traffic(node: Arc<Node>, sub: boxd_datapath::events::Subscription) {
                         return;
                     };
                     tracing::info!(machine = m.name, reason = w.reason, public = %w.public, "waking on traffic");
-                    let cmd = Command::SetMachineState {
+                    let cmd = Command::WakeMachine {
                         owner: m.owner,
                         name: m.name.clone(),
-                        state: boxd_control::types::MachineState::Running,
                     };
                     if let Err(e) = n.write(n.request("datapath", cmd)).await {
                         tracing::warn!(machine = m.name, "wake on traffic: {e}");

@@ -92,6 +92,7 @@ impl russh::server::Server for Server {
             channels: HashMap::new(),
             ptys: HashMap::new(),
             tunnels: Arc::new(Semaphore::new(TUNNELS_PER_CONNECTION)),
+            gone: tokio::sync::watch::channel(()).0,
             _slot: self.slots.clone().try_acquire_owned().ok(),
         }
     }
@@ -112,6 +113,8 @@ pub struct Handler {
     ptys: HashMap<ChannelId, Pty>,
     /// `ssh -L` forwards open at once on this connection.
     tunnels: Arc<Semaphore>,
+    /// Dropped with the connection: its tunnels end then too.
+    gone: tokio::sync::watch::Sender<()>,
     /// None when the server is at its connection limit: every request is refused.
     _slot: Option<OwnedSemaphorePermit>,
 }
@@ -277,13 +280,17 @@ impl russh::server::Handler for Handler {
             return Ok(());
         };
         let api = self.api.clone();
+        let mut gone = self.gone.subscribe();
         tokio::spawn(async move {
             let _permit = permit;
             match api.tunnel(&caller, &name, port).await {
                 Ok(mut tcp) => {
                     reply.accept().await;
                     let mut stream = channel.into_stream();
-                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp).await;
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut stream, &mut tcp) => {}
+                        _ = gone.changed() => {}
+                    }
                 }
                 Err(e) => {
                     tracing::info!(

@@ -65,7 +65,9 @@ pub async fn ensure_certificates(node: &Node, zone: &str) -> Result<()> {
     // internal one would be a step down for every client that does not trust our CA).
     let fresh = current.is_some_and(|r| {
         if r.issuer == "acme" {
-            r.not_after_ms > boxd_control::node::now_ms()
+            // Replaced by an internal one only in its last 13 hours (this runs every
+            // 12), so the zone is never served an expired certificate.
+            r.not_after_ms > boxd_control::node::now_ms() + 13 * 3_600_000
         } else {
             !certs::due(r.not_after_ms) && ca_row.is_some()
         }
@@ -172,11 +174,18 @@ impl Reconciler for WebReconciler {
                             ),
                             false,
                         ),
-                        MachineState::Paused | MachineState::Suspended => Route::Asleep {
+                        MachineState::Paused => Route::Asleep {
                             name: m.name.clone(),
                             owner: m.owner.clone(),
                             passthrough: m.web == WebMode::Passthrough,
                         },
+                        MachineState::Suspended => down(
+                            format!(
+                                "is suspended; its owner can resume it with `{} start {}`",
+                                self.ssh, m.name
+                            ),
+                            false,
+                        ),
                     }
                 };
                 let route = match m.web {
@@ -221,10 +230,9 @@ impl crate::proxy::Waker for NodeWaker {
         name: &str,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>> {
         let node = self.node.clone();
-        let cmd = Command::SetMachineState {
+        let cmd = Command::WakeMachine {
             owner: owner.to_string(),
             name: name.to_string(),
-            state: MachineState::Running,
         };
         let write = self.rt.spawn(async move {
             match node.write(node.request("proxy", cmd)).await {

@@ -520,8 +520,17 @@ impl Worker {
             } else {
                 (VmmRequest::Resume {}, "resume")
             };
+            // The call (parking every vCPU can take a moment) runs without the lock.
+            vm.busy = true;
+            drop(vms);
             let t = Instant::now();
-            return match VmmClient::connect(&control).and_then(|mut c| c.call(&req)) {
+            let res = VmmClient::connect(&control).and_then(|mut c| c.call(&req));
+            let mut vms = self.vms.lock().unwrap();
+            let Some(vm) = vms.get_mut(&m.id) else {
+                return Ok(0);
+            };
+            vm.busy = false;
+            return match res {
                 Ok(r) if r.ok => {
                     vm.paused = want_paused;
                     tracing::info!(
@@ -561,7 +570,13 @@ impl Worker {
             if vm.api.is_none() {
                 vm.api = Some(self.listen_api(m.id, &vm.dir)?);
             }
-            self.bring_up(m.clone(), vm.generation);
+            if vm.paused {
+                // It was brought up before it was paused; its agent cannot answer with
+                // the vCPUs parked, so no bring-up: it is ready as soon as it resumes.
+                vm.phase.send_replace(Phase::Ready);
+            } else {
+                self.bring_up(m.clone(), vm.generation);
+            }
             return Ok(1);
         }
         while vm
