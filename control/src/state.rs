@@ -1945,6 +1945,29 @@ mod tests {
         }
     }
 
+    /// Applies `cmds` as entries 1, 2, ... (one request each); every reply in order.
+    async fn apply_all(sm: &mut StateMachine, cmds: Vec<Command>) -> Vec<Reply> {
+        let entries: Vec<Entry> = cmds
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| entry(i as u64 + 1, c))
+            .collect();
+        sm.apply(entries)
+            .await
+            .unwrap()
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
+    /// "ok", or the refusal's code, per reply.
+    fn codes(replies: &[Reply]) -> Vec<&str> {
+        replies
+            .iter()
+            .map(|r| r.result.as_ref().map(|_| "ok").unwrap_or_else(|e| e.code()))
+            .collect()
+    }
+
     #[tokio::test]
     async fn commands_apply_refuse_cleanly_and_snapshot() {
         let dir = scratch("state");
@@ -2014,10 +2037,7 @@ mod tests {
             .into_iter()
             .flatten()
             .collect();
-        let codes: Vec<&str> = replies
-            .iter()
-            .map(|r| r.result.as_ref().map(|_| "ok").unwrap_or_else(|e| e.code()))
-            .collect();
+        let codes = codes(&replies);
         assert_eq!(
             codes,
             [
@@ -2155,22 +2175,8 @@ mod tests {
             },
             set("ann", "a1", MachineState::Running),
         ];
-        let entries: Vec<Entry> = cmds
-            .into_iter()
-            .enumerate()
-            .map(|(i, c)| entry(i as u64 + 1, c))
-            .collect();
-        let replies: Vec<Reply> = sm
-            .apply(entries)
-            .await
-            .unwrap()
-            .into_iter()
-            .flatten()
-            .collect();
-        let codes: Vec<&str> = replies
-            .iter()
-            .map(|r| r.result.as_ref().map(|_| "ok").unwrap_or_else(|e| e.code()))
-            .collect();
+        let replies = apply_all(&mut sm, cmds).await;
+        let codes = codes(&replies);
         assert_eq!(
             codes,
             [
@@ -2233,18 +2239,7 @@ mod tests {
             policy("closed"),
             reg("SHA256:g", "gus", None),
         ];
-        let entries: Vec<Entry> = cmds
-            .into_iter()
-            .enumerate()
-            .map(|(i, c)| entry(i as u64 + 1, c))
-            .collect();
-        let replies: Vec<Reply> = sm
-            .apply(entries)
-            .await
-            .unwrap()
-            .into_iter()
-            .flatten()
-            .collect();
+        let replies = apply_all(&mut sm, cmds).await;
         let got: Vec<String> = replies
             .iter()
             .map(|r| match &r.result {
@@ -2379,22 +2374,8 @@ mod tests {
                 name: "b1".into(),
             },
         ];
-        let entries: Vec<Entry> = cmds
-            .into_iter()
-            .enumerate()
-            .map(|(i, c)| entry(i as u64 + 1, c))
-            .collect();
-        let codes: Vec<String> = sm
-            .apply(entries)
-            .await
-            .unwrap()
-            .into_iter()
-            .flatten()
-            .map(|r| match r.result {
-                Ok(_) => "ok".into(),
-                Err(e) => e.code().into(),
-            })
-            .collect();
+        let replies = apply_all(&mut sm, cmds).await;
+        let codes = codes(&replies);
         assert_eq!(
             codes,
             [
@@ -2474,22 +2455,8 @@ mod tests {
             },
             put("dns-01", "later", "v3", 60_000), // at 1012 ms: "tok" (4000) still live
         ];
-        let entries: Vec<Entry> = cmds
-            .into_iter()
-            .enumerate()
-            .map(|(i, c)| entry(i as u64 + 1, c))
-            .collect();
-        let codes: Vec<String> = sm
-            .apply(entries)
-            .await
-            .unwrap()
-            .into_iter()
-            .flatten()
-            .map(|r| match r.result {
-                Ok(_) => "ok".into(),
-                Err(e) => e.code().into(),
-            })
-            .collect();
+        let replies = apply_all(&mut sm, cmds).await;
+        let codes = codes(&replies);
         assert_eq!(
             codes,
             [

@@ -196,6 +196,35 @@ impl Server {
         self.port + 8000
     }
 
+    /// Writes `file` into `user`'s machine `name` at `to` (through `exec`, as a user
+    /// would pipe it).
+    pub fn put_file(&self, user: &str, name: &str, file: &Path, to: &str) -> Result<()> {
+        let o = self.ssh_input(
+            user,
+            user,
+            &["exec", name, "--", &format!("cat > {to}")],
+            &std::fs::read(file).with_context(|| format!("read {}", file.display()))?,
+            false,
+        )?;
+        if !o.status.success() {
+            bail!("copy {} into {name}: {}", file.display(), stderr(&o));
+        }
+        Ok(())
+    }
+
+    /// Starts tests/fixtures/web/backend.py in `user`'s machine `name` with `args`
+    /// (PORT NAME [BIND [CERT KEY]]), in the background, outliving the exec.
+    pub fn start_backend(&self, user: &str, name: &str, args: &str) -> Result<()> {
+        let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/web");
+        self.put_file(user, name, &web.join("backend.py"), "/root/backend.py")?;
+        let cmd = format!("setsid nohup python3 /root/backend.py {args} >/dev/null 2>&1 &");
+        let o = self.ssh(user, &["exec", name, "--", &cmd])?;
+        if !o.status.success() {
+            bail!("start the web backend in {name}: {}", stderr(&o));
+        }
+        Ok(())
+    }
+
     /// Downloads the server's internal CA (plain HTTP, as a client would) to `to`.
     pub fn fetch_ca(&self, to: &Path) -> Result<()> {
         let o = Command::new("curl")

@@ -14,6 +14,19 @@ pub mod tls;
 use std::path::{Path, PathBuf};
 use std::process::Child;
 
+/// Waits (at most 20 s) until something accepts TCP connections on loopback `port`.
+pub fn wait_port(port: u16) -> anyhow::Result<()> {
+    let t0 = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        anyhow::ensure!(
+            t0.elapsed() < std::time::Duration::from_secs(20),
+            "nothing listens on {port}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(())
+}
+
 /// A child process killed and reaped when dropped, so nothing a test or bench starts
 /// (a server, a backend, QEMU, a load generator) outlives it.
 pub struct Killed(pub Child);

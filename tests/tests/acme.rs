@@ -13,9 +13,8 @@
 //! - `acme_to_machine`: a real guest's web server, reached with Pebble's certificate.
 
 use anyhow::{Context, Result, ensure};
-use boxd_tests::Killed;
 use boxd_tests::api::{Options, Server, ZONE};
-use std::net::TcpStream;
+use boxd_tests::{Killed, wait_port};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -33,18 +32,6 @@ fn curl(args: &[&str]) -> Result<Output> {
         .args(args)
         .output()
         .context("run curl")
-}
-
-fn wait_port(port: u16) -> Result<()> {
-    let t0 = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        ensure!(
-            t0.elapsed() < Duration::from_secs(20),
-            "nothing listens on {port}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
 }
 
 /// Pebble on `port` (management on port+1), resolving names through our DNS server
@@ -391,25 +378,7 @@ fn acme_to_machine() -> Result<()> {
     };
     let s = Server::start(&dir.join("server"), port, &opts, &["alice"])?;
     s.json("alice", &["new", "--name=app"])?;
-    let web = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/web");
-    let o = s.ssh_input(
-        "alice",
-        "alice",
-        &["exec", "app", "--", "cat > /root/backend.py"],
-        &std::fs::read(web.join("backend.py"))?,
-        false,
-    )?;
-    ensure!(o.status.success(), "{}", boxd_tests::api::stderr(&o));
-    let o = s.ssh(
-        "alice",
-        &[
-            "exec",
-            "app",
-            "--",
-            "setsid nohup python3 /root/backend.py 80 app >/dev/null 2>&1 &",
-        ],
-    )?;
-    ensure!(o.status.success(), "{}", boxd_tests::api::stderr(&o));
+    s.start_backend("alice", "app", "80 app")?;
     wait_issued(&s, &format!("app.{ZONE}"), Duration::from_secs(120))?;
     let root = dir.join("pebble-root.pem");
     pebble.issuing_root(&root)?;

@@ -568,24 +568,7 @@ fn api_machines() -> Result<()> {
     // https://app.<zone>: the proxy, with the internal CA, to a web server in the
     // machine (port 80, nothing exposed), a WebSocket included.
     let web = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/web");
-    let o = s.ssh_input(
-        "alice",
-        "alice",
-        &["exec", "app", "--", "cat > /root/backend.py"],
-        &std::fs::read(web.join("backend.py"))?,
-        false,
-    )?;
-    assert!(o.status.success(), "{}", stderr(&o));
-    let o = s.ssh(
-        "alice",
-        &[
-            "exec",
-            "app",
-            "--",
-            "setsid nohup python3 /root/backend.py 80 app >/dev/null 2>&1 &",
-        ],
-    )?;
-    assert!(o.status.success(), "{}", stderr(&o));
+    s.start_backend("alice", "app", "80 app")?;
     let ca = dir.join("ca.pem");
     s.fetch_ca(&ca)?;
     let host = format!("app.{}", boxd_tests::api::ZONE);
@@ -712,26 +695,13 @@ fn api_machines() -> Result<()> {
         .arg(&cert)
         .output()?;
     assert!(o.status.success(), "openssl: {}", stderr(&o));
-    for (file, to) in [(&cert, "/root/own.pem"), (&key, "/root/own.key")] {
-        let o = s.ssh_input(
-            "alice",
-            "alice",
-            &["exec", "app", "--", &format!("cat > {to}")],
-            &std::fs::read(file)?,
-            false,
-        )?;
-        assert!(o.status.success(), "{}", stderr(&o));
-    }
-    let o = s.ssh(
+    s.put_file("alice", "app", &cert, "/root/own.pem")?;
+    s.put_file("alice", "app", &key, "/root/own.key")?;
+    s.start_backend(
         "alice",
-        &[
-            "exec",
-            "app",
-            "--",
-            "setsid nohup python3 /root/backend.py 443 app-tls 0.0.0.0 /root/own.pem /root/own.key >/dev/null 2>&1 &",
-        ],
+        "app",
+        "443 app-tls 0.0.0.0 /root/own.pem /root/own.key",
     )?;
-    assert!(o.status.success(), "{}", stderr(&o));
     let m = s.json("alice", &["web", "app", "passthrough"])?;
     assert_eq!(m["web"], "passthrough", "{m}");
     let body = stdout(&s.https_until_ok(&host, &cert, Duration::from_secs(30))?);

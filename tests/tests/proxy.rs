@@ -8,9 +8,9 @@
 //!   (Machines booted in the emulated host are reached the same way in api_machines.)
 
 use anyhow::{Context, Result, ensure};
-use boxd_tests::Killed;
 use boxd_tests::api::{Options, Server, ZONE};
 use boxd_tests::guest::boxd_binary;
+use boxd_tests::{Killed, wait_port};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -31,18 +31,6 @@ fn curl(args: &[&str]) -> Result<Output> {
 
 fn text(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn wait_port(port: u16) -> Result<()> {
-    let t0 = Instant::now();
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        ensure!(
-            t0.elapsed() < Duration::from_secs(20),
-            "nothing listens on {port}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
 }
 
 #[test]

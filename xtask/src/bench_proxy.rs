@@ -8,7 +8,6 @@ use anyhow::{Context, Result, bail};
 use boxd_tests::Killed;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 const BACKEND: u16 = 24080;
 const OURS: u16 = 24443;
@@ -112,17 +111,7 @@ pub fn proxy(seconds: f64) -> Result<()> {
             .context("start boxd proxy serve")?,
     );
     for port in [BACKEND, OURS, NGINX] {
-        let mut ok = false;
-        for _ in 0..100 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                ok = true;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        if !ok {
-            bail!("nothing listens on {port}");
-        }
+        boxd_tests::wait_port(port)?;
     }
     let rounds = 3;
     let (mut ours, mut peer) = (Vec::new(), Vec::new());

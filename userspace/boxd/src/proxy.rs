@@ -591,6 +591,14 @@ fn request_host<B>(req: &Request<B>) -> Option<String> {
     ok.then_some(host)
 }
 
+/// A 200 with a body of a fixed type.
+fn fixed(content_type: &'static str, body: String) -> Response<Body> {
+    let mut r = Response::new(full(body));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
 fn page(status: StatusCode, title: &str, message: &str) -> Response<Body> {
     let esc = |s: &str| {
         s.replace('&', "&amp;")
@@ -675,10 +683,7 @@ impl Proxy {
         let path = req.uri().path();
         if let Some(token) = path.strip_prefix("/.well-known/acme-challenge/") {
             return match self.challenges.get(token) {
-                Some(ka) => Response::builder()
-                    .header(header::CONTENT_TYPE, "application/octet-stream")
-                    .body(full(ka))
-                    .expect("a valid response"),
+                Some(ka) => fixed("application/octet-stream", ka),
                 None => page(
                     StatusCode::NOT_FOUND,
                     "No such challenge",
@@ -723,10 +728,7 @@ impl Proxy {
 
     fn ca_response(&self) -> Response<Body> {
         match self.certs.ca_pem() {
-            Some(pem) => Response::builder()
-                .header(header::CONTENT_TYPE, "application/x-pem-file")
-                .body(full(pem))
-                .expect("a valid response"),
+            Some(pem) => fixed("application/x-pem-file", pem),
             None => page(
                 StatusCode::NOT_FOUND,
                 "No internal CA",

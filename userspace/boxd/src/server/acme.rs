@@ -80,6 +80,12 @@ impl Backoff {
     pub fn succeeded(&mut self, name: &str) {
         self.failed.remove(name);
     }
+
+    /// Forgets names no longer wanted (deleted machines, removed domains).
+    pub fn keep(&mut self, wanted: &[Want]) {
+        self.failed
+            .retain(|name, _| wanted.iter().any(|w| w.name == *name));
+    }
 }
 
 /// Computes the wanted certificates on every state change and hands them to [`run`].
@@ -209,6 +215,7 @@ impl Manager {
         let renew_ms = u64::from(self.cfg.renew_before_days) * 86_400_000;
         loop {
             let (me, wants) = rx.borrow_and_update().clone();
+            self.backoff.keep(&wants);
             let leader = self.node.status().leader == Some(me);
             let now = Instant::now();
             let due: Vec<Want> = wants
@@ -516,5 +523,8 @@ mod tests {
         assert_eq!(b.failed("a", t), Duration::from_secs(120));
         b.succeeded("a");
         assert!(b.ready("a", t));
+        b.failed("gone", t);
+        b.keep(&[]);
+        assert!(b.ready("gone", t), "a name no longer wanted is forgotten");
     }
 }
