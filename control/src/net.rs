@@ -175,7 +175,16 @@ impl Peer {
         let body = serde_json::to_vec(rpc).map_err(|e| CallError::Refused(e.to_string()))?;
         let fut = async {
             let conn = self.connection().await?;
-            let broken = |e: String| CallError::Unreachable(format!("{} ({e})", self.addr));
+            // A peer that closed the connection on purpose says why (a removed node's
+            // certificate, say): that is a refusal, not an unreachable peer.
+            let broken = |e: String| match conn.close_reason() {
+                Some(quinn::ConnectionError::ApplicationClosed(c)) => CallError::Refused(format!(
+                    "{} closed the connection: {}",
+                    self.addr,
+                    String::from_utf8_lossy(&c.reason)
+                )),
+                _ => CallError::Unreachable(format!("{} ({e})", self.addr)),
+            };
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| broken(e.to_string()))?;
             send.write_all(&body)
                 .await

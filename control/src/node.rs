@@ -727,11 +727,14 @@ impl Node {
             self.read_local(q).await?,
             QueryReply::JoinToken { valid: true }
         );
-        // Request ids derived from the token: a join retried after a lost reply (same
-        // token) gets the same node id instead of "token already used".
+        // Request ids derived from the token and the joiner's certificate request: a
+        // join retried after a lost reply (same token, same key) gets the same node id
+        // instead of "token already used", while anyone else holding the spent token
+        // (another key) is refused, and never gets a certificate for that node.
+        let joiner = tls::secret_hash(&req.csr_pem);
         let consume = Request {
             actor: "join".into(),
-            id: format!("join:{hash}"),
+            id: format!("join:{hash}:{joiner}"),
             at_ms: 0, // stamped by the leader's proposer
             cmd: Command::ConsumeJoinToken {
                 hash: hash.clone(),
@@ -753,7 +756,7 @@ impl Node {
         };
         let register = Request {
             actor: format!("node:{id}"),
-            id: format!("join-register:{hash}"),
+            id: format!("join-register:{hash}:{joiner}"),
             at_ms: 0, // stamped by the leader's proposer
             cmd: Command::RegisterNode {
                 id,
