@@ -121,10 +121,19 @@ pub struct Handler {
 
 impl Handler {
     async fn lookup(&self, fp: &str) -> Result<Option<Caller>, String> {
+        self.lookup_read(fp, false).await
+    }
+
+    /// `lookup`, reading through the leader: sees every write acknowledged so far.
+    async fn lookup_fresh(&self, fp: &str) -> Result<Option<Caller>, String> {
+        self.lookup_read(fp, true).await
+    }
+
+    async fn lookup_read(&self, fp: &str, linearizable: bool) -> Result<Option<Caller>, String> {
         match self
             .api
             .node
-            .read(Query::UserByKey { key: fp.into() }, false)
+            .read(Query::UserByKey { key: fp.into() }, linearizable)
             .await
         {
             Ok(QueryReply::User { user: Some(user) }) => Ok(Some(Caller {
@@ -134,6 +143,24 @@ impl Handler {
             })),
             Ok(_) => Ok(None),
             Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Lets a just-registered key in as its account.
+    async fn accept_registered(&mut self, fp: &str) -> Result<Auth, russh::Error> {
+        match self.lookup_fresh(fp).await {
+            Ok(Some(c)) => {
+                self.caller = Some(c);
+                Ok(Auth::Accept)
+            }
+            Ok(None) => {
+                tracing::warn!(key = fp, "a registered key has no account");
+                Ok(Auth::reject())
+            }
+            Err(e) => {
+                tracing::warn!("SSH auth: control plane: {e}");
+                Ok(Auth::reject())
+            }
         }
     }
 
@@ -195,14 +222,11 @@ impl russh::server::Handler for Handler {
         match self.api.node.write(req).await.map(|r| r.result) {
             Ok(Ok(Applied::User { name })) => {
                 tracing::info!(user = name, key = fp, peer = ?self.peer, "registered a new account");
-                match self.lookup(&fp).await {
-                    Ok(Some(c)) => {
-                        self.caller = Some(c);
-                        Ok(Auth::Accept)
-                    }
-                    _ => Ok(Auth::reject()),
-                }
+                self.accept_registered(&fp).await
             }
+            // Another connection of the same key registered it first (an agent opening
+            // many at once): this one is that account's too.
+            Ok(Err(AppError::AlreadyExists(_))) => self.accept_registered(&fp).await,
             // Invite policy: let the key in to say `register INVITE`, nothing else (an
             // allow-list refusal is a refusal).
             Ok(Err(AppError::Forbidden(e))) => {
