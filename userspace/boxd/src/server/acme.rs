@@ -213,17 +213,24 @@ impl Manager {
     /// Orders what is due, forever: on every change of what is wanted, and every minute.
     pub async fn run(mut self, mut rx: watch::Receiver<(NodeId, Vec<Want>)>) {
         let renew_ms = u64::from(self.cfg.renew_before_days) * 86_400_000;
+        // What the last pass found (wanted, due), logged when it changes.
+        let mut checked = None;
         loop {
             let (me, wants) = rx.borrow_and_update().clone();
             self.backoff.keep(&wants);
             let leader = self.node.status().leader == Some(me);
             let now = Instant::now();
+            let wanted = wants.len();
             let due: Vec<Want> = wants
                 .into_iter()
                 .filter(|w| w.not_after_ms.is_none_or(|t| t <= now_ms() + renew_ms))
                 .filter(|w| self.backoff.ready(&w.name, now))
                 .take(PER_PASS)
                 .collect();
+            if leader && checked != Some((wanted, due.len())) {
+                checked = Some((wanted, due.len()));
+                tracing::info!(wanted, due = due.len(), "ACME certificates checked");
+            }
             if leader {
                 for w in due {
                     // Leadership can move during a pass: two nodes never order at once.
@@ -274,9 +281,12 @@ impl Manager {
                     }
                 }
             }
+            // A follower looks again soon: when it becomes the leader (a restart, a
+            // failover) it should order what is due within seconds, not a minute.
+            let next = if leader { 60 } else { 2 };
             tokio::select! {
                 r = rx.changed() => if r.is_err() { return },
-                _ = tokio::time::sleep(Duration::from_secs(60)) => {}
+                _ = tokio::time::sleep(Duration::from_secs(next)) => {}
             }
         }
     }
