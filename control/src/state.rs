@@ -1947,10 +1947,15 @@ mod tests {
 
     /// Applies `cmds` as entries 1, 2, ... (one request each); every reply in order.
     async fn apply_all(sm: &mut StateMachine, cmds: Vec<Command>) -> Vec<Reply> {
+        apply_at(sm, 1, cmds).await
+    }
+
+    /// Applies `cmds` as log entries `first`, `first + 1`, ...
+    async fn apply_at(sm: &mut StateMachine, first: u64, cmds: Vec<Command>) -> Vec<Reply> {
         let entries: Vec<Entry> = cmds
             .into_iter()
             .enumerate()
-            .map(|(i, c)| entry(i as u64 + 1, c))
+            .map(|(i, c)| entry(i as u64 + first, c))
             .collect();
         sm.apply(entries)
             .await
@@ -2330,54 +2335,11 @@ mod tests {
                 name: "a1".into(),
                 mode: WebMode::Passthrough,
             },
-            Command::DeleteMachine {
-                owner: "ann".into(),
-                name: "a1".into(),
-            },
-            add("bob", "b1", "www.example.com"), // free again: deleted with a1
-            Command::RemoveDomain {
-                owner: "bob".into(),
-                name: "b1".into(),
-                domain: "nope.example.com".into(),
-            },
-            // Only a running machine pauses; a wake moves only a paused one.
-            Command::SetMachineState {
-                owner: "bob".into(),
-                name: "b1".into(),
-                state: MachineState::Paused,
-            },
-            Command::WakeMachine {
-                owner: "bob".into(),
-                name: "b1".into(),
-            },
-            Command::SetMachineState {
-                owner: "bob".into(),
-                name: "b1".into(),
-                state: MachineState::Running,
-            },
-            Command::SetMachineState {
-                owner: "bob".into(),
-                name: "b1".into(),
-                state: MachineState::Paused,
-            },
-            Command::WakeMachine {
-                owner: "bob".into(),
-                name: "b1".into(),
-            },
-            Command::SetMachineState {
-                owner: "bob".into(),
-                name: "b1".into(),
-                state: MachineState::Stopped,
-            },
-            Command::WakeMachine {
-                owner: "bob".into(),
-                name: "b1".into(),
-            },
         ];
+        let first = cmds.len();
         let replies = apply_all(&mut sm, cmds).await;
-        let codes = codes(&replies);
         assert_eq!(
-            codes,
+            codes(&replies),
             [
                 "ok",
                 "ok",
@@ -2394,28 +2356,84 @@ mod tests {
                 "invalid",
                 "invalid",
                 "invalid",
-                "ok",
-                "ok",
-                "ok",
-                "not_found",
-                "invalid",
-                "ok",
-                "ok",
-                "ok",
-                "ok",
-                "ok",
                 "ok"
             ]
         );
-        let Ok(QueryReply::Machines { machines }) = sm.query(&Query::Machines { owner: None })
-        else {
-            panic!("machines")
+        let machine = |sm: &StateMachine, name: &str| {
+            let Ok(QueryReply::Machines { machines }) = sm.query(&Query::Machines { owner: None })
+            else {
+                panic!("machines")
+            };
+            machines.into_iter().find(|m| m.name == name)
         };
-        assert_eq!(machines.len(), 1);
-        assert_eq!(machines[0].domains, ["www.example.com"]);
-        assert_eq!(machines[0].web, WebMode::Public);
-        // The last wake found it stopped and left it so.
-        assert_eq!(machines[0].state, MachineState::Stopped);
+        assert_eq!(machine(&sm, "a1").unwrap().web, WebMode::Passthrough);
+        assert_eq!(machine(&sm, "a1").unwrap().domains, ["www.example.com"]);
+        let mut at = first as u64 + 1;
+        let mut step = async |sm: &mut StateMachine, cmd: Command| {
+            let r = apply_at(sm, at, vec![cmd]).await;
+            at += 1;
+            codes(&r)[0].to_string()
+        };
+        let state = |owner: &str, name: &str, s: MachineState| Command::SetMachineState {
+            owner: owner.into(),
+            name: name.into(),
+            state: s,
+        };
+        let wake = || Command::WakeMachine {
+            owner: "bob".into(),
+            name: "b1".into(),
+        };
+        let del = Command::DeleteMachine {
+            owner: "ann".into(),
+            name: "a1".into(),
+        };
+        assert_eq!(step(&mut sm, del).await, "ok");
+        assert!(machine(&sm, "a1").is_none());
+        // Free again: deleted with a1.
+        assert_eq!(
+            step(&mut sm, add("bob", "b1", "www.example.com")).await,
+            "ok"
+        );
+        let rm = Command::RemoveDomain {
+            owner: "bob".into(),
+            name: "b1".into(),
+            domain: "nope.example.com".into(),
+        };
+        assert_eq!(step(&mut sm, rm).await, "not_found");
+        // Only a running machine pauses; a wake moves only a paused one.
+        let b1 = |sm: &StateMachine| machine(sm, "b1").unwrap().state;
+        assert_eq!(b1(&sm), MachineState::Creating);
+        assert_eq!(
+            step(&mut sm, state("bob", "b1", MachineState::Paused)).await,
+            "invalid"
+        );
+        assert_eq!(step(&mut sm, wake()).await, "ok");
+        assert_eq!(
+            b1(&sm),
+            MachineState::Creating,
+            "a wake moved a machine that was not paused"
+        );
+        assert_eq!(
+            step(&mut sm, state("bob", "b1", MachineState::Running)).await,
+            "ok"
+        );
+        assert_eq!(
+            step(&mut sm, state("bob", "b1", MachineState::Paused)).await,
+            "ok"
+        );
+        assert_eq!(b1(&sm), MachineState::Paused);
+        assert_eq!(step(&mut sm, wake()).await, "ok");
+        assert_eq!(b1(&sm), MachineState::Running, "the wake left it paused");
+        assert_eq!(
+            step(&mut sm, state("bob", "b1", MachineState::Stopped)).await,
+            "ok"
+        );
+        assert_eq!(step(&mut sm, wake()).await, "ok");
+        // The wake found it stopped and left it so.
+        assert_eq!(b1(&sm), MachineState::Stopped);
+        let m = machine(&sm, "b1").unwrap();
+        assert_eq!(m.domains, ["www.example.com"]);
+        assert_eq!(m.web, WebMode::Public);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -36,6 +36,8 @@ pub struct Options {
     pub public: &'static str,
     /// More configuration, appended to the file (whole TOML sections).
     pub extra: String,
+    /// Lines added to sections the file already has: (`"dns"`, `"rate_limit = 0"`).
+    pub settings: Vec<(&'static str, String)>,
 }
 
 impl Default for Options {
@@ -48,6 +50,7 @@ impl Default for Options {
             registration: "open",
             public: PUBLIC,
             extra: String::new(),
+            settings: Vec::new(),
         }
     }
 }
@@ -127,6 +130,14 @@ impl Server {
             i = images.initrd.display(),
             r = images.rootfs.display(),
         );
+        let mut config = config;
+        for (section, line) in &opts.settings {
+            let header = format!("[{section}]\n");
+            let at = config
+                .find(&header)
+                .with_context(|| format!("the test configuration has no [{section}]"))?;
+            config.insert_str(at + header.len(), &format!("{line}\n"));
+        }
         std::fs::write(dir.join("boxd.toml"), config)?;
         for u in users {
             let key = dir.join(format!("{u}.key"));

@@ -205,6 +205,21 @@ impl Cluster {
         )?)
     }
 
+    /// Runs `f` inside node `i`'s network namespace (on this host's own when the
+    /// cluster is on loopback), where the other nodes' addresses are reachable.
+    pub fn run_as<T: Send + 'static>(
+        &self,
+        i: usize,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let h = match &self.nodes[i].ns {
+            Some(ns) => ns.run(f),
+            None => std::thread::spawn(f),
+        };
+        h.join()
+            .map_err(|_| anyhow::anyhow!("the thread in node {}'s namespace panicked", i + 1))?
+    }
+
     pub fn socket(&self, i: usize) -> PathBuf {
         self.nodes[i].dir.join("admin.sock")
     }

@@ -1,7 +1,7 @@
 //! Booting real Linux guests under `boxd vmm` for end-to-end tests, and finding the
 //! place where that is possible.
 
-use crate::testhost::{Images, TestHost};
+use crate::testhost::Images;
 use anyhow::{Context, Result, bail};
 use boxd_agent::Agent;
 use boxd_vmm::control::{Client, Request};
@@ -9,107 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The release `boxd` binary that `cargo xtask images` built (and put in the rootfs).
-pub fn boxd_binary() -> Result<PathBuf> {
-    let p = crate::target_dir().join("release/boxd");
-    if !p.exists() {
-        bail!(
-            "{} is missing; build it and the images with `cargo xtask images`",
-            p.display()
-        );
-    }
-    Ok(p)
-}
-
-/// Where a test that boots Linux guests runs.
-pub enum Place {
-    /// Right here: this host has hardware-speed KVM, or this is the test host.
-    Here,
-    /// The test was run inside the emulated KVM host; it passed.
-    RanInTestHost,
-}
-
-/// Whether Linux guests can boot right here: this is the test host, or this host's KVM
-/// runs ring 0 at hardware speed. Says why not when it cannot.
-pub fn guests_boot_here() -> Result<bool> {
-    if std::env::var_os("BOXD_IN_TESTHOST").is_some() {
-        return Ok(true);
-    }
-    let speed = boxd_vmm::probe::kvm_speed().map_err(|e| anyhow::anyhow!("KVM probe: {e}"))?;
-    if !speed.hardware_speed {
-        eprintln!(
-            "this host's KVM runs ring 0 at {:.0} ns/instruction (emulated, no VT-x/AMD-V): using the emulated KVM host",
-            speed.ns_per_instruction
-        );
-    }
-    Ok(speed.hardware_speed)
-}
-
-/// Retries of a run spoiled by the emulated host itself (wedge, host panic, nested
-/// triple fault); measured here at about one spoiled run in ten for the network test.
-const EMULATION_RETRIES: u32 = 2;
-
-/// Runs `argv` inside the emulated KVM host, failing unless it exits 0.
-pub fn run_in_testhost(argv: Vec<String>, timeout: Duration) -> Result<()> {
-    let host = TestHost {
-        timeout,
-        ..Default::default()
-    };
-    // A wedged or crashed emulated host, or a nested guest that triple-faulted, says
-    // nothing about the code under test: such a run is retried in a fresh host,
-    // loudly, up to EMULATION_RETRIES times. A test that fails on its own is not.
-    let flawed = |o: &crate::testhost::Outcome| {
-        o.exit_code != 0
-            && (String::from_utf8_lossy(&o.stderr).contains(EMULATION_FLAW)
-                || String::from_utf8_lossy(&o.stdout).contains(EMULATION_FLAW))
-    };
-    let mut attempt = 0;
-    let outcome = loop {
-        attempt += 1;
-        let last = attempt > EMULATION_RETRIES;
-        match host.run(&argv) {
-            Err(e) if e.downcast_ref::<crate::testhost::Wedged>().is_some() && !last => {
-                eprintln!(
-                    "WARNING: {e}\nretrying in a fresh emulated KVM host (attempt {attempt})"
-                );
-            }
-            Ok(o) if flawed(&o) && !last => {
-                eprintln!(
-                    "WARNING: the nested guest rebooted itself (emulation flaw); retrying in a fresh emulated KVM host (attempt {attempt})"
-                );
-            }
-            other => break other?,
-        }
-    };
-    eprintln!("(the emulated KVM host booted in {:.1}s)", outcome.boot_s);
-    if outcome.exit_code != 0 {
-        bail!(
-            "{} failed inside the emulated KVM host (exit {})",
-            argv.join(" "),
-            outcome.exit_code
-        );
-    }
-    Ok(())
-}
-
-/// Decides where `test` (its name as the test harness knows it) runs. On a host without
-/// hardware virtualization the test binary re-runs just that test inside the emulated
-/// KVM host and this returns `RanInTestHost` once it passed there (and fails if not).
-pub fn place(test: &str) -> Result<Place> {
-    if guests_boot_here()? {
-        return Ok(Place::Here);
-    }
-    let exe = std::env::current_exe()?;
-    let argv = vec![
-        exe.display().to_string(),
-        test.to_string(),
-        "--exact".into(),
-        "--nocapture".into(),
-        "--test-threads=1".into(),
-    ];
-    run_in_testhost(argv, Duration::from_secs(20 * 60))?;
-    Ok(Place::RanInTestHost)
-}
+pub use boxd_testkit::{
+    EMULATION_FLAW, Place, boxd_binary, guests_boot_here, place, run_in_testhost,
+};
 
 /// A `boxd vmm run` process with its own folder (sockets, console, disk layer).
 pub struct Machine {
@@ -241,11 +143,6 @@ impl Machine {
         String::from_utf8_lossy(&c[c.len().saturating_sub(bytes)..]).into_owned()
     }
 }
-
-/// Printed by a test whose guest rebooted itself: under the emulated KVM host that is a
-/// triple fault of nested SVM under TCG (docs/testing.md), not the code under test, and
-/// the launcher outside retries such a run once.
-pub const EMULATION_FLAW: &str = "BOXD-EMULATION-FLAW:";
 
 impl Drop for Machine {
     fn drop(&mut self) {

@@ -393,6 +393,55 @@ fn api_commands_and_bad_input() -> Result<()> {
     Ok(())
 }
 
+/// An agent with a key the server has never seen opens many connections at once
+/// (registration open): every one of them gets in, and they share the one account the
+/// first of them made.
+#[test]
+fn a_new_key_opening_many_connections_at_once_registers_one_account() -> Result<()> {
+    const CONNECTIONS: usize = 30;
+    // Three fresh keys, one burst each: a race lost one time in three is still caught.
+    const KEYS: [&str; 3] = ["agent0", "agent1", "agent2"];
+    let dir = scratch("burst");
+    let s = Server::start(&dir, 22290, &Options::default(), &KEYS)?;
+    for key in KEYS {
+        let outs: Vec<std::process::Output> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..CONNECTIONS)
+                .map(|_| scope.spawn(|| s.ssh(key, &["whoami", "--json"])))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("ssh thread"))
+                .collect::<Result<_>>()
+        })?;
+        let mut ids = std::collections::BTreeSet::new();
+        let mut failed = Vec::new();
+        for o in &outs {
+            if !o.status.success() {
+                failed.push(format!("exit {:?}: {}", o.status.code(), stderr(o).trim()));
+                continue;
+            }
+            let v: Value = serde_json::from_slice(&o.stdout)?;
+            ids.insert(v["id"].as_str().unwrap_or_default().to_string());
+        }
+        ensure!(
+            failed.is_empty(),
+            "{key}: {} of {CONNECTIONS} first connections failed: {failed:?}",
+            failed.len()
+        );
+        ensure!(ids.len() == 1, "{key}: more than one account: {ids:?}");
+    }
+    let made = s.log().matches("registered a new account").count();
+    ensure!(
+        made == KEYS.len(),
+        "{made} accounts registered for {} keys:\n{}",
+        KEYS.len(),
+        s.log()
+    );
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 #[test]
 fn api_registration_policies() -> Result<()> {
     // Invite only: an unknown key may run `register INVITE` and nothing else.
@@ -461,7 +510,7 @@ fn api_registration_policies() -> Result<()> {
 
 #[test]
 fn api_machines() -> Result<()> {
-    if let Place::RanInTestHost = place("api_machines")? {
+    if let Place::RanInTestHost = place()? {
         return Ok(());
     }
     let dir = scratch("vm");
@@ -523,6 +572,11 @@ fn api_machines() -> Result<()> {
     assert_eq!(stdout(&o), "app\nroot\n", "{}", stderr(&o));
     let o = s.ssh_input("alice", "app", &[], b"echo gw-$((6*7))\nexit 3\n", true)?;
     assert!(stdout(&o).contains("gw-42"), "{}", stdout(&o));
+    assert_eq!(o.status.code(), Some(3));
+    // No terminal asked for (input from a pipe): the shell's output alone, without a
+    // prompt or a terminal's escapes (bracketed paste, colours).
+    let o = s.ssh_input("alice", "app", &[], b"echo gw-$((6*7))\nexit 3\n", false)?;
+    assert_eq!(stdout(&o), "gw-42\n", "{:?}", stdout(&o));
     assert_eq!(o.status.code(), Some(3));
     let o = s.ssh_input(
         "alice",
@@ -590,10 +644,37 @@ fn api_machines() -> Result<()> {
     assert_eq!(stdout(&ws), "echo: ping\n", "WebSocket: {}", stderr(&ws));
 
     // Paused: the vCPUs stop, the memory stays. The next HTTPS request wakes it and is
-    // answered (the web server's state survives: nothing was restarted).
-    let m = s.json("alice", &["pause", "app"])?;
-    assert_eq!(m["state"], "paused", "{m}");
-    assert_eq!(s.json("alice", &["info", "app"])?["state"], "paused");
+    // answered by the same kernel and the same web server process: nothing restarted.
+    let guest = |cmd: &str| -> Result<String> {
+        let o = s.ssh("alice", &["exec", "app", "--", cmd])?;
+        ensure!(o.status.success(), "`{cmd}` in app: {}", stderr(&o));
+        Ok(stdout(&o).trim().to_string())
+    };
+    let boot_id = || guest("cat /proc/sys/kernel/random/boot_id");
+    let backend_pids = || guest("pgrep -f backend.py | sort");
+    let (boot, backend) = (boot_id()?, backend_pids()?);
+    ensure!(!backend.is_empty(), "no web backend runs in app");
+    let vmm_state = || -> Result<String> {
+        let sock = dir.join(format!("data/machines/{}/control.sock", m["id"]));
+        let mut c = boxd_vmm::control::Client::connect(&sock)?;
+        let st = c.call(&boxd_vmm::control::Request::Status {})?;
+        Ok(st.status.context("VMM status")?["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string())
+    };
+    let pause = || -> Result<()> {
+        let m = s.json("alice", &["pause", "app"])?;
+        ensure!(m["state"] == "paused", "pause answered {m}");
+        ensure!(
+            s.json("alice", &["info", "app"])?["state"] == "paused",
+            "info after pause"
+        );
+        // The VMM itself has its vCPUs parked, not only the replicated state.
+        ensure!(vmm_state()? == "paused", "the VMM is {}", vmm_state()?);
+        Ok(())
+    };
+    pause()?;
     let t0 = Instant::now();
     let o = s.https_get(&host, &ca)?;
     let woke = t0.elapsed();
@@ -605,14 +686,25 @@ fn api_machines() -> Result<()> {
     );
     eprintln!("paused machine answered HTTPS after {woke:?} (wake included)");
     assert_eq!(s.json("alice", &["info", "app"])?["state"], "running");
+    assert_eq!(vmm_state()?, "running");
     assert!(s.log().contains("waking for a request"), "{}", s.log());
-    // exec wakes it too; a stopped machine cannot be paused.
-    s.json("alice", &["pause", "app"])?;
+    assert_eq!(
+        boot_id()?,
+        boot,
+        "the kernel restarted across pause and wake"
+    );
+    assert_eq!(
+        backend_pids()?,
+        backend,
+        "the web server restarted across pause and wake"
+    );
+    // exec wakes it too.
+    pause()?;
     let o = s.ssh("alice", &["exec", "app", "--", "echo awake"])?;
     assert_eq!(stdout(&o), "awake\n", "{}", stderr(&o));
     assert_eq!(s.json("alice", &["info", "app"])?["state"], "running");
     // So does the first packet to its public IPv4: the data path's wake event.
-    s.json("alice", &["pause", "app"])?;
+    pause()?;
     let t0 = Instant::now();
     let o = s.direct("alice", &ip, "echo woken by a packet")?;
     assert_eq!(
@@ -667,12 +759,28 @@ fn api_machines() -> Result<()> {
         std::thread::sleep(Duration::from_millis(200));
     };
     assert_eq!(body, "hello from app\n", "through alice's ssh -L tunnel");
-    let _bob_tunnel = tunnel("bob", 18481)?;
-    std::thread::sleep(Duration::from_secs(2));
-    let o = get(18481)?;
+    // Bob's tunnel is up (his ssh connected and listens locally), but the server
+    // refuses its channel: curl's connection is accepted, then closed with no reply
+    // (exit 52 or 56), not refused (7, a tunnel that never came up).
+    let mut bob_tunnel = tunnel("bob", 18481)?;
+    let t0 = Instant::now();
+    let o = loop {
+        let o = get(18481)?;
+        if o.status.code() != Some(7) || t0.elapsed() > Duration::from_secs(20) {
+            break o;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     assert!(
-        !stdout(&o).contains("hello"),
-        "bob tunnelled into alice's machine"
+        matches!(o.status.code(), Some(52 | 56)),
+        "bob's tunnel into alice's machine: curl exit {:?}, {}{}",
+        o.status.code(),
+        stdout(&o),
+        stderr(&o)
+    );
+    assert!(
+        bob_tunnel.0.try_wait()?.is_none(),
+        "bob's ssh -L ended instead of having its channel refused"
     );
 
     // Passthrough: the machine terminates TLS itself, with a certificate of its own
@@ -711,7 +819,7 @@ fn api_machines() -> Result<()> {
     );
     // Asleep and passthrough: the ClientHello waits unread in the socket while the
     // machine wakes, then the stream is joined to it whole.
-    s.json("alice", &["pause", "app"])?;
+    pause()?;
     let body = stdout(&s.https_get(&host, &cert)?);
     assert!(
         body.starts_with("hello from app-tls\n|200|"),
@@ -780,23 +888,39 @@ fn api_machines() -> Result<()> {
         "alice",
         &["exec", "app", "--", "echo kept > /root/kept; sync"],
     )?;
+    let boot = boot_id()?;
     let t = Instant::now();
     let st = s.json("alice", &["stop", "app"])?;
     step("stop", t);
     assert_eq!(st["state"], "stopped");
+    // Powered off for real: its VMM is gone with its control socket.
+    assert!(
+        vmm_state().is_err(),
+        "a stopped machine's VMM still answers"
+    );
     let (_, err, _) = s.json_err("alice", &["exec", "--json", "app", "--", "true"])?;
     assert_eq!(err, "invalid");
+    let (_, err, _) = s.json_err("alice", &["pause", "app"])?;
+    assert_eq!(err, "invalid", "a stopped machine cannot be paused");
     let t = Instant::now();
     let st = s.json("alice", &["start", "app"])?;
     step("start", t);
     assert_eq!(st["state"], "running");
     let o = s.ssh("alice", &["exec", "app", "--", "cat /root/kept"])?;
     assert_eq!(stdout(&o), "kept\n");
+    let after_start = boot_id()?;
+    assert_ne!(after_start, boot, "start did not boot the machine again");
     let t = Instant::now();
-    s.json("alice", &["restart", "app"])?;
+    let st = s.json("alice", &["restart", "app"])?;
     step("restart", t);
+    assert_eq!(st["state"], "running", "{st}");
     let o = s.ssh("alice", &["exec", "app", "--", "cat /root/kept"])?;
     assert_eq!(stdout(&o), "kept\n");
+    assert_ne!(
+        boot_id()?,
+        after_start,
+        "restart did not boot the machine again"
+    );
 
     s.json("alice", &["rm", "app"])?;
     assert!(names(&s.json("alice", &["ls"])?).is_empty());

@@ -52,11 +52,15 @@ fn parse_mac(s: &str) -> [u8; 6] {
     m
 }
 
-fn fx(tag: &str) -> Result<Option<Fx>> {
-    if let Some(why) = tools_missing() {
-        eprintln!("SKIPPED: {why}");
-        return Ok(None);
+/// What these tests need, when something of it is missing.
+fn missing() -> Option<String> {
+    if !boxd_tests::is_root() {
+        return Some("network namespaces and BPF need root".into());
     }
+    tools_missing()
+}
+
+fn fx(tag: &str) -> Result<Fx> {
     let id = format!("{}{tag}", std::process::id() % 100_000);
     let ns = Netns::new(&format!("bxf{id}"))?;
     let peer = Netns::new(&format!("bxg{id}"))?;
@@ -120,11 +124,11 @@ fn fx(tag: &str) -> Result<Option<Fx>> {
         ],
         "proxies": ["198.51.100.10"],
     }))?;
-    Ok(Some(Fx {
+    Ok(Fx {
         ns,
         dp,
         _peer: peer,
-    }))
+    })
 }
 
 impl Fx {
@@ -208,7 +212,10 @@ fn dnat(mut p: Ip4, port_mac: [u8; 6]) -> Ip4 {
 
 #[test]
 fn router_fixtures() -> Result<()> {
-    let Some(f) = fx("r")? else { return Ok(()) };
+    if let Some(why) = missing() {
+        boxd_tests::skip!("{why}");
+    }
+    let f = fx("r")?;
     let tap0 = f.mac("tap0")?;
     let tap1 = f.mac("tap1")?;
     let up0 = f.mac("up0")?;
@@ -475,7 +482,10 @@ fn arp(
 
 #[test]
 fn vm_side_fixtures() -> Result<()> {
-    let Some(f) = fx("v")? else { return Ok(()) };
+    if let Some(why) = missing() {
+        boxd_tests::skip!("{why}");
+    }
+    let f = fx("v")?;
     let tap0 = ifindex_in(&f.ns.name, "tap0")?;
     let tap2 = ifindex_in(&f.ns.name, "tap2")?;
     let tap0_mac = f.mac("tap0")?;
@@ -675,13 +685,18 @@ fn chromium_hellos() -> Vec<(String, Vec<u8>)> {
 
 #[test]
 fn sni_fixtures_with_real_client_hellos() -> Result<()> {
-    let Some(f) = fx("t")? else { return Ok(()) };
+    if let Some(why) = missing() {
+        boxd_tests::skip!("{why}");
+    }
+    let f = fx("t")?;
     // Real clients, captured now on loopback.
     let mut hellos: Vec<(String, Vec<u8>)> = Vec::new();
     for c in [Client::Curl, Client::OpenSsl, Client::Python] {
         if !c.available() {
-            eprintln!("SKIPPED for {}: not installed", c.name());
-            continue;
+            boxd_tests::skip!(
+                "{} is not installed (`cargo xtask setup` installs it): its ClientHello is one of the fixtures",
+                c.name()
+            );
         }
         hellos.push((c.name().into(), tls::capture(c, "my-app.boxd.example")?));
     }

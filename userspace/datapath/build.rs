@@ -11,6 +11,19 @@ use std::env;
 use std::path::PathBuf;
 use std::process::Command;
 
+/// The toolchain ebpf/programs/rust-toolchain.toml pins (`channel = "nightly-..."`).
+fn pinned(ebpf: &std::path::Path) -> String {
+    let path = ebpf.join("programs/rust-toolchain.toml");
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    text.lines()
+        .find_map(|l| {
+            let v = l.trim().strip_prefix("channel")?.trim().strip_prefix('=')?;
+            Some(v.trim().trim_matches('"').to_string())
+        })
+        .unwrap_or_else(|| panic!("{} names no channel", path.display()))
+}
+
 fn main() {
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let ebpf = manifest.join("../../ebpf");
@@ -26,7 +39,7 @@ fn main() {
     }
     println!("cargo:rerun-if-env-changed=BOXD_EBPF_TOOLCHAIN");
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
-    let toolchain = env::var("BOXD_EBPF_TOOLCHAIN").unwrap_or_else(|_| "nightly".into());
+    let toolchain = env::var("BOXD_EBPF_TOOLCHAIN").unwrap_or_else(|_| pinned(&ebpf));
     let target_dir = out.join("ebpf-target");
     let mut cmd = Command::new("rustup");
     cmd.args(["run", &toolchain, "cargo", "build", "--release", "--locked"])

@@ -72,6 +72,11 @@ mod tests {
         let b = bus.subscribe().unwrap();
         bus.publish(&Event::waiting("x"));
         assert_eq!(a.recv().unwrap().port, "x");
+        assert_eq!(
+            b.recv().unwrap().port,
+            "x",
+            "every subscriber gets the event"
+        );
         drop(b);
         bus.publish(&Event::waiting("y"));
         assert_eq!(a.recv().unwrap().port, "y");

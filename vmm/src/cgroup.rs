@@ -243,8 +243,7 @@ mod tests {
     fn leftover_groups_are_replaced_and_live_ones_refused() {
         let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         if unsafe_is_not_root() {
-            eprintln!("SKIP: cgroup test needs root");
-            return;
+            boxd_testkit::skip!("cgroups need root");
         }
         let root = Path::new(ROOT);
         let name = format!("test-left-{}", std::process::id());
@@ -257,8 +256,7 @@ mod tests {
                 .map(|c| root.join(c).join(GROUP).join(&name))
                 .collect()
         } else {
-            eprintln!("SKIP: no cgroup hierarchy here");
-            return;
+            boxd_testkit::skip!("no cgroup hierarchy here");
         };
         for d in &leftovers {
             std::fs::create_dir_all(d).unwrap();
@@ -293,15 +291,13 @@ mod tests {
     fn entering_applies_limits_and_leaving_removes_the_group() {
         let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         if unsafe_is_not_root() {
-            eprintln!("SKIP: cgroup test needs root");
-            return;
+            boxd_testkit::skip!("cgroups need root");
         }
         let name = format!("test-{}", std::process::id());
         let cg = match Cgroup::enter(&name, &limits()) {
             Ok(cg) => cg,
             Err(CgroupError::NoHierarchy) => {
-                eprintln!("SKIP: no cgroup hierarchy here");
-                return;
+                boxd_testkit::skip!("no cgroup hierarchy here");
             }
             Err(e) => panic!("{e}"),
         };
@@ -318,6 +314,22 @@ mod tests {
             })
             .expect("a memory limit file");
         assert_eq!(memory_limit.trim(), (256u64 << 20).to_string());
+        let read_any = |files: &[&str]| {
+            dirs.iter()
+                .find_map(|d| {
+                    files
+                        .iter()
+                        .find_map(|f| std::fs::read_to_string(d.join(f)).ok())
+                })
+                .unwrap_or_else(|| panic!("none of {files:?} in {dirs:?}"))
+        };
+        assert_eq!(read_any(&["pids.max"]).trim(), "4096");
+        // One vCPU's worth of CPU time per period: cgroup v2 writes both in cpu.max.
+        let cpu = read_any(&["cpu.max", "cpu.cfs_quota_us"]);
+        assert!(
+            cpu.trim() == "100000 100000" || cpu.trim() == "100000",
+            "cpu limit {cpu:?}"
+        );
         drop(cg);
         for d in dirs {
             assert!(!d.exists(), "{} left behind", d.display());

@@ -54,12 +54,11 @@ impl Asm {
     }
 }
 
-fn kvm_available() -> bool {
-    if std::fs::metadata("/dev/kvm").is_err() {
-        eprintln!("SKIP: /dev/kvm is not available on this host");
-        return false;
-    }
-    true
+/// Why these tests cannot run here, when they cannot.
+fn no_kvm() -> Option<&'static str> {
+    std::fs::metadata("/dev/kvm")
+        .is_err()
+        .then_some("/dev/kvm is not available on this host")
 }
 
 struct TempDir(PathBuf);
@@ -87,8 +86,8 @@ fn run(config: VmConfig) -> (ExitReason, Vmm) {
 
 #[test]
 fn serial_output_reaches_the_console_file_and_power_off_ends_the_vm() {
-    if !kvm_available() {
-        return;
+    if let Some(why) = no_kvm() {
+        boxd_testkit::skip!("{why}");
     }
     let dir = TempDir::new("serial");
     let console = dir.0.join("console.log");
@@ -110,8 +109,8 @@ fn serial_output_reaches_the_console_file_and_power_off_ends_the_vm() {
 
 #[test]
 fn mmio_reads_reach_the_virtio_transport() {
-    if !kvm_available() {
-        return;
+    if let Some(why) = no_kvm() {
+        boxd_testkit::skip!("{why}");
     }
     let dir = TempDir::new("mmio");
     // With a vsock device configured, the first virtio-mmio window answers "virt".
@@ -152,8 +151,8 @@ fn mmio_reads_reach_the_virtio_transport() {
 
 #[test]
 fn acpi_tables_sit_where_the_boot_params_say() {
-    if !kvm_available() {
-        return;
+    if let Some(why) = no_kvm() {
+        boxd_testkit::skip!("{why}");
     }
     // The RSDP signature "RSD PTR " at 0xe0000, read by the guest itself.
     let code = Asm::default()
@@ -175,8 +174,8 @@ fn acpi_tables_sit_where_the_boot_params_say() {
 
 #[test]
 fn acpi_reset_and_triple_faults_ask_for_a_reboot() {
-    if !kvm_available() {
-        return;
+    if let Some(why) = no_kvm() {
+        boxd_testkit::skip!("{why}");
     }
     let (reason, _) = run(VmConfig::raw(Asm::default().out(0x600, 1).halt().0));
     assert_eq!(reason, ExitReason::Reboot);
@@ -187,29 +186,38 @@ fn acpi_reset_and_triple_faults_ask_for_a_reboot() {
 
 #[test]
 fn control_socket_pauses_resumes_and_stops_a_running_guest() {
-    if !kvm_available() {
-        return;
+    if let Some(why) = no_kvm() {
+        boxd_testkit::skip!("{why}");
     }
     let dir = TempDir::new("control");
     let sock = dir.0.join("control.sock");
-    let mut config = VmConfig::raw(Asm::default().spin().0);
+    // A guest that shows it runs: an endless loop of port writes, each one a VM exit
+    // the VMM counts (`vcpu_exits`).
+    let mut code = Asm::default().out(0x80, 0).0;
+    code.extend_from_slice(&[0xeb, (-(code.len() as i8 + 2)) as u8]); // jmp back
+    let mut config = VmConfig::raw(code);
     config.control = Some(sock.clone());
     let mut vmm = Vmm::start(config).unwrap();
     let driver = std::thread::spawn(move || {
         let mut c = Client::connect(&sock).unwrap();
-        let s = c.call(&Request::Status {}).unwrap();
-        assert!(s.ok);
-        assert_eq!(s.status.as_ref().unwrap()["state"], "running");
+        let mut status = move || c.call(&Request::Status {}).unwrap().status.unwrap();
+        let exits = |s: &serde_json::Value| s["vcpu_exits"].as_u64().unwrap();
+        let s = status();
+        assert_eq!(s["state"], "running");
+        let ran = |status: &mut dyn FnMut() -> serde_json::Value| {
+            let before = exits(&status());
+            std::thread::sleep(Duration::from_millis(300));
+            exits(&status()) - before
+        };
+        assert!(ran(&mut status) > 0, "the guest does not run");
+        let mut c = Client::connect(&sock).unwrap();
         assert!(c.call(&Request::Pause {}).unwrap().ok);
-        assert_eq!(
-            c.call(&Request::Status {}).unwrap().status.unwrap()["state"],
-            "paused"
-        );
+        let s = status();
+        assert_eq!(s["state"], "paused");
+        assert_eq!(ran(&mut status), 0, "a paused guest ran");
         assert!(c.call(&Request::Resume {}).unwrap().ok);
-        assert_eq!(
-            c.call(&Request::Status {}).unwrap().status.unwrap()["state"],
-            "running"
-        );
+        assert_eq!(status()["state"], "running");
+        assert!(ran(&mut status) > 0, "the resumed guest does not run");
         // A bad request gets an error that says what is expected, and changes nothing.
         let mut raw = std::os::unix::net::UnixStream::connect(&sock).unwrap();
         std::io::Write::write_all(&mut raw, b"{\"op\":\"explode\"}\n").unwrap();
@@ -218,6 +226,11 @@ fn control_socket_pauses_resumes_and_stops_a_running_guest() {
         assert!(
             reply.contains("\"ok\":false") && reply.contains("op"),
             "{reply}"
+        );
+        assert_eq!(status()["state"], "running");
+        assert!(
+            ran(&mut status) > 0,
+            "the guest stopped after a bad request"
         );
         assert!(c.call(&Request::Stop {}).unwrap().ok);
     });
@@ -276,8 +289,8 @@ fn bad_configurations_are_refused_with_the_reason() {
 
 #[test]
 fn a_failed_boot_reported_by_the_initramfs_is_a_crash_that_says_why() {
-    if !kvm_available() {
-        return;
+    if let Some(why) = no_kvm() {
+        boxd_testkit::skip!("{why}");
     }
     // What boxd's initramfs does when it cannot mount the root: a line on the
     // console, 0xE1 on the debug port, poweroff.
@@ -296,8 +309,8 @@ fn a_failed_boot_reported_by_the_initramfs_is_a_crash_that_says_why() {
 
 #[test]
 fn a_second_vmm_cannot_open_the_same_disk_and_leaves_nothing_behind() {
-    if !kvm_available() {
-        return;
+    if let Some(why) = no_kvm() {
+        boxd_testkit::skip!("{why}");
     }
     let dir = TempDir::new("disk-lock");
     let disk = boxd_vmm::DiskSpec {
@@ -321,8 +334,8 @@ fn a_second_vmm_cannot_open_the_same_disk_and_leaves_nothing_behind() {
 
 #[test]
 fn the_kvm_probe_measures_ring_zero_speed() {
-    if !kvm_available() {
-        return;
+    if let Some(why) = no_kvm() {
+        boxd_testkit::skip!("{why}");
     }
     let speed = boxd_vmm::probe::kvm_speed().unwrap();
     assert!(speed.ns_per_instruction.is_finite() && speed.ns_per_instruction > 0.0);

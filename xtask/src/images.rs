@@ -635,22 +635,22 @@ mod tests {
         assert_eq!(entry, 0x40_0000 + 120);
         // The code at the entry point starts with `mov eax, 173` (ioperm).
         assert_eq!(&e[120..125], &[0xb8, 0xad, 0, 0, 0]);
-        // readelf, when present, agrees it is an executable with one loadable segment.
+        // readelf (binutils, which comes with gcc) agrees it is an executable with one
+        // loadable segment.
         let path = std::env::temp_dir().join(format!("boxd-boot-failed-{}", std::process::id()));
         std::fs::write(&path, &e).unwrap();
-        if let Ok(out) = std::process::Command::new("readelf")
+        let out = std::process::Command::new("readelf")
             .arg("-lh")
             .arg(&path)
             .output()
-        {
-            let text = String::from_utf8_lossy(&out.stdout);
-            assert!(text.contains("EXEC") && text.contains("LOAD"), "{text}");
-        }
+            .expect("readelf (binutils, installed with gcc)");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("EXEC") && text.contains("LOAD"), "{text}");
         let _ = std::fs::remove_file(path);
     }
 
     #[test]
-    fn finds_the_modinfo_section_of_a_real_elf() {
+    fn finds_a_named_section_of_a_real_elf() {
         // Our own test binary is an ELF64 file with a .text section.
         let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
         assert!(elf_section(&exe, ".text").is_some());

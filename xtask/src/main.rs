@@ -1,15 +1,19 @@
 //! boxd's development tasks: `cargo xtask <task>`.
+//!
+//! xtask is what installs the system packages, so it must build without them: it
+//! links nothing that needs libclang, RocksDB, LLVM or the eBPF toolchain (`cargo xtask
+//! test` checks its dependency graph, see `deps.rs`). Tests, benchmarks and the demo are
+//! Rust code of the tests crate, built by cargo once setup has run, and started from
+//! here as programs.
 
-mod bench;
-mod bench_dns;
-mod bench_proxy;
 mod cpio;
-mod demo;
+mod deps;
 mod images;
 mod setup;
+mod test;
 mod util;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::Command;
@@ -27,40 +31,38 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what this machine lacks (Debian packages, toolchains); idempotent.
+    /// Install what this machine lacks (Debian packages, the pinned nightly toolchain,
+    /// bpf-linker, cargo-fuzz); idempotent.
     Setup,
     /// Build the guest kernel, initramfs and root file system (cached by content).
     Images,
-    /// The test suite, as CI runs it: setup, format and lint checks, images, every test
-    /// (the ones that boot Linux run in the emulated KVM host where needed).
-    Test,
+    /// The test suite, as CI runs it: setup, the dependency check, format and lint
+    /// checks, images, every test (the ones that boot Linux run in the emulated KVM host
+    /// where needed), the fuzz smoke run; one summary line at the end.
+    Test {
+        /// Count a test that cannot run here as skipped instead of failed (refused in
+        /// CI, where nothing may be missing).
+        #[arg(long)]
+        allow_skips: bool,
+    },
+    /// Check that xtask's own dependency graph needs no system package.
+    CheckDeps,
     /// End-to-end scenarios with real Linux guests.
     E2e {
         #[arg(value_enum)]
         scenario: Scenario,
     },
-    /// Benchmarks that print boxd's figure beside a peer's from the same run.
+    /// Benchmarks that print boxd's figure beside a peer's from the same run. Arguments
+    /// after the name go to the bench (`cargo xtask bench proxy -- --help`).
     Bench {
         #[arg(value_enum)]
         what: BenchKind,
-        /// Boots per VMM (the median is reported).
-        #[arg(long, default_value_t = 3)]
-        runs: usize,
-        /// `net`: seconds per frame-rate measurement.
-        #[arg(long, default_value_t = 3.0)]
-        seconds: f64,
-        /// `net`: leave out the QEMU guest runs (about two minutes).
-        #[arg(long)]
-        skip_guest: bool,
-        /// Already inside the place where guests boot (set by the task itself).
-        #[arg(long, hide = true)]
-        inside: bool,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
-    /// Build what is missing, boot a demo machine and drive it, with timings.
-    Demo {
-        #[arg(long, hide = true)]
-        inside: bool,
-    },
+    /// Install what is missing, build boxd and the images, start a single node (`boxd
+    /// server`) and drive a demo machine over SSH, with timings.
+    Demo,
     /// Capture real Chromium ClientHellos into tests/fixtures/tls (installs chromium).
     CaptureHellos {
         #[arg(long, default_value_t = 8)]
@@ -87,7 +89,7 @@ enum Scenario {
     Boot,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum BenchKind {
     /// VMM start to kernel entry and to agent ready, boxd vs QEMU.
     Boot,
@@ -100,14 +102,44 @@ enum BenchKind {
     /// The control plane: committed writes per second and commit latency with 1 and 3
     /// voters, against etcd with 1 and 3 members.
     Control,
-    /// The HTTPS proxy: requests per second and p99 through `boxd proxy serve` against
-    /// nginx (wrk, same certificate and backend).
+    /// HTTPS requests per second and p99 through `boxd server`'s proxy to a machine,
+    /// against nginx (wrk, same certificate and backend).
     Proxy,
-    /// Authoritative DNS: queries per second of `boxd dns serve` against Knot (dnsperf).
+    /// Authoritative DNS: queries per second of `boxd server` against Knot (dnsperf).
     Dns,
     /// The SSH API: `ssh host ls --json` p50/p99 against OpenSSH's sshd running `true`,
-    /// and `new` to SSH-ready (--runs machines).
+    /// and `new` to SSH-ready.
     Api,
+}
+
+impl BenchKind {
+    /// The program that runs the bench, and the arguments that pick it.
+    fn program(self) -> (&'static str, &'static [&'static str]) {
+        match self {
+            BenchKind::Boot => ("boxd-bench", &["boot"]),
+            BenchKind::Api => ("boxd-bench", &["api"]),
+            BenchKind::Proxy => ("boxd-bench", &["proxy"]),
+            BenchKind::Dns => ("boxd-bench", &["dns"]),
+            BenchKind::Net => ("boxd-netbench", &[]),
+            BenchKind::Bpf => ("boxd-bpfbench", &[]),
+            BenchKind::Control => ("boxd-controlbench", &[]),
+        }
+    }
+
+    /// Debian packages only this bench needs (its peer and load generator).
+    fn packages(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            BenchKind::Proxy => &[
+                ("nginx-light", "the peer (and the backend) in `bench proxy`"),
+                ("wrk", "the HTTPS load generator of `bench proxy`"),
+            ],
+            BenchKind::Dns => &[
+                ("knot", "Knot DNS, the peer in `bench dns`"),
+                ("dnsperf", "the load generator of `bench dns`"),
+            ],
+            _ => &[],
+        }
+    }
 }
 
 fn parse_forward(s: &str) -> Result<(u16, u16), String> {
@@ -124,9 +156,8 @@ fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Setup => setup::setup(),
         Task::Images => {
-            let boxd = build_boxd()?;
-            let images = images::build(&boxd)?;
-            images::prune(&images)?;
+            setup::setup()?;
+            let images = build_boxd_and_images()?;
             println!(
                 "kernel  {} ({})",
                 images.kernel.display(),
@@ -136,12 +167,13 @@ fn main() -> Result<()> {
             println!("rootfs  {}", images.rootfs.display());
             Ok(())
         }
-        Task::Test => test(),
+        Task::Test { allow_skips } => test::suite(allow_skips),
+        Task::CheckDeps => deps::check(),
         Task::E2e {
             scenario: Scenario::Boot,
         } => {
-            let boxd = build_boxd()?;
-            images::build(&boxd)?;
+            setup::setup()?;
+            build_boxd_and_images()?;
             run(Command::new(env!("CARGO")).args([
                 "test",
                 "-p",
@@ -152,106 +184,24 @@ fn main() -> Result<()> {
                 "--nocapture",
             ]))
         }
-        Task::Bench {
-            what: BenchKind::Net,
-            seconds,
-            skip_guest,
-            ..
-        } => bench::net(seconds, skip_guest),
-        Task::Bench {
-            what: BenchKind::Bpf,
-            seconds,
-            ..
-        } => bench::bpf(seconds),
-        Task::Bench {
-            what: BenchKind::Proxy,
-            seconds,
-            ..
-        } => bench_proxy::proxy(seconds.max(5.0)),
-        Task::Bench {
-            what: BenchKind::Dns,
-            seconds,
-            ..
-        } => bench_dns::dns(seconds.max(5.0)),
-        Task::Bench {
-            what: BenchKind::Control,
-            seconds,
-            ..
-        } => bench::control(seconds),
-        Task::Bench {
-            what: BenchKind::Api,
-            runs,
-            inside,
-            ..
-        } => {
-            if inside {
-                return bench::api_new(runs);
-            }
+        Task::Bench { what, args } => {
             setup::setup()?;
-            let here = prepare_guests()?;
-            bench::api_ls()?;
-            if here {
-                return bench::api_new(runs);
-            }
-            let argv = vec![
-                self_exe()?,
-                "bench".into(),
-                "api".into(),
-                "--runs".into(),
-                runs.to_string(),
-                "--inside".into(),
-            ];
-            boxd_tests::guest::run_in_testhost(argv, std::time::Duration::from_secs(60 * 60))
+            setup::ensure_packages(what.packages())?;
+            build_boxd_and_images()?;
+            let (program, first) = what.program();
+            run(Command::new(build_test_program(program)?)
+                .args(first)
+                .args(&args))
+        }
+        Task::Demo => {
+            setup::setup()?;
+            build_boxd_and_images()?;
+            run(&mut Command::new(build_test_program("boxd-demo")?))
         }
         Task::CaptureHellos { count } => {
             setup::setup()?;
             setup::ensure_packages(&[("chromium", "the browser whose ClientHellos are captured")])?;
-            run(Command::new(env!("CARGO")).args([
-                "run",
-                "--quiet",
-                "--release",
-                "-p",
-                "boxd-tests",
-                "--bin",
-                "boxd-capture-hellos",
-                "--",
-                &count.to_string(),
-            ]))
-        }
-        Task::Bench {
-            what: BenchKind::Boot,
-            runs,
-            inside,
-            ..
-        } => {
-            if !inside && !prepare_guests()? {
-                let argv = vec![
-                    self_exe()?,
-                    "bench".into(),
-                    "boot".into(),
-                    "--runs".into(),
-                    runs.to_string(),
-                    "--inside".into(),
-                ];
-                return boxd_tests::guest::run_in_testhost(
-                    argv,
-                    std::time::Duration::from_secs(60 * 60),
-                );
-            }
-            bench::boot(runs)
-        }
-        Task::Demo { inside } => {
-            if !inside {
-                setup::setup()?;
-                if !prepare_guests()? {
-                    let argv = vec![self_exe()?, "demo".into(), "--inside".into()];
-                    return boxd_tests::guest::run_in_testhost(
-                        argv,
-                        std::time::Duration::from_secs(30 * 60),
-                    );
-                }
-            }
-            demo::run()
+            run(Command::new(build_test_program("boxd-capture-hellos")?).arg(count.to_string()))
         }
         Task::Testhost {
             forwards,
@@ -259,7 +209,7 @@ fn main() -> Result<()> {
             memory_mib,
             command,
         } => {
-            let host = boxd_tests::testhost::TestHost {
+            let host = boxd_testkit::testhost::TestHost {
                 cpus,
                 memory_mib,
                 forwards,
@@ -275,82 +225,13 @@ fn main() -> Result<()> {
     }
 }
 
-/// Builds boxd and the images; returns whether Linux guests boot on this host directly.
-fn prepare_guests() -> Result<bool> {
-    let boxd = build_boxd()?;
-    images::build(&boxd)?;
-    boxd_tests::guest::guests_boot_here()
-}
-
-fn self_exe() -> Result<String> {
-    Ok(std::env::current_exe()?.display().to_string())
-}
-
-/// The README's test command (and CI's).
-fn test() -> Result<()> {
-    setup::setup()?;
-    let cargo = env!("CARGO");
-    let step = Step::start("cargo fmt --check");
-    run(Command::new(cargo).args(["fmt", "--all", "--", "--check"]))?;
-    step.done();
-    let step = Step::start("cargo clippy -D warnings");
-    run(Command::new(cargo).args([
-        "clippy",
-        "--quiet",
-        "--workspace",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
-    step.done();
+/// Builds the release `boxd` and the guest images (which carry it), and drops images
+/// no longer current.
+fn build_boxd_and_images() -> Result<images::Images> {
     let boxd = build_boxd()?;
     let images = images::build(&boxd)?;
     images::prune(&images)?;
-    let step = Step::start("cargo test --workspace");
-    run(Command::new(cargo).args(["test", "--workspace"]))?;
-    step.done();
-    fuzz(FUZZ_SECONDS)
-}
-
-/// How long CI fuzzes the network backend's descriptor-chain parsers.
-const FUZZ_SECONDS: u32 = 30;
-
-/// Runs the vhost-net fuzz target for `seconds` (cargo-fuzz on the nightly toolchain;
-/// installs cargo-fuzz from crates.io when missing).
-fn fuzz(seconds: u32) -> Result<()> {
-    let has_fuzz = Command::new("cargo")
-        .args(["+nightly", "fuzz", "--version"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !has_fuzz {
-        let step = Step::start("cargo install cargo-fuzz (once, about 30 s)");
-        run(Command::new(env!("CARGO")).args(["install", "--quiet", "--locked", "cargo-fuzz"]))?;
-        step.done();
-    }
-    let step = Step::start(format!("cargo fuzz run chain ({seconds} s)"));
-    let dir = boxd_tests::root().join("vhost-net/fuzz");
-    std::fs::create_dir_all(dir.join("corpus/chain"))
-        .context("creating the fuzz corpus directory")?;
-    run(Command::new("cargo")
-        .current_dir(&dir)
-        // The fresh corpus first (new inputs go there), then the committed seeds:
-        // every input that ever found a bug, replayed on every run.
-        .args([
-            "+nightly",
-            "fuzz",
-            "run",
-            "chain",
-            "corpus/chain",
-            "seeds/chain",
-            "--",
-        ])
-        .arg(format!("-max_total_time={seconds}"))
-        .arg("-print_final_stats=1"))?;
-    step.done();
-    Ok(())
+    Ok(images)
 }
 
 /// Builds the release `boxd` binary that guests and the test host run.
@@ -359,4 +240,21 @@ pub fn build_boxd() -> Result<PathBuf> {
     run(Command::new(env!("CARGO")).args(["build", "--quiet", "--release", "-p", "boxd"]))?;
     step.done();
     Ok(target_dir().join("release/boxd"))
+}
+
+/// Builds one of the tests crate's programs (benches, the demo) in release mode; its
+/// path.
+fn build_test_program(bin: &str) -> Result<PathBuf> {
+    let step = Step::start(format!("cargo build --release -p boxd-tests --bin {bin}"));
+    run(Command::new(env!("CARGO")).args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "boxd-tests",
+        "--bin",
+        bin,
+    ]))?;
+    step.done();
+    Ok(target_dir().join("release").join(bin))
 }

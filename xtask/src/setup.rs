@@ -4,7 +4,7 @@
 //! a machine that already has everything takes well under a second.
 
 use crate::util::{Step, is_root, output, run};
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use std::process::Command;
 
 /// Debian packages boxd's build, images, test host and tests need, and why.
@@ -81,10 +81,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ),
 ];
 
-/// The nightly the eBPF programs were built and verified with (ebpf/programs).
-const NIGHTLY_DATE: &str = "2026-05-19";
-/// bpf-linker, built against LLVM 22 (the nightly's LLVM).
+/// bpf-linker, built against LLVM 22 (the pinned nightly's LLVM).
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// cargo-fuzz, which runs the fuzz smoke test on the pinned nightly.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 pub fn setup() -> Result<()> {
     let missing = missing_packages()?;
@@ -103,45 +103,75 @@ pub fn setup() -> Result<()> {
         }
         install_packages(&missing)?;
     }
-    ebpf_toolchain()
+    ebpf_toolchain()?;
+    cargo_fuzz()
 }
 
-/// The eBPF toolchain: nightly with rust-src, and bpf-linker against LLVM 22.
+/// The nightly toolchain the eBPF programs are built with, as pinned by
+/// ebpf/programs/rust-toolchain.toml (the one place it is written down).
+pub fn nightly() -> Result<String> {
+    let path = boxd_testkit::root().join("ebpf/programs/rust-toolchain.toml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+    text.lines()
+        .find_map(|l| {
+            let v = l.trim().strip_prefix("channel")?.trim().strip_prefix('=')?;
+            Some(v.trim().trim_matches('"').to_string())
+        })
+        .filter(|c| c.starts_with("nightly-"))
+        .with_context(|| {
+            format!(
+                "{} pins no dated nightly (channel = \"nightly-YYYY-MM-DD\")",
+                path.display()
+            )
+        })
+}
+
+/// The eBPF toolchain: the pinned nightly with rust-src, and bpf-linker against LLVM 22.
 fn ebpf_toolchain() -> Result<()> {
-    let nightly = output(Command::new("rustc").args(["+nightly", "-vV"])).map_err(|_| {
-        anyhow::anyhow!(
-            "no nightly Rust toolchain: the eBPF programs need one (`rustup toolchain install nightly`)"
-        )
-    })?;
-    if !nightly.contains(NIGHTLY_DATE) {
-        eprintln!(
-            "setup: warning: the eBPF programs were verified with nightly {NIGHTLY_DATE}; this \
-             machine's is {}",
-            nightly.lines().next().unwrap_or("?")
-        );
+    let nightly = nightly()?;
+    let installed = output(Command::new("rustup").args(["toolchain", "list"])).context(
+        "rustup is needed to install the eBPF programs' nightly toolchain (https://rustup.rs)",
+    )?;
+    if !installed.lines().any(|l| l.starts_with(&nightly)) {
+        let step = Step::start(format!(
+            "rustup toolchain install {nightly} --profile minimal --component rust-src (about 600 MB)"
+        ));
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            &nightly,
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
+        step.done();
     }
     let components = output(Command::new("rustup").args([
         "component",
         "list",
         "--toolchain",
-        "nightly",
+        &nightly,
         "--installed",
     ]))?;
     if !components.lines().any(|l| l.starts_with("rust-src")) {
-        let step = Step::start("rustup component add rust-src --toolchain nightly");
+        let step = Step::start(format!(
+            "rustup component add rust-src --toolchain {nightly}"
+        ));
         run(Command::new("rustup").args([
             "component",
             "add",
             "rust-src",
             "--toolchain",
-            "nightly",
+            &nightly,
         ]))?;
         step.done();
     }
     let linker = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
     if !linker.contains(BPF_LINKER_VERSION) {
         let step = Step::start(format!(
-            "cargo install bpf-linker {BPF_LINKER_VERSION} (LLVM 22, about a minute)"
+            "cargo install bpf-linker {BPF_LINKER_VERSION} (LLVM 22, a few minutes)"
         ));
         run(Command::new(env!("CARGO"))
             .args([
@@ -155,6 +185,26 @@ fn ebpf_toolchain() -> Result<()> {
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22")
             .env("LLVM_SYS_221_PREFIX", "/usr/lib/llvm-22"))?;
+        step.done();
+    }
+    Ok(())
+}
+
+/// cargo-fuzz for the fuzz smoke run of `cargo xtask test`.
+fn cargo_fuzz() -> Result<()> {
+    let have = output(Command::new("cargo").args(["fuzz", "--version"])).unwrap_or_default();
+    if !have.contains(CARGO_FUZZ_VERSION) {
+        let step = Step::start(format!(
+            "cargo install cargo-fuzz {CARGO_FUZZ_VERSION} (about a minute)"
+        ));
+        run(Command::new(env!("CARGO")).args([
+            "install",
+            "--quiet",
+            "--locked",
+            "cargo-fuzz",
+            "--version",
+            CARGO_FUZZ_VERSION,
+        ]))?;
         step.done();
     }
     Ok(())

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-pub use boxd_tests::target_dir;
+pub use boxd_testkit::target_dir;
 
 /// Where built guest images and their caches live.
 pub fn images_dir() -> PathBuf {

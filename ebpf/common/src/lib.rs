@@ -420,7 +420,7 @@ mod tests {
     /// The layouts are an ABI between the object and the loader: a changed size is a
     /// deliberate decision, not an accident.
     #[test]
-    fn layouts_have_no_implicit_padding() {
+    fn layouts_keep_their_abi_sizes() {
         assert_eq!(size_of::<Config>(), 40);
         assert_eq!(size_of::<VmEntry>(), 32);
         assert_eq!(size_of::<PortEntry>(), 12);

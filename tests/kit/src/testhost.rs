@@ -80,6 +80,12 @@ pub struct TestHost {
     pub timeout: Duration,
     /// Where the command runs inside (default: the current directory).
     pub cwd: Option<PathBuf>,
+    /// Put before each line of the command's output as it is streamed to ours (the
+    /// [`Outcome`] keeps it as written).
+    pub output_prefix: String,
+    /// Give the command a ledger of its own (`BOXD_TEST_LEDGER`, in the scratch folder:
+    /// this machine's file system is read-only inside) and return its entries.
+    pub inner_ledger: bool,
 }
 
 impl Default for TestHost {
@@ -93,6 +99,8 @@ impl Default for TestHost {
             env: Vec::new(),
             timeout: Duration::from_secs(30 * 60),
             cwd: None,
+            output_prefix: String::new(),
+            inner_ledger: false,
         }
     }
 }
@@ -108,6 +116,8 @@ pub struct Outcome {
     /// What the command wrote (also streamed live), the first OUTPUT_KEPT bytes.
     pub stdout: Vec<u8>,
     pub stderr: Vec<u8>,
+    /// What the command recorded in its ledger (with [`TestHost::inner_ledger`]).
+    pub ledger: Vec<crate::ledger::Entry>,
 }
 
 /// How much of a command's output an [`Outcome`] keeps (all of it is streamed).
@@ -236,8 +246,8 @@ impl TestHost {
             .stderr(std::fs::File::create(dir.join("qemu.log"))?);
         let mut qemu = Reaped(qemu_cmd.spawn().context("start qemu-system-x86_64")?);
 
-        let mut out = Tail::new(dir.join("stdout"));
-        let mut err = Tail::new(dir.join("stderr"));
+        let mut out = Tail::new(dir.join("stdout"), &self.output_prefix);
+        let mut err = Tail::new(dir.join("stderr"), &self.output_prefix);
         let deadline = started + self.timeout;
         let mut boot_s = None;
         let mut heartbeat = (String::new(), Instant::now());
@@ -328,6 +338,7 @@ impl TestHost {
             console: console_text,
             stdout: out.kept,
             stderr: err.kept,
+            ledger: crate::ledger::read(&dir.join("ledger")),
         })
     }
 
@@ -335,6 +346,13 @@ impl TestHost {
     fn init_script(&self, images: &Images, dir: &Path, cwd: &Path, argv: &[String]) -> String {
         let q = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
         let mut env = String::new();
+        if self.inner_ledger {
+            env.push_str(&format!(
+                "export {}={}\n",
+                crate::ledger::ENV,
+                q(&dir.join("ledger").display().to_string())
+            ));
+        }
         for (k, v) in &self.env {
             env.push_str(&format!("export {k}={}\n", q(v)));
         }
@@ -539,14 +557,18 @@ struct Tail {
     path: PathBuf,
     offset: u64,
     kept: Vec<u8>,
+    prefix: Vec<u8>,
+    at_line_start: bool,
 }
 
 impl Tail {
-    fn new(path: PathBuf) -> Self {
+    fn new(path: PathBuf, prefix: &str) -> Self {
         Self {
             path,
             offset: 0,
             kept: Vec::new(),
+            prefix: prefix.as_bytes().to_vec(),
+            at_line_start: true,
         }
     }
 
@@ -561,7 +583,19 @@ impl Tail {
         self.offset += buf.len() as u64;
         let room = OUTPUT_KEPT.saturating_sub(self.kept.len());
         self.kept.extend_from_slice(&buf[..buf.len().min(room)]);
-        to.write_all(&buf)?;
+        if self.prefix.is_empty() {
+            to.write_all(&buf)?;
+        } else {
+            let mut shown = Vec::with_capacity(buf.len() + 64);
+            for &b in &buf {
+                if self.at_line_start {
+                    shown.extend_from_slice(&self.prefix);
+                }
+                shown.push(b);
+                self.at_line_start = b == b'\n';
+            }
+            to.write_all(&shown)?;
+        }
         to.flush()?;
         Ok(())
     }

@@ -909,6 +909,12 @@ mod tests {
             other => panic!("not an SOA: {other:?}"),
         }
 
+        // The apex itself answers with its address.
+        let r = ask(Some(&zone), "boxd.test.", RecordType::A, false);
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(r.answers.len(), 1);
+        assert_eq!(&r.answers[0].data, &RData::A(A::new(192, 0, 2, 1)));
+
         let r = ask(
             Some(&zone),
             "_acme-challenge.app.boxd.test.",
@@ -916,6 +922,13 @@ mod tests {
             false,
         );
         assert_eq!(r.answers.len(), 1);
+        match &r.answers[0].data {
+            RData::TXT(t) => {
+                let text: Vec<u8> = t.txt_data.iter().flat_map(|d| d.iter().copied()).collect();
+                assert_eq!(text, b"token-value");
+            }
+            other => panic!("not a TXT: {other:?}"),
+        }
     }
 
     #[test]

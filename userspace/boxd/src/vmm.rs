@@ -50,6 +50,12 @@ pub enum VmmCommand {
         #[arg(long, default_value_t = 4096)]
         bytes: usize,
     },
+    /// Measure whether this host's KVM runs guest kernels at hardware speed (a tiny
+    /// ring-0 loop, tens of milliseconds); exits 0 either way.
+    Probe {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args)]
@@ -150,6 +156,7 @@ pub fn main(command: VmmCommand) -> Exit {
         ),
         VmmCommand::Stop(t) => (t, Request::Stop {}),
         VmmCommand::Console { target, bytes } => (target, Request::Console { bytes }),
+        VmmCommand::Probe { json } => return probe(json),
     };
     let reply = Client::connect(&target.control)?.call(&request)?;
     if !reply.ok {
@@ -160,6 +167,21 @@ pub fn main(command: VmmCommand) -> Exit {
     }
     if let Some(c) = reply.console {
         print!("{c}");
+    }
+    Ok(0)
+}
+
+fn probe(json: bool) -> Exit {
+    let speed = boxd_vmm::probe::kvm_speed().map_err(|e| anyhow::anyhow!("KVM probe: {e}"))?;
+    if json {
+        println!("{}", serde_json::to_string(&speed)?);
+    } else if speed.hardware_speed {
+        println!(
+            "KVM runs guest kernel code at hardware speed ({:.1} ns per instruction)",
+            speed.ns_per_instruction
+        );
+    } else {
+        println!("{}", boxd_vmm::probe::refusal(&speed));
     }
     Ok(0)
 }

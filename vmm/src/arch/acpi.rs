@@ -330,7 +330,7 @@ mod tests {
     /// devices we meant. Skips (saying so) where `iasl` is not installed.
     #[test]
     fn iasl_disassembles_the_dsdt_into_our_devices() {
-        let Ok(dir) = tempdir() else { return };
+        let dir = tempdir().expect("a scratch directory for iasl");
         let t = tables(2, &devices(), 9);
         let path = dir.join("dsdt.dat");
         std::fs::write(&path, &t[1].1).unwrap();
@@ -339,8 +339,9 @@ mod tests {
             .arg(&path)
             .output();
         let Ok(out) = out else {
-            eprintln!("SKIP: iasl not installed (cargo xtask setup installs acpica-tools)");
-            return;
+            boxd_testkit::skip!(
+                "iasl is not installed (`cargo xtask setup` installs acpica-tools)"
+            );
         };
         assert!(
             out.status.success(),

@@ -203,6 +203,16 @@ mod tests {
         write_boot_tables(&mem).unwrap();
         let pml4: u64 = mem.read_obj(GuestAddress(PML4_START)).unwrap();
         assert_eq!(pml4, PDPTE_START | 3);
+        // Every 2 MiB page of the first 4 GiB maps to itself: four directories of 512.
+        for gib in 0..4u64 {
+            let pdpt: u64 = mem.read_obj(GuestAddress(PDPTE_START + gib * 8)).unwrap();
+            assert_eq!(pdpt & 3, 3, "PDPTE {gib} present and writable");
+            for i in 0..512u64 {
+                let pde: u64 = mem.read_obj(GuestAddress((pdpt & !0xfff) + i * 8)).unwrap();
+                let at = (gib << 30) | (i << 21);
+                assert_eq!(pde, at | 0x83, "PDE for {at:#x}");
+            }
+        }
         // The MMIO device window at 0xd000_0000 lives in the fourth directory.
         let addr = VIRTIO_MMIO_START;
         let pdpt: u64 = mem

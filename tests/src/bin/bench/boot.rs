@@ -12,6 +12,7 @@
 //!   boxd's vsock unix socket, or QEMU's vhost-vsock), read by this harness in both cases.
 
 use anyhow::{Context, Result, bail};
+use boxd_tests::bench::{self, Better};
 use boxd_tests::testhost::Images;
 use std::io::Read;
 use std::os::unix::net::UnixListener;
@@ -243,19 +244,17 @@ fn boot_qemu(images: &Images, dir: &Path) -> Result<Sample> {
     sample
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-/// Runs the boot benchmark here (where Linux guests can boot).
-pub fn boot(runs: usize) -> Result<()> {
+/// Runs the boot benchmark here (where Linux guests can boot): `rounds` boots of each
+/// VMM, alternated. A boot that fails ends the run: with a handful of boots, one error
+/// is already far over the error budget.
+pub fn boot(rounds: usize) -> Result<()> {
+    bench::check_rounds(rounds)?;
     let images = Images::load()?;
     let base: PathBuf = std::env::temp_dir().join(format!("boxd-bench-{}", std::process::id()));
     let mut ours = Vec::new();
     let mut theirs = Vec::new();
     // Alternate the two so that drifts in the host's speed hit both alike.
-    for i in 0..runs {
+    for i in 0..rounds {
         for (name, list) in [("boxd", &mut ours), ("qemu", &mut theirs)] {
             let dir = base.join(format!("{name}-{i}"));
             std::fs::create_dir_all(&dir)?;
@@ -265,7 +264,7 @@ pub fn boot(runs: usize) -> Result<()> {
                 boot_qemu(&images, &dir)?
             };
             println!(
-                "run {}: {name:4} kernel entry {:8.1} ms, agent ready {:8.1} ms",
+                "round {}: {name:4} kernel entry {:8.1} ms, agent ready {:8.1} ms",
                 i + 1,
                 s.kernel_entry_ms,
                 s.agent_ready_ms
@@ -275,253 +274,45 @@ pub fn boot(runs: usize) -> Result<()> {
         }
     }
     let _ = std::fs::remove_dir_all(&base);
-    let entry = (
-        median(ours.iter().map(|s| s.kernel_entry_ms).collect()),
-        median(theirs.iter().map(|s| s.kernel_entry_ms).collect()),
-    );
-    let ready = (
-        median(ours.iter().map(|s| s.agent_ready_ms).collect()),
-        median(theirs.iter().map(|s| s.agent_ready_ms).collect()),
-    );
-    println!("\nmedian of {runs} runs, same kernel, initramfs and disk, 2 vCPUs, 1 GiB:");
-    println!(
-        "  VMM start to kernel entry: boxd {:.1} ms, QEMU microvm {:.1} ms",
-        entry.0, entry.1
+    let series = |v: &[Sample], f: fn(&Sample) -> f64| v.iter().map(f).collect::<Vec<f64>>();
+    println!("\nsame kernel, initramfs and disk, 2 vCPUs, 1 GiB; QEMU is microvm (qboot):");
+    bench::compare(
+        "boot-kernel-entry",
+        "ms",
+        &series(&ours, |s| s.kernel_entry_ms),
+        &series(&theirs, |s| s.kernel_entry_ms),
+        "qemu",
+        Better::Lower,
     );
     let setups: Vec<f64> = ours.iter().filter_map(|s| s.setup_ms).collect();
     if !setups.is_empty() {
         println!(
-            "  (boxd's own VMM setup to first vCPU entry, direct 64-bit boot: {:.1} ms)",
-            median(setups)
+            "  (boxd's own VMM setup to first vCPU entry, direct 64-bit boot: {})",
+            bench::describe(&setups)
         );
     }
-    println!(
-        "  VMM start to agent ready:  boxd {:.0} ms, QEMU microvm {:.0} ms",
-        ready.0, ready.1
+    bench::compare(
+        "boot-agent-ready",
+        "ms",
+        &series(&ours, |s| s.agent_ready_ms),
+        &series(&theirs, |s| s.agent_ready_ms),
+        "qemu",
+        Better::Lower,
     );
-    println!(
-        "BENCH boot-kernel-entry {:.1} ms peer={:.1} ratio={:.2}",
-        entry.0,
-        entry.1,
-        entry.1 / entry.0
-    );
-    println!(
-        "BENCH boot-agent-ready {:.0} ms peer={:.0} ratio={:.2}",
-        ready.0,
-        ready.1,
-        ready.1 / ready.0
-    );
-    Ok(())
-}
-
-/// `cargo xtask bench net`: the backend's figures from the release `boxd-netbench`
-/// (tests/src/bin/netbench.rs), beside a peer's from the same run. Runs on this host:
-/// it needs root and /dev/net/tun, not KVM (the guest runs on QEMU's software CPU).
-pub fn net(seconds: f64, skip_guest: bool) -> Result<()> {
-    crate::setup::setup()?;
-    let boxd = crate::build_boxd()?;
-    if !skip_guest {
-        crate::images::build(&boxd)?;
-    }
-    build_bench("boxd-netbench")?;
-    let mut cmd = Command::new(boxd_tests::target_dir().join("release/boxd-netbench"));
-    cmd.args(["--seconds", &seconds.to_string()]);
-    if skip_guest {
-        cmd.arg("--skip-guest");
-    }
-    crate::util::run(&mut cmd)
-}
-
-/// `cargo xtask bench bpf`: the data path's figures from the release `boxd-bpfbench`
-/// (tests/src/bin/bpfbench.rs). Runs on this host: it needs root and BPF, not KVM.
-pub fn bpf(seconds: f64) -> Result<()> {
-    crate::setup::setup()?;
-    crate::build_boxd()?;
-    build_bench("boxd-bpfbench")?;
-    crate::util::run(
-        Command::new(boxd_tests::target_dir().join("release/boxd-bpfbench"))
-            .arg(seconds.to_string()),
-    )
-}
-
-/// Builds one of the release benchmark binaries of the tests crate.
-fn build_bench(bin: &str) -> Result<()> {
-    let step = crate::util::Step::start(format!("cargo build --release -p boxd-tests --bin {bin}"));
-    crate::util::run(Command::new(env!("CARGO")).args([
-        "build",
-        "--quiet",
-        "--release",
-        "-p",
-        "boxd-tests",
-        "--bin",
-        bin,
-    ]))?;
-    step.done();
-    Ok(())
-}
-
-/// `cargo xtask bench control`: committed writes per second and commit latency, 1 and 3
-/// voters on loopback, against etcd in the same run (tests/src/bin/controlbench.rs).
-pub fn control(seconds: f64) -> Result<()> {
-    crate::setup::setup()?;
-    crate::build_boxd()?;
-    build_bench("boxd-controlbench")?;
-    crate::util::run(
-        Command::new(boxd_tests::target_dir().join("release/boxd-controlbench"))
-            .arg(seconds.to_string()),
-    )
-}
-
-/// The p-th percentile (0-100) of `v`, nearest rank.
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
-    v[rank.clamp(1, v.len()) - 1]
-}
-
-/// Milliseconds `f` took, failing unless its command succeeded.
-fn timed(f: impl FnOnce() -> Result<std::process::Output>) -> Result<f64> {
-    let t = Instant::now();
-    let o = f()?;
-    anyhow::ensure!(
-        o.status.success(),
-        "exit {:?}: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    Ok(t.elapsed().as_secs_f64() * 1e3)
-}
-
-/// OpenSSH's own sshd on `port`, accepting `key` for root: the floor of an SSH
-/// round trip (handshake, auth, one exec of `true`) on this machine.
-fn openssh_floor(dir: &Path, port: u16, key: &Path) -> Result<std::process::Child> {
-    let host_key = dir.join("sshd_host_key");
-    crate::util::run(
-        Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(&host_key),
-    )?;
-    std::fs::create_dir_all("/run/sshd")?;
-    let cfg = dir.join("sshd_config");
-    std::fs::write(
-        &cfg,
-        format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\n\
-             PermitRootLogin prohibit-password\nPasswordAuthentication no\nUsePAM no\n\
-             PidFile none\nStrictModes no\n",
-            host_key.display(),
-            key.with_extension("key.pub").display()
-        ),
-    )?;
-    let sshd =
-        which("sshd").or_else(|_| Ok::<_, anyhow::Error>(PathBuf::from("/usr/sbin/sshd")))?;
-    let child = Command::new(sshd)
-        .args(["-D", "-e", "-f"])
-        .arg(&cfg)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("start OpenSSH's sshd (package openssh-server)")?;
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    Ok(child)
-}
-
-fn which(name: &str) -> Result<PathBuf> {
-    let out = Command::new("sh")
-        .args(["-c", &format!("command -v {name}")])
-        .output()?;
-    anyhow::ensure!(out.status.success(), "{name} is not installed");
-    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-}
-
-/// `cargo xtask bench api`, first part: `ssh host ls --json` against OpenSSH's sshd
-/// running `true`, same client, same machine, same run, interleaved. It needs no guest,
-/// so it runs right here, natively (inside the emulated KVM host every process start
-/// costs milliseconds of software CPU, which says nothing about either server).
-pub fn api_ls() -> Result<()> {
-    use boxd_tests::api::{Options, Server};
-    let dir = std::env::temp_dir().join(format!("boxd-bench-api-ls-{}", std::process::id()));
-    let s = Server::start(&dir, 22260, &Options::default(), &["bench"])?;
-    let key = dir.join("bench.key");
-    let mut sshd = openssh_floor(&dir, 22299, &key)?;
-    let floor_cmd = || {
-        let mut c = Command::new("ssh");
-        c.args(s.ssh_opts("bench"))
-            .args(["-p", "22299", "root@127.0.0.1", "true"])
-            .stdin(Stdio::null());
-        c
-    };
-    // Registration and first-connection costs out of the way.
-    s.json("bench", &["ls"])?;
-    timed(|| Ok(floor_cmd().output()?))?;
-    let samples = 200;
-    let (mut ours, mut peer) = (Vec::new(), Vec::new());
-    for _ in 0..samples {
-        ours.push(timed(|| s.ssh("bench", &["ls", "--json"]))?);
-        peer.push(timed(|| Ok(floor_cmd().output()?))?);
-    }
-    let _ = sshd.kill();
-    let _ = sshd.wait();
-    let (o50, p50) = (percentile(&mut ours, 50.0), percentile(&mut peer, 50.0));
-    let (o99, p99) = (percentile(&mut ours, 99.0), percentile(&mut peer, 99.0));
-    println!(
-        "`ssh -p PORT host ls --json` (a linearizable read of the replicated state) vs OpenSSH's sshd running `true`, {samples} each, interleaved:"
-    );
-    println!(
-        "BENCH api-ls-p50-ms {o50:.1} ms peer={p50:.1} ratio={:.2}",
-        p50 / o50
-    );
-    println!(
-        "BENCH api-ls-p99-ms {o99:.1} ms peer={p99:.1} ratio={:.2}",
-        p99 / o99
-    );
-    drop(s);
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
-}
-
-/// `cargo xtask bench api`, second part (where guests boot): `new` until a real
-/// `ssh root@<its address>` from the client namespace works.
-pub fn api_new(runs: usize) -> Result<()> {
-    use boxd_tests::api::{Options, Server};
-    let dir = std::env::temp_dir().join(format!("boxd-bench-api-new-{}", std::process::id()));
-    let s = Server::start(
-        &dir,
-        2222,
-        &Options {
-            network: true,
-            ..Default::default()
-        },
-        &["bench"],
-    )?;
-    s.json("bench", &["ls"])?;
-    let mut ready = Vec::new();
-    for i in 0..runs {
-        let name = format!("bench{i}");
-        let t = Instant::now();
-        let v = s.json("bench", &["new", &format!("--name={name}")])?;
-        let ip = v["ipv4"].as_str().context("ipv4")?.to_string();
-        // SSH-ready means a real login to the machine's own sshd works.
-        let o = s.direct("bench", &ip, "true")?;
-        anyhow::ensure!(
-            o.status.success(),
-            "ssh root@{ip}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        let ms = t.elapsed().as_secs_f64() * 1e3;
-        println!("  new {name} -> ssh root@{ip} ok: {ms:.0} ms");
-        ready.push(ms);
-        s.json("bench", &["rm", &name])?;
-    }
-    let med = median(ready);
     let place = if std::env::var_os("BOXD_IN_TESTHOST").is_some() {
-        "cold boot of Debian inside the emulated KVM host (software CPU)"
+        "emulated-kvm-host"
     } else {
-        "cold boot of Debian"
+        "here"
     };
-    println!("BENCH api-new-to-ssh-ready-ms {med:.0} ms (median of {runs}; {place})");
-    drop(s);
-    let _ = std::fs::remove_dir_all(&dir);
+    bench::settings(
+        "boot",
+        &[
+            ("rounds", rounds.to_string()),
+            ("cpus", "2".into()),
+            ("memory", "1G".into()),
+            ("place", place.into()),
+            ("cmdline", format!("{CMDLINE:?}")),
+        ],
+    );
     Ok(())
 }

@@ -1440,7 +1440,7 @@ mod tests {
 
     #[test]
     fn every_verb_parses_and_flags_are_checked() {
-        for line in [
+        let good = [
             "new",
             "new --name=a --cpus 2 --memory 2G --disk 100G --no-wait",
             "ls --json",
@@ -1451,11 +1451,40 @@ mod tests {
             "expose a 8080",
             "keys add ssh-ed25519 AAAA c",
             "keys rm SHA256:x",
+            "keys",
             "audit --limit 3",
             "help new",
-        ] {
+            "rm a",
+            "start a",
+            "pause a",
+            "stop a",
+            "restart a",
+            "ssh a",
+            "unexpose a 8080",
+            "web a",
+            "web a private",
+            "domain add a www.example.com",
+            "domain rm a www.example.com",
+            "whoami",
+            "quota",
+            "register TOKEN",
+        ];
+        for line in good {
             let argv = shlex::split(line).unwrap();
             assert!(ApiCli::try_parse_from(&argv).is_ok(), "{line}");
+        }
+        // Every verb has a line above: a new verb needs one.
+        let verbs: Vec<String> = <ApiCli as clap::CommandFactory>::command()
+            .get_subcommands()
+            .map(|c| c.get_name().to_string())
+            .collect();
+        assert!(verbs.len() >= 21, "{verbs:?}");
+        for v in &verbs {
+            assert!(
+                good.iter()
+                    .any(|l| l.split_whitespace().next() == Some(v.as_str())),
+                "verb {v} has no line in this test"
+            );
         }
         for line in [
             "frobnicate",
