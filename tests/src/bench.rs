@@ -25,6 +25,34 @@ pub fn check_rounds(rounds: usize) -> Result<()> {
     Ok(())
 }
 
+/// One side of a comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Ours,
+    Peer,
+}
+
+/// Runs `rounds` rounds of ours then the peer's (interleaved, so that a drift of the
+/// machine hits both alike), printing each round's pair; both series.
+pub fn interleave(
+    what: &str,
+    rounds: usize,
+    mut run: impl FnMut(Side) -> Result<f64>,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let (mut o, mut p) = (Vec::with_capacity(rounds), Vec::with_capacity(rounds));
+    for i in 0..rounds {
+        o.push(run(Side::Ours)?);
+        p.push(run(Side::Peer)?);
+        eprintln!(
+            "  {what} round {}: boxd {} | peer {}",
+            i + 1,
+            num(o[i]),
+            num(p[i])
+        );
+    }
+    Ok((o, p))
+}
+
 /// Which way is better for a figure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Better {

@@ -124,6 +124,12 @@ impl Drop for Datapath {
 
 /// A veth pair `a` (in namespace `ns_a`) <-> `b` (in `ns_b`), both up.
 pub fn veth(ns_a: &str, a: &str, ns_b: &str, b: &str) -> Result<()> {
+    veth_queues(ns_a, a, ns_b, b, 1)
+}
+
+/// [`veth`] with `queues` transmit and receive queues on each end (a NAPI instance per
+/// receive queue, as a multi-queue NIC has).
+pub fn veth_queues(ns_a: &str, a: &str, ns_b: &str, b: &str, queues: usize) -> Result<()> {
     let ip = |args: &[&str]| {
         run_ok({
             let mut c = Command::new("ip");
@@ -131,8 +137,28 @@ pub fn veth(ns_a: &str, a: &str, ns_b: &str, b: &str) -> Result<()> {
             c
         })
     };
+    let q = queues.to_string();
     ip(&[
-        "-n", ns_a, "link", "add", a, "type", "veth", "peer", "name", b, "netns", ns_b,
+        "-n",
+        ns_a,
+        "link",
+        "add",
+        a,
+        "numtxqueues",
+        &q,
+        "numrxqueues",
+        &q,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b,
+        "netns",
+        ns_b,
+        "numtxqueues",
+        &q,
+        "numrxqueues",
+        &q,
     ])?;
     ip(&["-n", ns_a, "link", "set", a, "up"])?;
     ip(&["-n", ns_b, "link", "set", b, "up"])?;

@@ -651,7 +651,8 @@ fn api_machines() -> Result<()> {
         Ok(stdout(&o).trim().to_string())
     };
     let boot_id = || guest("cat /proc/sys/kernel/random/boot_id");
-    let backend_pids = || guest("pgrep -f backend.py | sort");
+    // (The pattern must not match the shell running pgrep, whose command line holds it.)
+    let backend_pids = || guest("pgrep -f '^python3 /root/backend[.]py' | sort");
     let (boot, backend) = (boot_id()?, backend_pids()?);
     ensure!(!backend.is_empty(), "no web backend runs in app");
     let vmm_state = || -> Result<String> {

@@ -44,6 +44,10 @@ enum Task {
         /// CI, where nothing may be missing).
         #[arg(long)]
         allow_skips: bool,
+        /// More arguments for `cargo test` (after `--`): a package, a test binary, a
+        /// filter, to run part of the suite the same way.
+        #[arg(last = true)]
+        cargo_test: Vec<String>,
     },
     /// Check that xtask's own dependency graph needs no system package.
     CheckDeps,
@@ -167,7 +171,10 @@ fn main() -> Result<()> {
             println!("rootfs  {}", images.rootfs.display());
             Ok(())
         }
-        Task::Test { allow_skips } => test::suite(allow_skips),
+        Task::Test {
+            allow_skips,
+            cargo_test,
+        } => test::suite(allow_skips, &cargo_test),
         Task::CheckDeps => deps::check(),
         Task::E2e {
             scenario: Scenario::Boot,

@@ -43,7 +43,7 @@ impl std::fmt::Display for Counts {
     }
 }
 
-pub fn suite(allow_skips: bool) -> Result<()> {
+pub fn suite(allow_skips: bool, cargo_test: &[String]) -> Result<()> {
     if allow_skips && boxd_testkit::strict() {
         bail!(
             "--allow-skips is refused here (CI is set): on CI machines nothing a test needs may be missing"
@@ -72,9 +72,13 @@ pub fn suite(allow_skips: bool) -> Result<()> {
 
     let ledger_path = target_dir().join("test-ledger.jsonl");
     let _ = std::fs::remove_file(&ledger_path);
-    let step = Step::start("cargo test --workspace --no-fail-fast");
+    let step = Step::start(format!(
+        "cargo test --workspace --no-fail-fast {}",
+        cargo_test.join(" ")
+    ));
     let mut cmd = Command::new(cargo);
     cmd.args(["test", "--workspace", "--no-fail-fast"])
+        .args(cargo_test)
         .env(ledger::ENV, &ledger_path)
         .env(
             boxd_testkit::STRICT_ENV,

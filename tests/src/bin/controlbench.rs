@@ -11,6 +11,7 @@
 use anyhow::{Context, Result, bail};
 use boxd_control::admin::{AdminRequest, Client};
 use boxd_control::types::{Command as Cmd, Request};
+use boxd_tests::bench::{self, Better};
 use boxd_tests::cluster::Cluster;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -22,9 +23,16 @@ struct Figures {
     writes_per_s: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// Writes attempted, and those that failed (refused, or no answer).
+    ops: u64,
+    errors: u64,
 }
 
-/// Runs `clients` threads of `op` for `seconds`; throughput and latency percentiles.
+/// Errors one client may meet before it gives up (a dead connection fails every call).
+const CLIENT_ERRORS_MAX: u64 = 1000;
+
+/// Runs `clients` threads of `op` for `seconds`; throughput and latency percentiles of
+/// the writes that succeeded, and how many did not.
 fn load<C: Send + 'static>(
     clients: usize,
     seconds: f64,
@@ -38,42 +46,45 @@ fn load<C: Send + 'static>(
         .into_iter()
         .enumerate()
         .map(|(c, mut conn)| {
-            std::thread::spawn(move || -> Result<Vec<u32>> {
+            std::thread::spawn(move || -> (Vec<u32>, u64) {
                 let mut lat = Vec::new();
-                let mut n = 0u64;
-                while Instant::now() < deadline {
+                let (mut n, mut errors) = (0u64, 0u64);
+                while Instant::now() < deadline && errors < CLIENT_ERRORS_MAX {
                     let t = Instant::now();
-                    op(&mut conn, c, n)?;
-                    lat.push(t.elapsed().as_micros() as u32);
+                    match op(&mut conn, c, n) {
+                        Ok(()) => lat.push(t.elapsed().as_micros() as u32),
+                        Err(e) => {
+                            if errors == 0 {
+                                eprintln!("  client {c}: {e:#}");
+                            }
+                            errors += 1;
+                        }
+                    }
                     n += 1;
                 }
-                Ok(lat)
+                (lat, errors)
             })
         })
         .collect();
-    let mut all = Vec::new();
+    let (mut all, mut errors) = (Vec::new(), 0);
     for t in threads {
-        all.extend(t.join().expect("load thread")?);
+        let (lat, e) = t.join().expect("load thread");
+        all.extend(lat);
+        errors += e;
     }
     let elapsed = start.elapsed().as_secs_f64();
+    if all.is_empty() {
+        bail!("no write succeeded ({errors} errors)");
+    }
     all.sort_unstable();
     let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)] as f64 / 1000.0;
     Ok(Figures {
         writes_per_s: all.len() as f64 / elapsed,
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
+        ops: all.len() as u64 + errors,
+        errors,
     })
-}
-
-fn ours(boxd: &std::path::Path, voters: usize, clients: usize, seconds: f64) -> Result<Figures> {
-    let cluster = Cluster::loopback(
-        boxd,
-        &format!("bench{voters}"),
-        voters,
-        7500 + 20 * voters as u16,
-    )?;
-    let leader = cluster.leader(Duration::from_secs(10))?;
-    load_socket(cluster.socket(leader), clients, seconds)
 }
 
 /// Write load on one node's admin socket.
@@ -258,9 +269,7 @@ fn b64(s: &str) -> String {
     out
 }
 
-fn etcd(members: usize, clients: usize, seconds: f64) -> Result<Figures> {
-    let e = Etcd::start(members)?;
-    let port = e.leader()?;
+fn etcd_load(port: u16, clients: usize, seconds: f64) -> Result<Figures> {
     load(
         clients,
         seconds,
@@ -276,84 +285,110 @@ fn etcd(members: usize, clients: usize, seconds: f64) -> Result<Figures> {
     )
 }
 
+fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    match args.iter().position(|a| a == name) {
+        Some(i) => {
+            let v = args
+                .get(i + 1)
+                .with_context(|| format!("{name} needs a value"))?;
+            v.parse().map_err(|e| anyhow::anyhow!("{name} {v}: {e}"))
+        }
+        None => Ok(default),
+    }
+}
+
 fn main() -> Result<()> {
-    let seconds: f64 = std::env::args()
-        .nth(1)
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(5.0);
-    let clients: usize = std::env::args()
-        .nth(2)
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(32);
+    let args: Vec<String> = std::env::args().collect();
+    let seconds: f64 = arg(&args, "--seconds", 3.0)?;
+    let clients: usize = arg(&args, "--clients", 32)?;
+    let rounds: usize = arg(&args, "--rounds", bench::ROUNDS_MIN)?;
+    bench::check_rounds(rounds)?;
     if let Ok(sock) = std::env::var("BOXD_BENCH_SOCKET") {
         // Load on a running node only (for profiling it).
         let f = load_socket(sock.into(), clients, seconds)?;
         println!(
-            "{:.0} writes/s, p50 {:.2} ms, p99 {:.2} ms",
-            f.writes_per_s, f.p50_ms, f.p99_ms
+            "{:.0} writes/s, p50 {:.2} ms, p99 {:.2} ms, {} errors",
+            f.writes_per_s, f.p50_ms, f.p99_ms, f.errors
         );
         return Ok(());
     }
     let boxd = boxd_tests::guest::boxd_binary()?;
-    eprintln!("control plane: {clients} clients, {seconds} s per run, loopback, fsync'd logs");
-    let o1 = ours(&boxd, 1, clients, seconds)?;
-    let e1 = etcd(1, clients, seconds)?;
-    let o3 = ours(&boxd, 3, clients, seconds)?;
-    let e3 = etcd(3, clients, seconds)?;
     println!(
-        "{:<22} {:>12} {:>9} {:>9}",
-        "", "writes/s", "p50 ms", "p99 ms"
+        "control plane (boxd control run) vs etcd: {clients} clients, {seconds} s rounds, loopback, fsync'd logs:"
     );
-    for (name, f) in [
-        ("boxd, 1 voter", &o1),
-        ("etcd, 1 member", &e1),
-        ("boxd, 3 voters", &o3),
-        ("etcd, 3 members", &e3),
-    ] {
-        println!(
-            "{name:<22} {:>12.0} {:>9.2} {:>9.2}",
-            f.writes_per_s, f.p50_ms, f.p99_ms
+    for voters in [1usize, 3] {
+        let cluster = Cluster::loopback(
+            &boxd,
+            &format!("bench{voters}"),
+            voters,
+            7500 + 20 * voters as u16,
+        )?;
+        let sock = cluster.socket(cluster.leader(Duration::from_secs(10))?);
+        let e = Etcd::start(voters)?;
+        let port = e.leader()?;
+        let (mut o, mut p) = (Vec::new(), Vec::new());
+        for i in 0..rounds {
+            o.push(load_socket(sock.clone(), clients, seconds)?);
+            p.push(etcd_load(port, clients, seconds)?);
+            eprintln!(
+                "  {voters} voter(s) round {}: boxd {:.0} writes/s p99 {:.2} ms | etcd {:.0} writes/s p99 {:.2} ms",
+                i + 1,
+                o[i].writes_per_s,
+                o[i].p99_ms,
+                p[i].writes_per_s,
+                p[i].p99_ms
+            );
+        }
+        let sum = |v: &[Figures]| -> (u64, u64) {
+            (
+                v.iter().map(|f| f.ops).sum(),
+                v.iter().map(|f| f.errors).sum(),
+            )
+        };
+        let (ops, errors) = sum(&o);
+        bench::check_errors(&format!("boxd, {voters} voter(s)"), ops, errors)?;
+        let (ops, errors) = sum(&p);
+        bench::check_errors(&format!("etcd, {voters} member(s)"), ops, errors)?;
+        let get = |v: &[Figures], f: fn(&Figures) -> f64| v.iter().map(f).collect::<Vec<_>>();
+        let tag = format!("raft{voters}");
+        bench::compare(
+            &format!("{tag}-writes-per-s"),
+            "writes/s",
+            &get(&o, |f| f.writes_per_s),
+            &get(&p, |f| f.writes_per_s),
+            "etcd",
+            Better::Higher,
+        );
+        bench::compare(
+            &format!("{tag}-p50-ms"),
+            "ms",
+            &get(&o, |f| f.p50_ms),
+            &get(&p, |f| f.p50_ms),
+            "etcd",
+            Better::Lower,
+        );
+        bench::compare(
+            &format!("{tag}-p99-ms"),
+            "ms",
+            &get(&o, |f| f.p99_ms),
+            &get(&p, |f| f.p99_ms),
+            "etcd",
+            Better::Lower,
         );
     }
-    let line = |name: &str, ours: f64, peer: f64, unit: &str, ratio: f64| {
-        println!("BENCH {name} {ours:.2} {unit} peer={peer:.2} ratio={ratio:.2}");
-    };
-    line(
-        "raft1-writes-per-s",
-        o1.writes_per_s,
-        e1.writes_per_s,
-        "writes/s",
-        o1.writes_per_s / e1.writes_per_s,
-    );
-    line(
-        "raft3-writes-per-s",
-        o3.writes_per_s,
-        e3.writes_per_s,
-        "writes/s",
-        o3.writes_per_s / e3.writes_per_s,
-    );
-    line(
-        "raft1-p99-ms",
-        o1.p99_ms,
-        e1.p99_ms,
-        "ms",
-        e1.p99_ms / o1.p99_ms,
-    );
-    line(
-        "raft3-p50-ms",
-        o3.p50_ms,
-        e3.p50_ms,
-        "ms",
-        e3.p50_ms / o3.p50_ms,
-    );
-    line(
-        "raft3-p99-ms",
-        o3.p99_ms,
-        e3.p99_ms,
-        "ms",
-        e3.p99_ms / o3.p99_ms,
+    bench::settings(
+        "control",
+        &[
+            ("rounds", rounds.to_string()),
+            ("seconds", seconds.to_string()),
+            ("clients", clients.to_string()),
+            ("voters", "1,3".into()),
+            ("value_bytes", "14".into()),
+            ("transport", "loopback".into()),
+        ],
     );
     Ok(())
 }

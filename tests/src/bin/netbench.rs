@@ -14,6 +14,7 @@
 //!   vs through QEMU's own TAP backend, the issue's `net-guest-tcp`.
 
 use anyhow::{Context, Result, bail};
+use boxd_tests::bench::{self, Better, Side};
 use boxd_tests::net::{NetDaemon, Netns, wait_link};
 use boxd_tests::pkt::{
     self, FrontendLink, GUEST_IP, GUEST_MAC, GuestTcp, HOST_IP, Link, TapLink, VNET_HDR_LEN,
@@ -87,65 +88,92 @@ impl Link for RoundRobin<'_> {
     }
 }
 
-struct Rate {
-    ours: f64,
-    peer: f64,
+/// What a frame-rate round sent and what the backend counted as lost.
+#[derive(Default)]
+struct Tally {
+    sent: u64,
+    lost: u64,
 }
 
-impl Rate {
-    /// Both figures in another unit.
-    fn map(&self, f: impl Fn(f64) -> f64) -> Rate {
-        Rate {
-            ours: f(self.ours),
-            peer: f(self.peer),
-        }
+/// Drops and errors a port counted (any of them is a frame the guest sent and lost).
+fn losses(st: &boxd_vhost_net::PortStats) -> u64 {
+    st.tx_drop_runt
+        + st.tx_drop_spoofed_mac
+        + st.tx_drop_spoofed_ip
+        + st.tx_drop_spoofed_arp
+        + st.tx_drop_ethertype
+        + st.tx_drop_malformed
+        + st.tx_errors
+        + st.ring_errors
+}
+
+/// One port of our backend with its frontend, and the same TAP written directly.
+struct FramePort {
+    name: String,
+    fe: Frontend,
+    tap: TapLink,
+    frame: Vec<u8>,
+}
+
+impl FramePort {
+    fn new(d: &NetDaemon, len: usize, pairs: usize) -> Result<Self> {
+        let name = format!("f{len}q{pairs}");
+        let mut spec = d.spec(&name, &format!("bxb-{name}"));
+        spec.queue_pairs = pairs;
+        d.add(spec)?;
+        let fe = Frontend::connect(
+            &d.dir.join(format!("{name}.sock")),
+            Options {
+                pairs,
+                ..Options::default()
+            },
+        )?;
+        let tap = TapLink::open(&format!("bxb-{name}p"))?;
+        Ok(Self {
+            name,
+            fe,
+            tap,
+            frame: frame(len),
+        })
     }
-}
 
-fn bench_line(name: &str, unit: &str, r: &Rate, higher_is_better: bool) {
-    let ratio = if higher_is_better {
-        r.ours / r.peer
-    } else {
-        r.peer / r.ours
-    };
-    println!(
-        "BENCH {name} {:.3} {unit} peer={:.3} ratio={ratio:.2}",
-        r.ours, r.peer
-    );
-}
+    /// Frames per second through our backend: what it passed to the TAP, counted by
+    /// the backend once it drained the rings.
+    fn ours(&mut self, d: &NetDaemon, secs: f64, tally: &mut Tally) -> Result<f64> {
+        let before = d.stats(&self.name)?;
+        let t = Instant::now();
+        let sent = flood(
+            &mut RoundRobin {
+                fe: &mut self.fe,
+                next: 0,
+            },
+            &self.frame,
+            secs,
+        )?;
+        let took = t.elapsed().as_secs_f64();
+        // Drained when the count stops moving (bounded).
+        let mut last = d.stats(&self.name)?.tx_packets;
+        for _ in 0..50 {
+            std::thread::sleep(Duration::from_millis(20));
+            let now = d.stats(&self.name)?.tx_packets;
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        let after = d.stats(&self.name)?;
+        let passed = after.tx_packets - before.tx_packets;
+        tally.sent += sent;
+        tally.lost += (losses(&after) - losses(&before)) + sent.saturating_sub(passed);
+        Ok(passed as f64 / took)
+    }
 
-/// Frames per second through our backend (`pairs` queue pairs) and straight into a TAP.
-fn frame_rate(d: &NetDaemon, len: usize, pairs: usize, secs: f64) -> Result<Rate> {
-    let name = format!("f{len}q{pairs}");
-    let mut spec = d.spec(&name, &format!("bxb-{name}"));
-    spec.queue_pairs = pairs;
-    d.add(spec)?;
-    let mut fe = Frontend::connect(
-        &d.dir.join(format!("{name}.sock")),
-        Options {
-            pairs,
-            ..Options::default()
-        },
-    )?;
-    let f = frame(len);
-    let before = d.stats(&name)?.tx_packets;
-    let t = Instant::now();
-    flood(
-        &mut RoundRobin {
-            fe: &mut fe,
-            next: 0,
-        },
-        &f,
-        secs,
-    )?;
-    // Count what the backend actually passed to the TAP, after it drained the rings.
-    std::thread::sleep(Duration::from_millis(100));
-    let ours = (d.stats(&name)?.tx_packets - before) as f64 / t.elapsed().as_secs_f64();
-    let mut tap = TapLink::open(&format!("bxb-{name}p"))?;
-    let t = Instant::now();
-    let n = flood(&mut tap, &f, secs)?;
-    let peer = n as f64 / t.elapsed().as_secs_f64();
-    Ok(Rate { ours, peer })
+    /// The same frames written straight into the TAP by one thread.
+    fn peer(&mut self, secs: f64) -> Result<f64> {
+        let t = Instant::now();
+        let n = flood(&mut self.tap, &self.frame, secs)?;
+        Ok(n as f64 / t.elapsed().as_secs_f64())
+    }
 }
 
 /// A namespace with a TAP as the host's 10.0.0.1 end.
@@ -306,125 +334,171 @@ fn guest_tcp(ns: &Netns, net: GuestNet, dir: &std::path::Path, secs: u32) -> Res
         .with_context(|| format!("no result from iperf3: {v}"))
 }
 
+fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    match args.iter().position(|a| a == name) {
+        Some(i) => {
+            let v = args
+                .get(i + 1)
+                .with_context(|| format!("{name} needs a value"))?;
+            v.parse().map_err(|e| anyhow::anyhow!("{name} {v}: {e}"))
+        }
+        None => Ok(default),
+    }
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let secs: f64 = args
-        .iter()
-        .position(|a| a == "--seconds")
-        .and_then(|i| args.get(i + 1))
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(3.0);
+    let secs: f64 = arg(&args, "--seconds", 2.0)?;
+    let rounds: usize = arg(&args, "--rounds", bench::ROUNDS_MIN)?;
+    let stream_mib: usize = arg(&args, "--stream-mib", 256)?;
     let skip_guest = args.iter().any(|a| a == "--skip-guest");
+    bench::check_rounds(rounds)?;
     let d = NetDaemon::start("bench")?;
     println!(
-        "# peer for frame rates, TSO and latency: the same frames written straight into a TAP (no vrings)"
+        "the network backend (boxd net serve) against the same frames written straight into a TAP (no vrings):"
     );
 
-    let r = frame_rate(&d, 64, 1, secs)?;
-    println!(
-        "64-byte frames, 1 queue pair: {:.3} Mpps (direct TAP {:.3} Mpps)",
-        r.ours / 1e6,
-        r.peer / 1e6
-    );
-    bench_line("net-64b-mpps", "Mpps", &r.map(|x| x / 1e6), true);
-    let r = frame_rate(&d, 64, 2, secs)?;
-    bench_line("net-64b-mq2-mpps", "Mpps", &r.map(|x| x / 1e6), true);
-    let r = frame_rate(&d, 1500, 1, secs)?;
     let gbps = |pps: f64| pps * 1500.0 * 8.0 / 1e9;
-    bench_line("net-1500b-gbps", "Gbit/s", &r.map(gbps), true);
+    let mpps = |pps: f64| pps / 1e6;
+    let mut tally = Tally::default();
+    for (name, len, pairs, unit, conv) in [
+        ("net-64b-mpps", 64, 1, "Mpps", &mpps as &dyn Fn(f64) -> f64),
+        ("net-64b-mq2-mpps", 64, 2, "Mpps", &mpps),
+        ("net-1500b-gbps", 1500, 1, "Gbit/s", &gbps),
+    ] {
+        let mut port = FramePort::new(&d, len, pairs)?;
+        let (o, p) = bench::interleave(name, rounds, |side| {
+            Ok(conv(match side {
+                Side::Ours => port.ours(&d, secs, &mut tally)?,
+                Side::Peer => port.peer(secs)?,
+            }))
+        })?;
+        bench::compare(name, unit, &o, &p, "tap", Better::Higher);
+    }
+    bench::check_errors("frames through the backend", tally.sent, tally.lost)?;
 
-    // TSO streams and round trips, ours then the peer, each in its own namespace.
+    // TSO streams and round trips, ours and the peer's, each in its own namespace.
     d.add(d.spec("tso", "bxb-tso"))?;
     let (ns, mac) = host_ns("bxb-tso", "bxb-tso")?;
     let mut fe = Frontend::connect(&d.dir.join("tso.sock"), Options::default())?;
-    let mut link = FrontendLink {
-        fe: &mut fe,
-        pair: 0,
-    };
-    let bytes = 1 << 30;
-    let ours_tso = tso_stream(&ns, &mut link, mac, bytes)?;
-    let ours_rx = tso_stream_rx(&ns, &mut link, mac, bytes)?;
-    let ours_rtt = round_trips(&ns, &mut link, mac, 5000)?;
     let mut tap = TapLink::open("bxb-tsop")?;
     let (pns, pmac) = host_ns("bxb-tsop", "bxb-tsop")?;
-    let peer_tso = tso_stream(&pns, &mut tap, pmac, bytes)?;
-    let peer_rx = tso_stream_rx(&pns, &mut tap, pmac, bytes)?;
-    let peer_rtt = round_trips(&pns, &mut tap, pmac, 5000)?;
-    bench_line(
-        "net-tso-rx-gbps",
-        "Gbit/s",
-        &Rate {
-            ours: ours_rx / 1e9,
-            peer: peer_rx / 1e9,
-        },
-        true,
-    );
-    bench_line(
-        "net-tso-gbps",
-        "Gbit/s",
-        &Rate {
-            ours: ours_tso / 1e9,
-            peer: peer_tso / 1e9,
-        },
-        true,
-    );
-    for (name, p) in [("p50", 0.5), ("p99", 0.99)] {
-        let r = Rate {
-            ours: pct(&ours_rtt, p),
-            peer: pct(&peer_rtt, p),
+    let bytes = stream_mib << 20;
+    for (name, rx) in [("net-tso-gbps", false), ("net-tso-rx-gbps", true)] {
+        let (o, p) = bench::interleave(name, rounds, |side| {
+            let mut link = FrontendLink {
+                fe: &mut fe,
+                pair: 0,
+            };
+            let (ns, link, mac): (&Netns, &mut dyn Link, _) = match side {
+                Side::Ours => (&ns, &mut link, mac),
+                Side::Peer => (&pns, &mut tap, pmac),
+            };
+            let bps = if rx {
+                tso_stream_rx(ns, link, mac, bytes)?
+            } else {
+                tso_stream(ns, link, mac, bytes)?
+            };
+            Ok(bps / 1e9)
+        })?;
+        bench::compare(name, "Gbit/s", &o, &p, "tap", Better::Higher);
+    }
+    const TRIPS: usize = 2000;
+    let (mut rtts_o, mut rtts_p) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let mut link = FrontendLink {
+            fe: &mut fe,
+            pair: 0,
         };
-        bench_line(&format!("net-rtt-{name}-us"), "us", &r, false);
-        println!(
-            "BENCH net-added-latency-{name}-us {:.1} us",
-            ((r.ours - r.peer) / 2.0).max(0.0)
+        rtts_o.push(round_trips(&ns, &mut link, mac, TRIPS)?);
+        rtts_p.push(round_trips(&pns, &mut tap, pmac, TRIPS)?);
+    }
+    for (name, p) in [("p50", 0.5), ("p99", 0.99)] {
+        let o: Vec<f64> = rtts_o.iter().map(|r| pct(r, p)).collect();
+        let q: Vec<f64> = rtts_p.iter().map(|r| pct(r, p)).collect();
+        bench::compare(
+            &format!("net-rtt-{name}-us"),
+            "us",
+            &o,
+            &q,
+            "tap",
+            Better::Lower,
+        );
+        let added: Vec<f64> = o
+            .iter()
+            .zip(&q)
+            .map(|(o, q)| ((o - q) / 2.0).max(0.0))
+            .collect();
+        bench::alone(
+            &format!("net-added-latency-{name}-us"),
+            "us",
+            &added,
+            "half the round trip over the direct TAP's",
         );
     }
     drop(fe);
     drop((ns, pns, tap));
 
+    let mut settings = vec![
+        ("rounds", rounds.to_string()),
+        ("seconds", secs.to_string()),
+        ("frame_bytes", "64,1500".into()),
+        ("stream_mib", stream_mib.to_string()),
+        ("tso_segment_bytes", "60000".into()),
+        ("round_trips", TRIPS.to_string()),
+    ];
     if skip_guest {
         println!("# --skip-guest: no QEMU guest run");
+        settings.push(("guest", "skipped".into()));
+        bench::settings("net", &settings);
         return Ok(());
     }
     // Guest TCP: the same Debian guest on QEMU, through our backend, then through
     // QEMU's own TAP backend (QEMU runs inside the namespace to open it there).
     d.add(d.spec("guest", "bxb-guest"))?;
     let (gns, _) = host_ns("bxb-guest", "bxb-guest")?;
-    let ours = guest_tcp(
-        &gns,
-        GuestNet::VhostUser(&d.dir.join("guest.sock"), 1),
-        &d.dir.join("g1"),
-        10,
-    )?;
     let qns = Netns::new("bxb-qtap")?;
     qns.ip(&[
         "tuntap", "add", "dev", "bxb-qtap", "mode", "tap", "vnet_hdr",
     ])?;
     qns.ip(&["addr", "add", "10.0.0.1/30", "dev", "bxb-qtap"])?;
     qns.ip(&["link", "set", "bxb-qtap", "up"])?;
-    let peer = guest_tcp(
-        &qns,
-        GuestNet::TapIn {
-            tap: "bxb-qtap",
-            netns: &qns.name,
-        },
-        &d.dir.join("g2"),
-        10,
-    )?;
-    println!(
-        "guest TCP (iperf3, QEMU software CPU): ours {:.0} Mbit/s, QEMU's TAP backend {:.0} Mbit/s",
-        ours / 1e6,
-        peer / 1e6
-    );
-    bench_line(
+    const GUEST_SECONDS: u32 = 10;
+    let mut round = 0;
+    let (o, p) = bench::interleave("net-guest-tcp", rounds, |side| {
+        round += 1;
+        let bps = match side {
+            Side::Ours => guest_tcp(
+                &gns,
+                GuestNet::VhostUser(&d.dir.join("guest.sock"), 1),
+                &d.dir.join(format!("g1-{round}")),
+                GUEST_SECONDS,
+            )?,
+            Side::Peer => guest_tcp(
+                &qns,
+                GuestNet::TapIn {
+                    tap: "bxb-qtap",
+                    netns: &qns.name,
+                },
+                &d.dir.join(format!("g2-{round}")),
+                GUEST_SECONDS,
+            )?,
+        };
+        Ok(bps / 1e6)
+    })?;
+    println!("guest TCP (iperf3 from a Debian guest on QEMU's software CPU to the host):");
+    bench::compare(
         "net-guest-tcp",
         "Mbit/s",
-        &Rate {
-            ours: ours / 1e6,
-            peer: peer / 1e6,
-        },
-        true,
+        &o,
+        &p,
+        "qemu-tap",
+        Better::Higher,
     );
+    settings.push(("guest_iperf_seconds", GUEST_SECONDS.to_string()));
+    bench::settings("net", &settings);
     Ok(())
 }
