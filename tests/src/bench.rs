@@ -15,6 +15,47 @@ pub const ROUNDS_MIN: usize = 5;
 /// A run with more errors than this (a fraction of the operations) prints no figure.
 pub const ERROR_RATE_MAX: f64 = 0.001;
 
+/// Refuses arguments a bench program does not know (a misspelt option must not be
+/// ignored): `with_value` take the next argument, `flags` stand alone.
+pub fn check_args(args: &[String], with_value: &[&str], flags: &[&str]) -> Result<()> {
+    let mut i = 1;
+    while i < args.len() {
+        let a = args[i].as_str();
+        if with_value.contains(&a) {
+            i += 2;
+        } else if flags.contains(&a) {
+            i += 1;
+        } else {
+            bail!(
+                "unknown argument {a:?}; this bench takes {}",
+                with_value
+                    .iter()
+                    .map(|v| format!("{v} VALUE"))
+                    .chain(flags.iter().map(|f| f.to_string()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The value after `--name` in a bench program's arguments, or `default`.
+pub fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    match args.iter().position(|a| a == name) {
+        Some(i) => {
+            let v = args
+                .get(i + 1)
+                .ok_or_else(|| anyhow::anyhow!("{name} needs a value"))?;
+            v.parse().map_err(|e| anyhow::anyhow!("{name} {v}: {e}"))
+        }
+        None => Ok(default),
+    }
+}
+
 /// Refuses fewer than [`ROUNDS_MIN`] rounds, saying why.
 pub fn check_rounds(rounds: usize) -> Result<()> {
     if rounds < ROUNDS_MIN {

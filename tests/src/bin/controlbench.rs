@@ -285,26 +285,12 @@ fn etcd_load(port: u16, clients: usize, seconds: f64) -> Result<Figures> {
     )
 }
 
-fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> Result<T>
-where
-    T::Err: std::fmt::Display,
-{
-    match args.iter().position(|a| a == name) {
-        Some(i) => {
-            let v = args
-                .get(i + 1)
-                .with_context(|| format!("{name} needs a value"))?;
-            v.parse().map_err(|e| anyhow::anyhow!("{name} {v}: {e}"))
-        }
-        None => Ok(default),
-    }
-}
-
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let seconds: f64 = arg(&args, "--seconds", 3.0)?;
-    let clients: usize = arg(&args, "--clients", 32)?;
-    let rounds: usize = arg(&args, "--rounds", bench::ROUNDS_MIN)?;
+    bench::check_args(&args, &["--seconds", "--clients", "--rounds"], &[])?;
+    let seconds: f64 = bench::arg(&args, "--seconds", 3.0)?;
+    let clients: usize = bench::arg(&args, "--clients", 32)?;
+    let rounds: usize = bench::arg(&args, "--rounds", bench::ROUNDS_MIN)?;
     bench::check_rounds(rounds)?;
     if let Ok(sock) = std::env::var("BOXD_BENCH_SOCKET") {
         // Load on a running node only (for profiling it).

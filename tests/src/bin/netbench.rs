@@ -334,26 +334,16 @@ fn guest_tcp(ns: &Netns, net: GuestNet, dir: &std::path::Path, secs: u32) -> Res
         .with_context(|| format!("no result from iperf3: {v}"))
 }
 
-fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> Result<T>
-where
-    T::Err: std::fmt::Display,
-{
-    match args.iter().position(|a| a == name) {
-        Some(i) => {
-            let v = args
-                .get(i + 1)
-                .with_context(|| format!("{name} needs a value"))?;
-            v.parse().map_err(|e| anyhow::anyhow!("{name} {v}: {e}"))
-        }
-        None => Ok(default),
-    }
-}
-
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let secs: f64 = arg(&args, "--seconds", 2.0)?;
-    let rounds: usize = arg(&args, "--rounds", bench::ROUNDS_MIN)?;
-    let stream_mib: usize = arg(&args, "--stream-mib", 256)?;
+    bench::check_args(
+        &args,
+        &["--seconds", "--rounds", "--stream-mib"],
+        &["--skip-guest"],
+    )?;
+    let secs: f64 = bench::arg(&args, "--seconds", 2.0)?;
+    let rounds: usize = bench::arg(&args, "--rounds", bench::ROUNDS_MIN)?;
+    let stream_mib: usize = bench::arg(&args, "--stream-mib", 256)?;
     let skip_guest = args.iter().any(|a| a == "--skip-guest");
     bench::check_rounds(rounds)?;
     let d = NetDaemon::start("bench")?;

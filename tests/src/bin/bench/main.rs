@@ -60,7 +60,7 @@ enum What {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
         /// Machines (names) in the zone.
-        #[arg(long, default_value_t = 200)]
+        #[arg(long, default_value_t = 100)]
         machines: usize,
     },
 }

@@ -63,7 +63,7 @@ pub fn proxy(rounds: usize, seconds: u64, connections: u32) -> Result<()> {
     let host = format!("{MACHINE}.{ZONE}");
 
     let opts = Options {
-        memory: "128M",
+        memory: "256M",
         ..Default::default()
     };
     let s = Server::start(&dir.join("server"), SSH_PORT, &opts, &["bench"])?;
