@@ -46,6 +46,10 @@ if [ ! -e "$root/.made" ]; then
     touch "$root/.made"
 fi
 cp /etc/resolv.conf "$root/etc/resolv.conf"
+# The machine's own trust store: where a network's TLS goes through a proxy with its
+# own root, a new machine of that network trusts it too (it is not something boxd's
+# setup installs).
+cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
 grep -q localhost "$root/etc/hosts" 2>/dev/null || echo "127.0.0.1 localhost" >>"$root/etc/hosts"
 rm -rf "$root/root/boxd"
 git clone -q "$repo" "$root/root/boxd"
