@@ -72,6 +72,52 @@ impl Machine {
         })
     }
 
+    /// Continues the machine from a snapshot (`boxd vmm restore`), in the same folder
+    /// (its sockets, console and disk layer are where the snapshot says they were).
+    pub fn restore(name: &str, dir: &Path, snapshot: &Path) -> Result<Self> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("vmm.log"))?;
+        let started = Instant::now();
+        let child = Command::new(boxd_binary()?)
+            .args(["vmm", "restore", "--consume", "--snapshot"])
+            .arg(snapshot)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start boxd vmm restore")?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            name: name.into(),
+            child: Some(child),
+            started,
+        })
+    }
+
+    /// Snapshots the machine into `to` and lets its VMM exit (suspend to disk); returns
+    /// the VMM's report.
+    pub fn suspend(&mut self, to: &Path) -> Result<serde_json::Value> {
+        let mut c = self.control()?;
+        c.set_timeout(Duration::from_secs(300))?;
+        let r = c.call(&Request::Snapshot {
+            dir: to.to_path_buf(),
+            then: boxd_vmm::AfterSnapshot::Stop,
+        })?;
+        if !r.ok {
+            bail!("snapshot refused: {}", r.error.unwrap_or_default());
+        }
+        let code = self.wait_exit(Duration::from_secs(60))?;
+        if code != 0 {
+            bail!(
+                "boxd vmm exited with {code} after the snapshot:\n{}",
+                self.log()
+            );
+        }
+        r.snapshot.context("snapshot reply without a report")
+    }
+
     /// The VMM's process id while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 const ROOT: &str = "/sys/fs/cgroup";
 const GROUP: &str = "boxd";
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct CgroupLimits {
     /// CPU time: this many CPUs' worth.
     pub cpus: u32,

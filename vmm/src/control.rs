@@ -6,6 +6,8 @@
 //! {"op":"shutdown","timeout_ms":N}   -> {"ok":true}  (ACPI power button; hard stop after N ms)
 //! {"op":"stop"}                      -> {"ok":true}  (immediately)
 //! {"op":"console","bytes":N}         -> {"ok":true,"console":"...last N bytes..."}
+//! {"op":"snapshot","dir":"D","then":"resume|pause|stop"}
+//!                                    -> {"ok":true,"snapshot":{"save_ms":..,"memory_bytes":..}}
 //! anything else                      -> {"ok":false,"error":"..."}
 //! ```
 
@@ -38,6 +40,12 @@ pub enum Request {
         #[serde(default = "default_console_bytes")]
         bytes: usize,
     },
+    /// Writes a snapshot into `dir` (which must not exist yet).
+    Snapshot {
+        dir: PathBuf,
+        #[serde(default)]
+        then: crate::AfterSnapshot,
+    },
 }
 
 fn default_shutdown_ms() -> u64 {
@@ -57,6 +65,8 @@ pub struct Response {
     pub status: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub console: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<serde_json::Value>,
 }
 
 impl Response {
@@ -96,6 +106,12 @@ impl Client {
         Ok(Self {
             reader: BufReader::new(stream),
         })
+    }
+
+    /// How long a call may wait for its reply (60 s unless set; a snapshot of a large
+    /// guest takes longer).
+    pub fn set_timeout(&mut self, timeout: Duration) -> std::io::Result<()> {
+        self.reader.get_ref().set_read_timeout(Some(timeout))
     }
 
     pub fn call(&mut self, request: &Request) -> std::io::Result<Response> {

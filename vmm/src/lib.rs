@@ -16,13 +16,14 @@ pub mod control;
 pub mod devices;
 pub mod memory;
 pub mod probe;
+pub mod snapshot;
 mod vmm;
 pub mod vstate;
 
 pub use arch::boot::BootSource;
 pub use cgroup::{CgroupError, CgroupLimits};
 pub use devices::virtio::block::DiskSpec;
-pub use vmm::{Vmm, VmmError};
+pub use vmm::{AfterSnapshot, SnapshotReport, Vmm, VmmError};
 pub use vstate::exit::ExitReason;
 
 use std::path::PathBuf;
@@ -34,7 +35,7 @@ pub const DEFAULT_DISK_SIZE: u64 = 100_000_000_000 / 4096 * 4096;
 pub const VCPUS_MAX: u8 = 254;
 
 /// Everything a VM is made of.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
     /// Names the VM in logs and its cgroup.
     pub name: String,
@@ -52,7 +53,7 @@ pub struct VmConfig {
     pub cgroup: Option<CgroupLimits>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct VsockConfig {
     /// Host side unix socket (see `devices::virtio::vsock`).
     pub uds: PathBuf,
@@ -60,7 +61,7 @@ pub struct VsockConfig {
     pub ready_port: Option<u32>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
     /// The vhost-user backend's socket for this VM's port.
     pub vhost_user: PathBuf,

@@ -14,7 +14,9 @@ use crate::devices::virtio::block::{Block, BlockStats, Disk, DiskError};
 use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::devices::virtio::vsock::Vsock;
 use crate::memory::{Memory, MemoryError};
+use crate::snapshot::{self, Snapshot, SnapshotError};
 use crate::vstate::exit::{ExitReason, VmExit};
+use crate::vstate::persist::{self, MsrSet, PersistError, VcpuState, VmState};
 use crate::vstate::vcpu::{RunControl, RunState, Vcpu, VcpuStats, install_kick_handler};
 use crate::vstate::vm::{Vm, VmError};
 use crate::{VCPUS_MAX, VmConfig};
@@ -22,7 +24,7 @@ use kvm_ioctls::IoEventAddress;
 use std::io::{ErrorKind, Read};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -63,6 +65,42 @@ pub enum VmmError {
     },
     #[error("writing ACPI tables into guest memory: {0}")]
     Acpi(vm_memory::GuestMemoryError),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    Persist(#[from] PersistError),
+    #[error("cannot restore snapshot {dir}: {why}")]
+    Restore { dir: PathBuf, why: String },
+    #[error("cannot snapshot the VM: {0}")]
+    Save(String),
+}
+
+/// What the VM does once a snapshot is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AfterSnapshot {
+    /// Go on as before (running, or paused if it was paused).
+    #[default]
+    Resume,
+    /// Stay paused.
+    Pause,
+    /// The VMM exits (suspend to disk): the snapshot is all that is left of the VM.
+    Stop,
+}
+
+/// What a snapshot cost.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SnapshotReport {
+    pub dir: PathBuf,
+    /// From the request to the snapshot being on disk.
+    pub save_ms: f64,
+    /// How long the vCPUs were stopped for it (until the save, when they stay stopped).
+    pub paused_ms: f64,
+    /// Guest memory written (pages that hold data).
+    pub memory_bytes: u64,
+    /// The guest's memory size.
+    pub memory_size: u64,
+    pub state_bytes: u64,
 }
 
 /// How often a pending shutdown presses the power button again.
@@ -74,7 +112,7 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> VmmError {
 }
 
 /// The agent's ready message and when it arrived.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct AgentReady {
     pub after_ms: f64,
     pub message: serde_json::Value,
@@ -99,6 +137,11 @@ pub struct Vmm {
     control: Option<control::Server>,
     ready_listener: Option<(UnixListener, PathBuf)>,
     agent: Option<AgentReady>,
+    serial: Arc<Mutex<Serial>>,
+    /// The vCPUs' XSAVE area size, as this host's KVM reports it.
+    xsave_size: usize,
+    /// Restored from this snapshot, and how long the restore took.
+    restored: Option<(PathBuf, Duration)>,
     /// When the vCPUs were started.
     started: Instant,
     /// How long building the VM took, up to its vCPUs starting.
@@ -111,7 +154,50 @@ pub struct Vmm {
 impl Vmm {
     /// Builds the VM and starts its vCPUs.
     pub fn start(config: VmConfig) -> Result<Self, VmmError> {
+        Self::build(config, None)
+    }
+
+    /// Builds the VM a snapshot was taken of and continues it. `config` may move the
+    /// machine's files (sockets, console); its size and devices must be the snapshot's.
+    /// A snapshot that does not check out is refused and left as it is.
+    ///
+    /// With `consume`, the snapshot is taken out of `dir` once it is loaded and
+    /// before the vCPUs run: from then on the disk moves on, and restoring the same
+    /// memory again over it would corrupt the guest's file systems (suspend and wake
+    /// use it this way; a golden image is restored without).
+    pub fn restore(dir: &Path, config: Option<VmConfig>, consume: bool) -> Result<Self, VmmError> {
         let begun = Instant::now();
+        let snap = snapshot::load(dir)?;
+        let config = match config {
+            None => snap.config.clone(),
+            Some(c) => {
+                same_machine(&snap.config, &c).map_err(|why| VmmError::Restore {
+                    dir: dir.to_path_buf(),
+                    why,
+                })?;
+                c
+            }
+        };
+        let mut vmm = Self::build(config, Some((dir, &snap, consume)))?;
+        vmm.agent = snap.agent.clone();
+        vmm.restored = Some((dir.to_path_buf(), begun.elapsed()));
+        tracing::info!(
+            snapshot = %dir.display(),
+            restore_ms = begun.elapsed().as_secs_f64() * 1000.0,
+            "VM restored"
+        );
+        Ok(vmm)
+    }
+
+    fn build(
+        config: VmConfig,
+        restore: Option<(&Path, &Snapshot, bool)>,
+    ) -> Result<Self, VmmError> {
+        let begun = Instant::now();
+        let restore_err = |why: String| VmmError::Restore {
+            dir: restore.map(|r| r.0.to_path_buf()).unwrap_or_default(),
+            why,
+        };
         if config.vcpus == 0 || config.vcpus > VCPUS_MAX {
             return Err(VmmError::Config(format!(
                 "{} vCPUs requested; use 1 to {VCPUS_MAX}",
@@ -141,6 +227,11 @@ impl Vmm {
             )));
         }
         let memory = Memory::new(config.memory_mib)?;
+        if let Some((dir, snap, _)) = restore {
+            // All of it, before any device (the vhost-user backend above all) is given
+            // the memory table: see docs/vmm.md, "Restoring memory".
+            snapshot::restore_memory(&memory, &dir.join(snapshot::MEMORY_FILE), &snap.memory)?;
+        }
         vm.map_memory(&memory.guest)?;
         let exit = Arc::new(VmExit::new().map_err(io("create the exit eventfd"))?);
         let milestones = Arc::new(Mutex::new(Milestones::default()));
@@ -160,12 +251,15 @@ impl Vmm {
         };
         let (console, console_tail) = Console::new(console_file);
         let busy = |e| VmmError::Config(format!("device layout: {e}"));
-        pio.insert(
-            u64::from(SERIAL_PORT),
-            8,
-            Arc::new(Mutex::new(Serial::new(serial_irq, console))),
-        )
-        .map_err(busy)?;
+        let serial = match restore {
+            Some((_, snap, _)) => {
+                Serial::restored(serial_irq, console, &snap.serial).map_err(restore_err)?
+            }
+            None => Serial::new(serial_irq, console),
+        };
+        let serial = Arc::new(Mutex::new(serial));
+        pio.insert(u64::from(SERIAL_PORT), 8, serial.clone())
+            .map_err(busy)?;
         pio.insert(
             u64::from(ACPI_POWER_PORT),
             2,
@@ -257,12 +351,32 @@ impl Vmm {
             });
         }
 
-        let rsdp =
-            acpi::write(&memory.guest, config.vcpus, &windows, GED_IRQ).map_err(VmmError::Acpi)?;
-        regs::write_boot_tables(&memory.guest)?;
-        let entry = boot::load(&memory.guest, memory.size, &config.boot, rsdp)?;
+        if let Some((_, snap, _)) = restore
+            && snap.devices.len() != transports.len()
+        {
+            return Err(restore_err(format!(
+                "the snapshot has {} virtio devices ({}), this machine {}",
+                snap.devices.len(),
+                snap.devices
+                    .iter()
+                    .map(|d| d.device.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                transports.len()
+            )));
+        }
+        // A restored guest has its tables and kernel in the memory it came back with.
+        let entry = if restore.is_none() {
+            let rsdp = acpi::write(&memory.guest, config.vcpus, &windows, GED_IRQ)
+                .map_err(VmmError::Acpi)?;
+            regs::write_boot_tables(&memory.guest)?;
+            Some(boot::load(&memory.guest, memory.size, &config.boot, rsdp)?)
+        } else {
+            None
+        };
 
         let supported = cpuid::supported(&vm.kvm)?;
+        let xsave_size = persist::xsave_size(&vm.fd);
         let (pio, mmio) = (Arc::new(pio), Arc::new(mmio));
         let run = Arc::new(RunControl::new(usize::from(config.vcpus)));
         let mut vcpus = Vec::new();
@@ -274,18 +388,26 @@ impl Vmm {
                     what: "a vCPU",
                     source,
                 })?;
-            cpuid::set(
-                &fd,
-                &cpuid::for_vcpu(&supported, index, config.vcpus),
-                index,
-            )?;
-            cpuid::set_boot_msrs(&fd, index)?;
-            regs::setup_lapic(&fd)?;
-            if index == 0 {
-                // The others wait for the boot vCPU's INIT/SIPI, as on a PC.
-                regs::setup_sregs(&fd)?;
-                regs::setup_regs(&fd, entry.rip, entry.boot_params)?;
-                regs::setup_fpu(&fd)?;
+            match (restore, &entry) {
+                (Some((_, snap, _)), _) => {
+                    snap.vcpus[usize::from(index)].restore(&fd, index, xsave_size)?
+                }
+                (None, Some(entry)) => {
+                    cpuid::set(
+                        &fd,
+                        &cpuid::for_vcpu(&supported, index, config.vcpus),
+                        index,
+                    )?;
+                    cpuid::set_boot_msrs(&fd, index)?;
+                    regs::setup_lapic(&fd)?;
+                    if index == 0 {
+                        // The others wait for the boot vCPU's INIT/SIPI, as on a PC.
+                        regs::setup_sregs(&fd)?;
+                        regs::setup_regs(&fd, entry.rip, entry.boot_params)?;
+                        regs::setup_fpu(&fd)?;
+                    }
+                }
+                (None, None) => unreachable!("a fresh VM has a boot entry"),
             }
             vcpus.push(Vcpu {
                 index,
@@ -297,6 +419,19 @@ impl Vmm {
                 stats: Arc::new(VcpuStats::default()),
             });
         }
+        if let Some((_, snap, _)) = restore {
+            // After the vCPUs (their LAPICs), as KVM wants; before any device runs, so
+            // an interrupt a device raises now is not overwritten by the saved irqchip.
+            snap.vm.restore(&vm.fd)?;
+            for v in &vcpus {
+                // Tells a guest with kvmclock that it was stopped on purpose (no soft
+                // lockup reports); a guest without kvmclock refuses, which is fine.
+                let _ = v.fd.kvmclock_ctrl();
+            }
+            for (t, state) in transports.iter().zip(&snap.devices) {
+                lock(t).restore(state).map_err(restore_err)?;
+            }
+        }
         let control = match &config.control {
             Some(p) => Some(
                 control::Server::bind(p)
@@ -305,6 +440,10 @@ impl Vmm {
             None => None,
         };
         let vcpu_stats = vcpus.iter().map(|v| v.stats.clone()).collect();
+        let consumed = match restore {
+            Some((dir, _, true)) => Some(snapshot::consume(dir)?),
+            _ => None,
+        };
         let started = Instant::now();
         let setup = started - begun;
         let mut handles = Vec::new();
@@ -322,6 +461,11 @@ impl Vmm {
                     });
                 }
             }
+        }
+        if let Some(old) = consumed
+            && let Err(e) = std::fs::remove_dir_all(&old)
+        {
+            tracing::warn!("cannot remove the used snapshot {}: {e}", old.display());
         }
         tracing::info!(
             name = config.name,
@@ -346,6 +490,9 @@ impl Vmm {
             control,
             ready_listener,
             agent: None,
+            serial,
+            xsave_size,
+            restored: None,
             started,
             setup,
             memory,
@@ -560,6 +707,13 @@ impl Vmm {
                 *shutdown_deadline = Some(Instant::now() + Duration::from_millis(timeout_ms));
                 Response::ok()
             }
+            Request::Snapshot { dir, then } => match self.snapshot(&dir, then) {
+                Ok(report) => Response {
+                    snapshot: serde_json::to_value(report).ok(),
+                    ..Response::ok()
+                },
+                Err(e) => Response::error(e.to_string()),
+            },
             Request::Console { bytes } => Response {
                 console: Some(
                     self.console_tail(bytes.min(crate::devices::legacy::CONSOLE_TAIL_MAX)),
@@ -567,6 +721,124 @@ impl Vmm {
                 ..Response::ok()
             },
         }
+    }
+
+    /// Writes a snapshot of the VM into `dir` (which must not exist), then goes on as
+    /// `then` says. The vCPUs stop for the whole save; the devices stop after the
+    /// requests they are serving. On failure nothing is left under `dir` and the VM
+    /// goes on as before.
+    pub fn snapshot(
+        &mut self,
+        dir: &Path,
+        then: AfterSnapshot,
+    ) -> Result<SnapshotReport, VmmError> {
+        let begun = Instant::now();
+        let was = self.run.state();
+        if was == RunState::Stopping {
+            return Err(VmmError::Save("the VM is stopping".into()));
+        }
+        let partial = snapshot::begin(dir)?;
+        let saved = self.run.pause().map_err(VmmError::Save).and_then(|()| {
+            let paused = Instant::now();
+            self.save_into(&partial).map(|r| (r, paused))
+        });
+        let (mut report, paused) = match saved.and_then(|r| {
+            snapshot::commit(&partial, dir)?;
+            Ok(r)
+        }) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&partial);
+                self.resume_devices();
+                if was == RunState::Running {
+                    let _ = self.run.resume();
+                }
+                return Err(e);
+            }
+        };
+        match then {
+            AfterSnapshot::Resume | AfterSnapshot::Pause => {
+                self.resume_devices();
+                if then == AfterSnapshot::Resume && was == RunState::Running {
+                    self.run.resume().map_err(VmmError::Save)?;
+                }
+            }
+            AfterSnapshot::Stop => {
+                self.off_requested = true;
+                self.exit.request(ExitReason::Stopped);
+            }
+        }
+        report.dir = dir.to_path_buf();
+        report.save_ms = begun.elapsed().as_secs_f64() * 1000.0;
+        report.paused_ms = paused.elapsed().as_secs_f64() * 1000.0;
+        tracing::info!(
+            snapshot = %dir.display(),
+            save_ms = report.save_ms,
+            memory_mib = report.memory_bytes >> 20,
+            ?then,
+            "snapshot written"
+        );
+        Ok(report)
+    }
+
+    fn resume_devices(&self) {
+        for t in &self.transports {
+            let mut t = lock(t);
+            if let Err(e) = t.resume_after_save() {
+                tracing::error!(device = t.name(), "cannot resume after a snapshot: {e}");
+            }
+        }
+    }
+
+    /// Saves everything into `partial`; the vCPUs are parked.
+    fn save_into(&self, partial: &Path) -> Result<SnapshotReport, VmmError> {
+        // Devices first: stopping them may complete requests (guest memory, interrupts
+        // into the irqchip), which the VM and vCPU state read next must include.
+        let mut devices = Vec::with_capacity(self.transports.len());
+        for t in &self.transports {
+            devices.push(lock(t).save().map_err(VmmError::Save)?);
+        }
+        let vm = VmState::save(&self._vm.fd)?;
+        let mut msrs = MsrSet::new(&self._vm.kvm)?;
+        let mut vcpus = Vec::with_capacity(usize::from(self.config.vcpus));
+        for index in 0..self.config.vcpus {
+            let xsave = self.xsave_size;
+            let (state, back) = self
+                .run
+                .on_vcpu(usize::from(index), move |fd| {
+                    let state = VcpuState::save(fd, index, xsave, &mut msrs);
+                    (state, msrs)
+                })
+                .map_err(VmmError::Save)?;
+            msrs = back;
+            vcpus.push(state?);
+        }
+        let serial = lock(&self.serial).save();
+        let memory = snapshot::save_memory(&self.memory, &partial.join(snapshot::MEMORY_FILE))?;
+        let created_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let snap = Snapshot {
+            created_unix_ms,
+            config: self.config.clone(),
+            memory,
+            vm,
+            vcpus,
+            serial,
+            devices,
+            agent: self.agent.clone(),
+        };
+        let body = serde_json::to_vec(&snap)
+            .map_err(|e| VmmError::Save(format!("encoding the state: {e}")))?;
+        snapshot::write_state(&partial.join(snapshot::STATE_FILE), &body)?;
+        Ok(SnapshotReport {
+            dir: partial.to_path_buf(),
+            save_ms: 0.0,
+            paused_ms: 0.0,
+            memory_bytes: snap.memory.data_bytes(),
+            memory_size: snap.memory.size,
+            state_bytes: body.len() as u64,
+        })
     }
 
     /// Whether a shutdown or stop was asked for (through the control socket) before
@@ -624,6 +896,9 @@ impl Vmm {
             "agent": self.agent,
             "disk": disk,
             "memory_file_bytes": self.memory.size,
+            "restored_from": self.restored.as_ref().map(|(d, t)| serde_json::json!({
+                "snapshot": d, "restore_ms": t.as_secs_f64() * 1000.0,
+            })),
         })
     }
 
@@ -645,6 +920,49 @@ impl Drop for Vmm {
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// Whether `new` is the machine `old` describes, with perhaps its files elsewhere.
+fn same_machine(old: &VmConfig, new: &VmConfig) -> Result<(), String> {
+    if old.vcpus != new.vcpus {
+        return Err(format!(
+            "it is of a machine with {} vCPUs, not {}",
+            old.vcpus, new.vcpus
+        ));
+    }
+    if old.memory_mib != new.memory_mib {
+        return Err(format!(
+            "it is of a machine with {} MiB of memory, not {} MiB",
+            old.memory_mib, new.memory_mib
+        ));
+    }
+    let devices = |c: &VmConfig| [c.disk.is_some(), c.vsock.is_some(), c.net.is_some()];
+    if devices(old) != devices(new) {
+        let list = |c: &VmConfig| {
+            let d = devices(c);
+            let names: Vec<&str> = ["disk", "vsock", "net"]
+                .into_iter()
+                .zip(d)
+                .filter_map(|(n, on)| on.then_some(n))
+                .collect();
+            if names.is_empty() {
+                "no devices".to_string()
+            } else {
+                names.join(", ")
+            }
+        };
+        return Err(format!(
+            "it is of a machine with {}, not {}",
+            list(old),
+            list(new)
+        ));
+    }
+    if let (Some(a), Some(b)) = (&old.net, &new.net)
+        && a.mac != b.mac
+    {
+        return Err("its network card has another MAC address".into());
+    }
+    Ok(())
 }
 
 /// An eventfd that injects `gsi` when written.

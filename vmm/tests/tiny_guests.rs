@@ -349,3 +349,323 @@ fn the_kvm_probe_measures_ring_zero_speed() {
         }
     );
 }
+
+// ---- Snapshots -------------------------------------------------------------------
+
+/// Assembles one of the guests in tests/guests/ (GNU as, part of binutils, which the
+/// C toolchain brings) into flat code for `BootSource::Raw64`.
+fn assemble(name: &str, dir: &std::path::Path) -> Vec<u8> {
+    let src =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/guests/{name}.s"));
+    let obj = dir.join(format!("{name}.o"));
+    let bin = dir.join(format!("{name}.bin"));
+    let run = |cmd: &mut std::process::Command| {
+        let out = cmd.output().unwrap_or_else(|e| {
+            panic!("cannot run {cmd:?}: {e}; install binutils (`cargo xtask setup` does)")
+        });
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(std::process::Command::new("as")
+        .arg("--64")
+        .arg("-o")
+        .arg(&obj)
+        .arg(&src));
+    run(std::process::Command::new("objcopy")
+        .args(["-O", "binary", "-j", ".text"])
+        .arg(&obj)
+        .arg(&bin));
+    std::fs::read(bin).unwrap()
+}
+
+/// What the counter guest (tests/guests/counter.s) keeps in memory.
+#[derive(Debug, Clone, Copy)]
+struct Counters {
+    rounds: u64,
+    ticks: u64,
+    tsc_backwards: u64,
+    register: u64,
+}
+
+/// Reads the counter guest's numbers out of a snapshot's memory file (guest RAM below
+/// 3 GiB sits at the same offsets in the file).
+fn counters(snapshot: &std::path::Path) -> Counters {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(snapshot.join("memory")).unwrap();
+    let q = |off: u64| {
+        let mut b = [0u8; 8];
+        f.read_exact_at(&mut b, 0x200000 + off).unwrap();
+        u64::from_le_bytes(b)
+    };
+    Counters {
+        rounds: q(0),
+        ticks: q(8),
+        tsc_backwards: q(0x18),
+        register: q(0x20),
+    }
+}
+
+/// Serves `vmm` until the driver, after `wait`, snapshots it into `dir` and stops it.
+fn snapshot_after(
+    mut vmm: Vmm,
+    sock: &std::path::Path,
+    dir: &std::path::Path,
+    wait: Duration,
+) -> (serde_json::Value, serde_json::Value) {
+    let (sock, dir) = (sock.to_path_buf(), dir.to_path_buf());
+    let driver = std::thread::spawn(move || {
+        std::thread::sleep(wait);
+        let mut c = Client::connect(&sock).unwrap();
+        let status = c.call(&Request::Status {}).unwrap().status.unwrap();
+        let reply = c
+            .call(&Request::Snapshot {
+                dir,
+                then: boxd_vmm::AfterSnapshot::Stop,
+            })
+            .unwrap();
+        assert!(reply.ok, "snapshot refused: {:?}", reply.error);
+        (status, reply.snapshot.unwrap())
+    });
+    let reason = vmm.wait_timeout(Duration::from_secs(30));
+    let out = driver.join().unwrap();
+    assert_eq!(
+        reason,
+        Some(ExitReason::Stopped),
+        "a snapshot with then=stop ends the VMM"
+    );
+    out
+}
+
+#[test]
+fn a_restored_guest_goes_on_with_its_registers_memory_timer_and_clock() {
+    if let Some(why) = no_kvm() {
+        boxd_testkit::skip!("{why}");
+    }
+    let dir = TempDir::new("snap-counter");
+    let sock = dir.0.join("control.sock");
+    let mut config = VmConfig::raw(assemble("counter", &dir.0));
+    config.control = Some(sock.clone());
+    config.memory_mib = 64;
+    let first = dir.0.join("first");
+    let (_, report) = snapshot_after(
+        Vmm::start(config).unwrap(),
+        &sock,
+        &first,
+        Duration::from_millis(500),
+    );
+    let before = counters(&first);
+    assert!(
+        before.rounds > 100 && before.ticks > 2,
+        "the guest ran before the save: {before:?}"
+    );
+    // The save may land between the mirror's store and the memory counter's increment.
+    assert!(before.register - before.rounds <= 1, "{before:?}");
+    assert_eq!(before.tsc_backwards, 0);
+    // Only pages with data are written, into a sparse file of the guest's size.
+    let memory = std::fs::metadata(first.join("memory")).unwrap();
+    assert_eq!(memory.len(), 64 << 20);
+    let written = report["memory_bytes"].as_u64().unwrap();
+    assert!(
+        written > 0 && written < 2 << 20,
+        "wrote {written} bytes of a mostly empty guest"
+    );
+    assert!(
+        std::os::unix::fs::MetadataExt::blocks(&memory) * 512 < 4 << 20,
+        "the memory file is not sparse"
+    );
+
+    // A new VMM continues the snapshot; after a while it is saved again.
+    let restored = Vmm::restore(&first, None, true).unwrap();
+    assert!(
+        !first.exists() && !dir.0.join("first.consumed").exists(),
+        "a consumed snapshot is gone once the guest runs on"
+    );
+    let second = dir.0.join("second");
+    let (status, _) = snapshot_after(restored, &sock, &second, Duration::from_millis(500));
+    assert_eq!(
+        status["restored_from"]["snapshot"],
+        first.display().to_string()
+    );
+    let after = counters(&second);
+    assert!(
+        after.rounds > before.rounds + 100,
+        "the loop goes on: {before:?} -> {after:?}"
+    );
+    assert!(
+        after.register - after.rounds <= 1,
+        "the register-held counter continued from its saved value: {after:?}"
+    );
+    assert!(
+        after.ticks > before.ticks + 2,
+        "the LAPIC timer fires after the restore: {before:?} -> {after:?}"
+    );
+    assert_eq!(
+        after.tsc_backwards, 0,
+        "the guest's TSC never went backwards"
+    );
+    // Memory the guest wrote once, before the first save, is all there.
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(second.join("memory")).unwrap();
+    for page in 0..64u64 {
+        let mut b = [0u8; 8];
+        f.read_exact_at(&mut b, 0x300000 + page * 4096).unwrap();
+        assert_eq!(u64::from_le_bytes(b), page ^ 0x5a5a_5a5a, "page {page}");
+    }
+}
+
+#[test]
+fn a_snapshot_that_does_not_check_out_is_refused_and_left_as_it_is() {
+    if let Some(why) = no_kvm() {
+        boxd_testkit::skip!("{why}");
+    }
+    let dir = TempDir::new("snap-refused");
+    let sock = dir.0.join("control.sock");
+    let mut config = VmConfig::raw(assemble("counter", &dir.0));
+    config.control = Some(sock.clone());
+    let good = dir.0.join("good");
+    snapshot_after(
+        Vmm::start(config.clone()).unwrap(),
+        &sock,
+        &good,
+        Duration::from_millis(200),
+    );
+
+    let copy = |name: &str| {
+        let to = dir.0.join(name);
+        std::fs::create_dir_all(&to).unwrap();
+        for f in ["state", "memory"] {
+            std::fs::copy(good.join(f), to.join(f)).unwrap();
+        }
+        to
+    };
+    let contents =
+        |d: &std::path::Path| ["state", "memory"].map(|f| std::fs::read(d.join(f)).unwrap());
+    let refused = |d: &std::path::Path, config: Option<VmConfig>, expect: &[&str]| {
+        let before = contents(d);
+        let e = Vmm::restore(d, config, true)
+            .err()
+            .expect("refused")
+            .to_string();
+        for want in expect {
+            assert!(e.contains(want), "{e:?} should say {want:?}");
+        }
+        assert_eq!(contents(d), before, "a refused restore changes nothing");
+        assert!(!sock.exists(), "a refused restore leaves no control socket");
+    };
+
+    // Another format version.
+    let v = copy("version");
+    let mut state = std::fs::read(v.join("state")).unwrap();
+    state[8..12].copy_from_slice(&99u32.to_le_bytes());
+    std::fs::write(v.join("state"), &state).unwrap();
+    refused(&v, None, &["version 99", "state"]);
+    // A truncated state file.
+    let t = copy("truncated");
+    let state = std::fs::read(t.join("state")).unwrap();
+    std::fs::write(t.join("state"), &state[..state.len() / 2]).unwrap();
+    refused(&t, None, &["truncated", "state"]);
+    // One flipped byte in the state and one in the memory.
+    let c = copy("corrupt-state");
+    let mut state = std::fs::read(c.join("state")).unwrap();
+    let n = state.len();
+    state[n - 10] ^= 0x20;
+    std::fs::write(c.join("state"), &state).unwrap();
+    refused(&c, None, &["checksum", "state"]);
+    let m = copy("corrupt-memory");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(m.join("memory"))
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, 0x200000).unwrap();
+        f.write_all_at(&[b[0] ^ 1], 0x200000).unwrap();
+    }
+    refused(&m, None, &["checksum", "memory"]);
+    // A truncated memory file.
+    let tm = copy("truncated-memory");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(tm.join("memory"))
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    refused(&tm, None, &["truncated", "memory"]);
+    // The same snapshot onto a machine of another size.
+    let mut bigger = config.clone();
+    bigger.memory_mib = 64;
+    refused(&good, Some(bigger), &["MiB", "good"]);
+    let mut wider = config.clone();
+    wider.vcpus = 2;
+    refused(&good, Some(wider), &["vCPUs"]);
+    // No snapshot at all, and one a crash left half-written.
+    let e = Vmm::restore(&dir.0.join("nothing"), None, true)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("no such snapshot"), "{e}");
+    std::fs::rename(&good, boxd_vmm::snapshot::partial_dir(&good)).unwrap();
+    let e = Vmm::restore(&good, None, true).err().unwrap().to_string();
+    assert!(e.contains("never finished"), "{e}");
+}
+
+#[test]
+fn a_snapshot_into_an_existing_directory_is_refused_and_the_guest_runs_on() {
+    if let Some(why) = no_kvm() {
+        boxd_testkit::skip!("{why}");
+    }
+    let dir = TempDir::new("snap-exists");
+    let sock = dir.0.join("control.sock");
+    let mut config = VmConfig::raw(assemble("counter", &dir.0));
+    config.control = Some(sock.clone());
+    let taken = dir.0.join("taken");
+    std::fs::create_dir_all(&taken).unwrap();
+    std::fs::write(taken.join("keep"), b"mine").unwrap();
+    let mut vmm = Vmm::start(config).unwrap();
+    let driver = std::thread::spawn(move || {
+        let mut c = Client::connect(&sock).unwrap();
+        let reply = c
+            .call(&Request::Snapshot {
+                dir: taken.clone(),
+                then: boxd_vmm::AfterSnapshot::Stop,
+            })
+            .unwrap();
+        assert!(!reply.ok);
+        assert!(reply.error.unwrap().contains("already exists"));
+        assert_eq!(std::fs::read(taken.join("keep")).unwrap(), b"mine");
+        let exits = |c: &mut Client| {
+            c.call(&Request::Status {}).unwrap().status.unwrap()["vcpu_exits"]
+                .as_u64()
+                .unwrap()
+        };
+        let a = exits(&mut c);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            exits(&mut c) > a,
+            "the guest runs on after a refused snapshot"
+        );
+        // A snapshot that resumes leaves the guest running, too.
+        let reply = c
+            .call(&Request::Snapshot {
+                dir: taken.with_file_name("resumed"),
+                then: boxd_vmm::AfterSnapshot::Resume,
+            })
+            .unwrap();
+        assert!(reply.ok, "{:?}", reply.error);
+        let a = exits(&mut c);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(
+            exits(&mut c) > a,
+            "the guest runs on after a snapshot with then=resume"
+        );
+        assert!(c.call(&Request::Stop {}).unwrap().ok);
+    });
+    let reason = vmm.wait_timeout(Duration::from_secs(30));
+    driver.join().unwrap();
+    assert_eq!(reason, Some(ExitReason::Stopped));
+}

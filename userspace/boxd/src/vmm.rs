@@ -50,12 +50,57 @@ pub enum VmmCommand {
         #[arg(long, default_value_t = 4096)]
         bytes: usize,
     },
+    /// Write a snapshot of the running VM into a new directory: vCPU, VM and device
+    /// state, and the guest memory's pages that hold data.
+    Snapshot {
+        #[command(flatten)]
+        target: Target,
+        /// The directory to create (it must not exist).
+        #[arg(long)]
+        to: PathBuf,
+        /// What the VM does afterwards: resume (as before), pause, or stop (suspend).
+        #[arg(long, default_value = "resume", value_parser = parse_after)]
+        then: boxd_vmm::AfterSnapshot,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Continue a VM from a snapshot in this process, and serve it until it ends.
+    Restore(RestoreArgs),
     /// Measure whether this host's KVM runs guest kernels at hardware speed (a tiny
     /// ring-0 loop, tens of milliseconds); exits 0 either way.
     Probe {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Args, Clone)]
+pub struct RestoreArgs {
+    /// The snapshot directory (`vmm snapshot --to`).
+    #[arg(long)]
+    snapshot: PathBuf,
+    /// Serve the control socket here instead of where the snapshotted VM had it.
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// Write the console here instead of where the snapshotted VM did.
+    #[arg(long)]
+    console: Option<PathBuf>,
+    /// Take the snapshot out of its directory once loaded, before the guest runs (a
+    /// wake from suspend: the disk moves on, so the same memory must never be
+    /// restored over it again).
+    #[arg(long)]
+    consume: bool,
+    #[arg(long)]
+    skip_kvm_check: bool,
+}
+
+fn parse_after(s: &str) -> Result<boxd_vmm::AfterSnapshot, String> {
+    match s {
+        "resume" => Ok(boxd_vmm::AfterSnapshot::Resume),
+        "pause" => Ok(boxd_vmm::AfterSnapshot::Pause),
+        "stop" => Ok(boxd_vmm::AfterSnapshot::Stop),
+        _ => Err(format!("{s:?}: use resume, pause or stop")),
+    }
 }
 
 #[derive(Args)]
@@ -156,6 +201,13 @@ pub fn main(command: VmmCommand) -> Exit {
         ),
         VmmCommand::Stop(t) => (t, Request::Stop {}),
         VmmCommand::Console { target, bytes } => (target, Request::Console { bytes }),
+        VmmCommand::Snapshot {
+            target,
+            to,
+            then,
+            json,
+        } => return snapshot(&target, to, then, json),
+        VmmCommand::Restore(args) => return restore(args),
         VmmCommand::Probe { json } => return probe(json),
     };
     let reply = Client::connect(&target.control)?.call(&request)?;
@@ -169,6 +221,59 @@ pub fn main(command: VmmCommand) -> Exit {
         print!("{c}");
     }
     Ok(0)
+}
+
+fn snapshot(target: &Target, to: PathBuf, then: boxd_vmm::AfterSnapshot, json: bool) -> Exit {
+    // Relative to where the command runs, not to the VMM's working directory.
+    let dir =
+        std::path::absolute(&to).with_context(|| format!("snapshot directory {}", to.display()))?;
+    let mut client = Client::connect(&target.control)?;
+    client.set_timeout(SNAPSHOT_TIMEOUT)?;
+    let reply = client.call(&Request::Snapshot { dir, then })?;
+    if !reply.ok {
+        bail!("{}", reply.error.unwrap_or_default());
+    }
+    let report = reply.snapshot.unwrap_or_default();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let f = |k: &str| report.get(k).and_then(|v| v.as_f64()).unwrap_or_default();
+        println!(
+            "snapshot {}: {:.0} MiB of {:.0} MiB memory written in {:.1} ms (vCPUs stopped {:.1} ms)",
+            to.display(),
+            f("memory_bytes") / 1048576.0,
+            f("memory_size") / 1048576.0,
+            f("save_ms"),
+            f("paused_ms"),
+        );
+    }
+    Ok(0)
+}
+
+/// A snapshot writes the guest's memory; 64 GiB at disk speed fits in this.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(600);
+
+fn restore(args: RestoreArgs) -> Exit {
+    if !args.skip_kvm_check {
+        check_kvm()?;
+    }
+    let snap = boxd_vmm::snapshot::load(&args.snapshot)?;
+    let mut config = snap.config;
+    if let Some(c) = args.control {
+        config.control = Some(c);
+    }
+    if let Some(c) = args.console {
+        config.console = Some(c);
+    }
+    supervise(config, Some((args.snapshot, args.consume)), 10)
+}
+
+fn check_kvm() -> anyhow::Result<()> {
+    let speed = boxd_vmm::probe::kvm_speed().map_err(|e| anyhow::anyhow!("KVM check: {e}"))?;
+    if !speed.hardware_speed {
+        bail!("{}", boxd_vmm::probe::refusal(&speed));
+    }
+    Ok(())
 }
 
 fn probe(json: bool) -> Exit {
@@ -351,18 +456,28 @@ fn handle_signals(
 fn run(args: RunArgs) -> Exit {
     let config = config(&args)?;
     if !args.skip_kvm_check {
-        let speed = boxd_vmm::probe::kvm_speed().map_err(|e| anyhow::anyhow!("KVM check: {e}"))?;
-        if !speed.hardware_speed {
-            bail!("{}", boxd_vmm::probe::refusal(&speed));
-        }
+        check_kvm()?;
     }
+    supervise(config, None, args.reboots_per_minute)
+}
+
+/// Runs the VM (restored from `snapshot` first, when given) until it ends; a guest
+/// reboot boots it again, fresh.
+fn supervise(
+    config: VmConfig,
+    mut snapshot: Option<(PathBuf, bool)>,
+    reboots_per_minute: u32,
+) -> Exit {
     let current = Arc::new(Mutex::new(None));
     let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     handle_signals(current.clone(), stopping.clone())?;
     let mut reboots: Vec<Instant> = Vec::new();
     loop {
         let started = Instant::now();
-        let mut vmm = Vmm::start(config.clone())?;
+        let mut vmm = match snapshot.take() {
+            Some((dir, consume)) => Vmm::restore(&dir, Some(config.clone()), consume)?,
+            None => Vmm::start(config.clone())?,
+        };
         *current.lock().expect("not poisoned") = Some(vmm.exit_handle());
         eprintln!(
             "boxd vmm: {} running ({} vCPUs, {} MiB)",
@@ -400,7 +515,7 @@ fn run(args: RunArgs) -> Exit {
                 }
                 reboots.retain(|t| t.elapsed() < Duration::from_secs(60));
                 reboots.push(Instant::now());
-                if reboots.len() as u32 > args.reboots_per_minute {
+                if reboots.len() as u32 > reboots_per_minute {
                     bail!(
                         "{} rebooted {} times within a minute; giving up (last console output:\n{})",
                         config.name,

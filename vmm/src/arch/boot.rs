@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
 
 /// What the boot vCPU runs first.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum BootSource {
     Linux {
         kernel: PathBuf,

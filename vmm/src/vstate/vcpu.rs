@@ -53,10 +53,15 @@ pub enum RunState {
     Stopping,
 }
 
+/// Work for a parked vCPU's own thread (reading its state for a snapshot).
+type Job = Box<dyn FnOnce(&mut VcpuFd) + Send>;
+
 struct Shared {
     target: RunState,
     /// vCPUs currently parked (not in KVM_RUN).
     parked: usize,
+    /// One slot per vCPU: a job its thread runs while parked.
+    jobs: Vec<Option<Job>>,
 }
 
 /// Pause/resume/stop for all vCPU threads of a VM.
@@ -76,6 +81,7 @@ impl RunControl {
             shared: Mutex::new(Shared {
                 target: RunState::Running,
                 parked: 0,
+                jobs: (0..count).map(|_| None).collect(),
             }),
             cond: Condvar::new(),
             threads: Mutex::new(Vec::new()),
@@ -146,16 +152,55 @@ impl RunControl {
         self.kick_all();
     }
 
-    /// Called by a vCPU thread before each KVM_RUN: blocks while paused, returns false
-    /// when the thread should end.
-    fn may_run(&self) -> bool {
+    /// Runs `job` on vCPU `index`'s own thread while the VM is paused, and returns what
+    /// it returned. KVM wants a vCPU's state read by the thread that runs it.
+    pub fn on_vcpu<T: Send + 'static>(
+        &self,
+        index: usize,
+        job: impl FnOnce(&mut VcpuFd) -> T + Send + 'static,
+    ) -> Result<T, String> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        {
+            let mut s = self.lock();
+            if s.target != RunState::Paused || s.parked < self.count {
+                return Err("the VM must be paused first".into());
+            }
+            let Some(slot) = s.jobs.get_mut(index) else {
+                return Err(format!("there is no vCPU {index}"));
+            };
+            *slot = Some(Box::new(move |fd: &mut VcpuFd| {
+                let _ = tx.send(job(fd));
+            }));
+            self.cond.notify_all();
+        }
+        rx.recv_timeout(PARK_TIMEOUT)
+            .map_err(|_| format!("vCPU {index} did not answer within {PARK_TIMEOUT:?}"))
+    }
+
+    fn running(&self) -> bool {
+        self.lock().target == RunState::Running
+    }
+
+    /// Called by a vCPU thread that should not run: parks it (running any job posted
+    /// for it meanwhile) until the VM resumes or stops; returns false when the thread
+    /// should end.
+    fn park(&self, index: usize, fd: &mut VcpuFd) -> bool {
         let mut s = self.lock();
         if s.target == RunState::Running {
             return true;
         }
         s.parked += 1;
         self.cond.notify_all();
-        while s.target == RunState::Paused {
+        loop {
+            if let Some(job) = s.jobs.get_mut(index).and_then(Option::take) {
+                drop(s);
+                job(fd);
+                s = self.lock();
+                continue;
+            }
+            if s.target != RunState::Paused {
+                break;
+            }
             s = self.cond.wait(s).expect("vCPU control lock poisoned");
         }
         s.parked -= 1;
@@ -169,6 +214,19 @@ pub struct VcpuStats {
     pub exits: AtomicU64,
     pub unhandled_io: AtomicU64,
 }
+
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    /// An exit was served; the guest may go on.
+    Exited,
+    /// KVM_RUN returned early (a kick, immediate_exit).
+    Interrupted,
+    /// The VM ends (the reason is recorded in `exit`).
+    End,
+}
+
+/// Rounds `settle` allows for a string I/O instruction's repeated exits.
+const SETTLE_ROUNDS: usize = 64;
 
 pub struct Vcpu {
     pub index: u8,
@@ -190,83 +248,26 @@ impl Vcpu {
 
     fn run(mut self) {
         KVM_RUN.with(|c| c.set(self.fd.get_kvm_run() as *mut kvm_run));
-        // Registered before the first may_run(): a stop or pause that comes earlier is
+        // Registered before the first running() check: a stop or pause that comes earlier is
         // seen there, one that comes later kicks this thread.
         // SAFETY: pthread_self has no preconditions.
         crate::devices::bus::lock(&self.control.threads).push(unsafe { libc::pthread_self() });
-        while self.control.may_run() {
-            let exit = self.fd.run();
-            self.stats.exits.fetch_add(1, Ordering::Relaxed);
-            match exit {
-                Ok(VcpuExit::IoIn(port, data)) => {
-                    if !self.pio.read(u64::from(port), data) {
-                        self.stats.unhandled_io.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                Ok(VcpuExit::IoOut(port, data)) => {
-                    if !self.pio.write(u64::from(port), data) {
-                        self.stats.unhandled_io.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                Ok(VcpuExit::MmioRead(addr, data)) => {
-                    if !self.mmio.read(addr, data) {
-                        self.stats.unhandled_io.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                Ok(VcpuExit::MmioWrite(addr, data)) => {
-                    if !self.mmio.write(addr, data) {
-                        self.stats.unhandled_io.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                Ok(VcpuExit::Hlt) => {
-                    // Only without an in-kernel irqchip; ours has one, so a HLT exit
-                    // means the guest stopped for good.
-                    self.exit.request(ExitReason::PowerOff);
+        loop {
+            if !self.control.running() {
+                // KVM finishes the I/O of the last exit (an IN's value into RAX, the
+                // instruction skipped) only on the next KVM_RUN: run once with
+                // immediate_exit so that a snapshot reads a consistent vCPU and a
+                // restored guest does not repeat a port or MMIO access.
+                if !self.settle() {
                     break;
                 }
-                Ok(VcpuExit::Shutdown) => {
-                    // Triple fault: what a PC does next is reset.
-                    tracing::warn!(vcpu = self.index, state = %self.describe(), "triple fault; resetting the VM");
-                    self.exit.request(ExitReason::Reboot);
+                if !self.control.park(usize::from(self.index), &mut self.fd) {
                     break;
                 }
-                Ok(VcpuExit::SystemEvent(kind, _)) => {
-                    let reason = match kind {
-                        kvm_bindings::KVM_SYSTEM_EVENT_RESET => ExitReason::Reboot,
-                        _ => ExitReason::PowerOff,
-                    };
-                    self.exit.request(reason);
-                    break;
-                }
-                Ok(VcpuExit::InternalError) => {
-                    let detail = self.internal_error();
-                    self.exit.request(ExitReason::Crashed(detail));
-                    break;
-                }
-                Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                    self.exit.request(ExitReason::Crashed(format!(
-                        "KVM could not enter vCPU {} (hardware reason {reason:#x}, cpu {cpu})",
-                        self.index
-                    )));
-                    break;
-                }
-                Ok(other) => {
-                    self.exit.request(ExitReason::Crashed(format!(
-                        "vCPU {} stopped on an exit boxd does not handle: {other:?}",
-                        self.index
-                    )));
-                    break;
-                }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    self.fd.set_kvm_immediate_exit(0);
-                }
-                Err(e) => {
-                    self.exit.request(ExitReason::Crashed(format!(
-                        "KVM_RUN on vCPU {} failed: {e}",
-                        self.index
-                    )));
-                    break;
-                }
+                continue;
+            }
+            if self.step() == Step::End {
+                break;
             }
         }
         // From here on no kick may reach this thread: leave the list kick_all walks
@@ -280,6 +281,107 @@ impl Vcpu {
         let mut s = self.control.lock();
         s.parked += 1;
         self.control.cond.notify_all();
+    }
+
+    /// One KVM_RUN and the exit it ended with.
+    fn step(&mut self) -> Step {
+        let exit = self.fd.run();
+        self.stats.exits.fetch_add(1, Ordering::Relaxed);
+        match exit {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !self.pio.read(u64::from(port), data) {
+                    self.stats.unhandled_io.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                if !self.pio.write(u64::from(port), data) {
+                    self.stats.unhandled_io.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !self.mmio.read(addr, data) {
+                    self.stats.unhandled_io.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if !self.mmio.write(addr, data) {
+                    self.stats.unhandled_io.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok(VcpuExit::Hlt) => {
+                // Only without an in-kernel irqchip; ours has one, so a HLT exit
+                // means the guest stopped for good.
+                self.exit.request(ExitReason::PowerOff);
+                return Step::End;
+            }
+            Ok(VcpuExit::Shutdown) => {
+                // Triple fault: what a PC does next is reset.
+                tracing::warn!(vcpu = self.index, state = %self.describe(), "triple fault; resetting the VM");
+                self.exit.request(ExitReason::Reboot);
+                return Step::End;
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                let reason = match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => ExitReason::Reboot,
+                    _ => ExitReason::PowerOff,
+                };
+                self.exit.request(reason);
+                return Step::End;
+            }
+            Ok(VcpuExit::InternalError) => {
+                let detail = self.internal_error();
+                self.exit.request(ExitReason::Crashed(detail));
+                return Step::End;
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                self.exit.request(ExitReason::Crashed(format!(
+                    "KVM could not enter vCPU {} (hardware reason {reason:#x}, cpu {cpu})",
+                    self.index
+                )));
+                return Step::End;
+            }
+            Ok(other) => {
+                self.exit.request(ExitReason::Crashed(format!(
+                    "vCPU {} stopped on an exit boxd does not handle: {other:?}",
+                    self.index
+                )));
+                return Step::End;
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.fd.set_kvm_immediate_exit(0);
+                return Step::Interrupted;
+            }
+            Err(e) => {
+                self.exit.request(ExitReason::Crashed(format!(
+                    "KVM_RUN on vCPU {} failed: {e}",
+                    self.index
+                )));
+                return Step::End;
+            }
+        }
+        Step::Exited
+    }
+
+    /// Completes what the last exit left for KVM to finish, without running guest
+    /// code: KVM_RUN with immediate_exit returns EINTR once that is done. A string I/O
+    /// instruction may exit again first; those exits are served like any other
+    /// (bounded). Returns false when the VM ended meanwhile.
+    fn settle(&mut self) -> bool {
+        for _ in 0..SETTLE_ROUNDS {
+            self.fd.set_kvm_immediate_exit(1);
+            let step = self.step();
+            self.fd.set_kvm_immediate_exit(0);
+            match step {
+                Step::Interrupted => return true,
+                Step::End => return false,
+                Step::Exited => {}
+            }
+        }
+        tracing::warn!(
+            vcpu = self.index,
+            "pending I/O did not settle in {SETTLE_ROUNDS} rounds"
+        );
+        true
     }
 
     /// The registers that say where a vCPU was (for crash reports).

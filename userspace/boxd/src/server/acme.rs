@@ -53,6 +53,8 @@ const PER_PASS: usize = 20;
 #[derive(Debug, Default)]
 pub struct Backoff {
     failed: HashMap<String, (u32, Instant)>,
+    /// Quick retries spent per name since its last success (see `transient`).
+    quick: HashMap<String, u32>,
 }
 
 impl Backoff {
@@ -77,13 +79,41 @@ impl Backoff {
         d
     }
 
+    /// Records a failure the CA says to simply retry (RFC 8555 6.5: a rejected
+    /// anti-replay nonce): retried within seconds, a few times, before it counts as a
+    /// failure. Returns the delay before the next try.
+    pub fn transient(&mut self, name: &str, now: Instant) -> Duration {
+        let quick = self.quick.entry(name.to_string()).or_default();
+        if *quick >= Self::QUICK_RETRIES {
+            return self.failed(name, now);
+        }
+        *quick += 1;
+        let n = self.failed.get(name).map_or(0, |(n, _)| *n);
+        self.failed.insert(name.to_string(), (n, now + Self::QUICK));
+        Self::QUICK
+    }
+
+    /// How long until the first name held back is due again.
+    pub fn next_due(&self, now: Instant) -> Option<Duration> {
+        self.failed
+            .values()
+            .map(|(_, at)| at.saturating_duration_since(now))
+            .min()
+    }
+
+    pub const QUICK: Duration = Duration::from_secs(2);
+    pub const QUICK_RETRIES: u32 = 3;
+
     pub fn succeeded(&mut self, name: &str) {
         self.failed.remove(name);
+        self.quick.remove(name);
     }
 
     /// Forgets names no longer wanted (deleted machines, removed domains).
     pub fn keep(&mut self, wanted: &[Want]) {
         self.failed
+            .retain(|name, _| wanted.iter().any(|w| w.name == *name));
+        self.quick
             .retain(|name, _| wanted.iter().any(|w| w.name == *name));
     }
 }
@@ -271,7 +301,15 @@ impl Manager {
                             );
                         }
                         Err(e) => {
-                            let d = self.backoff.failed(&w.name, Instant::now());
+                            // instant-acme already retried the request twice with fresh
+                            // nonces; the order as a whole goes again shortly.
+                            let d = if format!("{e:#}")
+                                .contains("urn:ietf:params:acme:error:badNonce")
+                            {
+                                self.backoff.transient(&w.name, Instant::now())
+                            } else {
+                                self.backoff.failed(&w.name, Instant::now())
+                            };
                             tracing::warn!(
                                 name = w.name,
                                 retry_in_s = d.as_secs(),
@@ -283,10 +321,13 @@ impl Manager {
             }
             // A follower looks again soon: when it becomes the leader (a restart, a
             // failover) it should order what is due within seconds, not a minute.
-            let next = if leader { 60 } else { 2 };
+            let mut next = Duration::from_secs(if leader { 60 } else { 2 });
+            if let Some(due) = self.backoff.next_due(Instant::now()) {
+                next = next.min(due.max(Backoff::QUICK));
+            }
             tokio::select! {
                 r = rx.changed() => if r.is_err() { return },
-                _ = tokio::time::sleep(Duration::from_secs(next)) => {}
+                _ = tokio::time::sleep(next) => {}
             }
         }
     }
@@ -523,6 +564,23 @@ mod tests {
         assert_eq!(Backoff::delay(9), Duration::from_secs(15_360));
         assert_eq!(Backoff::delay(10), Backoff::MAX);
         assert_eq!(Backoff::delay(1000), Backoff::MAX);
+        let mut q = Backoff::default();
+        let t0 = Instant::now();
+        for _ in 0..Backoff::QUICK_RETRIES {
+            assert_eq!(q.transient("a", t0), Backoff::QUICK);
+        }
+        assert_eq!(q.next_due(t0), Some(Backoff::QUICK));
+        assert_eq!(
+            q.transient("a", t0),
+            Backoff::FIRST,
+            "quick retries are bounded"
+        );
+        q.succeeded("a");
+        assert_eq!(
+            q.transient("a", t0),
+            Backoff::QUICK,
+            "a success restores them"
+        );
         let mut b = Backoff::default();
         let t = Instant::now();
         assert!(b.ready("a", t));

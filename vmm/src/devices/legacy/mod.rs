@@ -6,4 +6,4 @@ mod serial;
 
 pub use debug_port::{DebugPort, INITRAMFS_FAILED, Milestones};
 pub use power::PowerPort;
-pub use serial::{CONSOLE_TAIL_MAX, Console, Serial};
+pub use serial::{CONSOLE_TAIL_MAX, Console, Serial, SerialSnapshot};

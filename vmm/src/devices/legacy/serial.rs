@@ -67,6 +67,62 @@ impl Serial {
     pub fn new(irq: EventFd, console: Console) -> Self {
         Self(vm_superio::Serial::new(IrqTrigger(irq), console))
     }
+
+    /// The port as a snapshot saved it: its registers and the bytes the guest had not
+    /// read yet.
+    pub fn restored(irq: EventFd, console: Console, s: &SerialSnapshot) -> Result<Self, String> {
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        };
+        vm_superio::Serial::from_state(
+            &state,
+            IrqTrigger(irq),
+            vm_superio::serial::NoEvents,
+            console,
+        )
+        .map(Self)
+        .map_err(|e| format!("the serial port's saved state is not valid: {e:?}"))
+    }
+
+    pub fn save(&self) -> SerialSnapshot {
+        let s = self.0.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+/// The 16550A's registers (vm-superio's `SerialState`, which has no serde of its own).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
 }
 
 impl BusDevice for Serial {
@@ -82,5 +138,35 @@ impl BusDevice for Serial {
         {
             tracing::warn!("serial port write failed: {e:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_port_comes_back_with_its_registers() {
+        let irq = || EventFd::new(0).unwrap();
+        let mut a = Serial::new(irq(), Console::new(None).0);
+        a.write(3, &[0x80]); // DLAB on
+        a.write(0, &[0x0c]); // 9600 baud
+        a.write(3, &[0x03]); // 8N1, DLAB off
+        a.write(7, &[0x5a]); // scratch
+        a.write(1, &[0x01]); // rx interrupt on
+        let saved = a.save();
+        let json = serde_json::to_string(&saved).unwrap();
+        let mut b = Serial::restored(
+            irq(),
+            Console::new(None).0,
+            &serde_json::from_str(&json).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(b.save(), saved);
+        let mut d = [0u8];
+        b.read(7, &mut d);
+        assert_eq!(d[0], 0x5a);
+        b.read(3, &mut d);
+        assert_eq!(d[0], 0x03);
     }
 }

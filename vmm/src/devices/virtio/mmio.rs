@@ -1,6 +1,6 @@
 //! The virtio-mmio register file (virtio 1.2, 4.2.2), version 2 ("modern") only.
 
-use super::{Activation, INT_CONFIG, Interrupt, VIRTIO_F_VERSION_1, VirtioDevice};
+use super::{Activation, INT_CONFIG, Interrupt, Start, VIRTIO_F_VERSION_1, VirtioDevice};
 use crate::devices::bus::BusDevice;
 use crate::memory::GuestMemory;
 use std::sync::Arc;
@@ -23,18 +23,21 @@ const STATUS_FEATURES_OK: u32 = 8;
 const STATUS_NEEDS_RESET: u32 = 64;
 
 pub struct MmioTransport {
-    device: Box<dyn VirtioDevice>,
+    pub(super) device: Box<dyn VirtioDevice>,
     mem: GuestMemory,
-    interrupt: Arc<Interrupt>,
-    queues: Vec<Queue>,
+    pub(super) interrupt: Arc<Interrupt>,
+    pub(super) queues: Vec<Queue>,
     kicks: Vec<EventFd>,
-    queue_sel: u32,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
-    status: u32,
-    config_generation: u32,
-    activated: bool,
+    pub(super) queue_sel: u32,
+    pub(super) device_features_sel: u32,
+    pub(super) driver_features_sel: u32,
+    pub(super) driver_features: u64,
+    pub(super) status: u32,
+    pub(super) config_generation: u32,
+    pub(super) activated: bool,
+    /// Stopped for a snapshot (see `persist.rs`): the device serves nothing until it
+    /// is resumed, and `queues` hold the positions it stopped at.
+    pub(super) quiesced: bool,
 }
 
 impl MmioTransport {
@@ -65,6 +68,7 @@ impl MmioTransport {
             status: 0,
             config_generation: 0,
             activated: false,
+            quiesced: false,
         }
     }
 
@@ -86,6 +90,7 @@ impl MmioTransport {
             self.device.reset();
             self.activated = false;
         }
+        self.quiesced = false;
         for q in &mut self.queues {
             q.reset();
         }
@@ -120,12 +125,18 @@ impl MmioTransport {
             }
         }
         self.status = value;
-        if new & STATUS_DRIVER_OK != 0 && !self.activated {
-            self.activate();
+        if new & STATUS_DRIVER_OK != 0
+            && !self.activated
+            && let Err(e) = self.start_device(Start::Fresh)
+        {
+            tracing::error!("activating virtio device: {e}");
+            self.fail();
         }
     }
 
-    fn activate(&mut self) {
+    /// Hands the device its ready queues (copies: ours keep answering register reads).
+    pub(super) fn start_device(&mut self, start: Start) -> Result<(), String> {
+        let name = self.device.name();
         let mut queues = Vec::new();
         let event_idx = self.driver_features & super::VIRTIO_RING_F_EVENT_IDX != 0;
         for (i, q) in self.queues.iter_mut().enumerate() {
@@ -133,27 +144,14 @@ impl MmioTransport {
                 continue;
             }
             if !q.is_valid(&self.mem) {
-                tracing::error!(
-                    device = self.device.name(),
-                    queue = i,
-                    "driver set up an invalid queue"
-                );
-                self.fail();
-                return;
+                return Err(format!(
+                    "virtio {name}: the driver set up an invalid queue {i}"
+                ));
             }
             q.set_event_idx(event_idx);
-            let kick = match self.kicks[i].try_clone() {
-                Ok(k) => k,
-                Err(e) => {
-                    tracing::error!(
-                        device = self.device.name(),
-                        "cannot clone a notify eventfd: {e}"
-                    );
-                    self.fail();
-                    return;
-                }
-            };
-            // The device gets its own copy of the queue; ours keeps answering register reads.
+            let kick = self.kicks[i]
+                .try_clone()
+                .map_err(|e| format!("virtio {name}: cannot clone a notify eventfd: {e}"))?;
             let copy = Queue::try_from(q.state()).expect("a valid queue's state converts back");
             queues.push((i, copy, kick));
         }
@@ -162,18 +160,17 @@ impl MmioTransport {
             queues,
             interrupt: self.interrupt.clone(),
             features: self.driver_features,
+            start,
         };
-        match self.device.activate(activation) {
-            Ok(()) => self.activated = true,
-            Err(e) => {
-                tracing::error!("activating virtio device: {e}");
-                self.fail();
-            }
-        }
+        self.device
+            .activate(activation)
+            .map_err(|e| e.to_string())?;
+        self.activated = true;
+        Ok(())
     }
 
     /// Marks the device broken and tells the driver, which resets it.
-    fn fail(&mut self) {
+    pub(super) fn fail(&mut self) {
         self.status |= STATUS_NEEDS_RESET;
         self.interrupt.signal(INT_CONFIG);
     }
@@ -323,6 +320,9 @@ mod tests {
         }
         fn reset(&mut self) {
             *self.0.lock().unwrap() = None;
+        }
+        fn quiesce(&mut self) -> Result<Vec<(usize, virtio_queue::QueueState)>, String> {
+            Ok(Vec::new())
         }
     }
 

@@ -8,13 +8,14 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 pub mod vsock;
 pub mod worker;
 
 use crate::memory::GuestMemory;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::eventfd::EventFd;
 
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
@@ -69,6 +70,15 @@ impl Interrupt {
         }
     }
 
+    /// The raw status word (without the vhost-user "always used" bit), for a snapshot.
+    pub fn raw_status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    pub fn set_raw_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+    }
+
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
@@ -87,6 +97,21 @@ pub struct Activation {
     pub interrupt: Arc<Interrupt>,
     /// Features the driver accepted.
     pub features: u64,
+    /// Whether the queues start fresh or continue from a snapshot.
+    pub start: Start,
+}
+
+/// How an activation relates to what ran before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// The driver set DRIVER_OK: the queues start at zero.
+    Fresh,
+    /// The same VMM goes on after a snapshot: the queues continue where `quiesce`
+    /// stopped them and the device's peers are still there.
+    Resume,
+    /// A new VMM continues a snapshot: the queues continue, but what the device's
+    /// peers knew (the host ends of vsock connections) is gone and the device says so.
+    Restore,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +140,18 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
     /// The driver reset the device: stop serving the queues; a new activation may come.
     fn reset(&mut self);
+    /// Stops serving the queues for a snapshot, after the requests in flight are done
+    /// (their buffers returned to the driver, disk writes flushed). Returns each active
+    /// queue's index and position; `activate` with queues at those positions goes on.
+    fn quiesce(&mut self) -> Result<Vec<(usize, QueueState)>, String>;
+    /// What the device keeps beyond its queues and config, for a snapshot.
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    /// Takes back what `save_state` returned, before the restored activation.
+    fn restore_state(&mut self, _state: &serde_json::Value) -> Result<(), String> {
+        Ok(())
+    }
     /// True when the device's interrupts bypass the transport (vhost-user).
     fn interrupts_bypass_transport(&self) -> bool {
         false

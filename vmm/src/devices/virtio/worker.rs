@@ -41,14 +41,15 @@ pub trait Handler: Send + 'static {
     fn handle(&mut self, reg: &Registrar, token: u64, events: EventSet);
 }
 
-/// A running worker; dropping it stops and joins the thread.
-pub struct Worker {
+/// A running worker; dropping it stops and joins the thread, and [`Worker::stop`] also
+/// hands back the handler (with its queues, for a snapshot).
+pub struct Worker<H: Handler> {
     stop: EventFd,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<H>>,
 }
 
-impl Worker {
-    pub fn spawn(name: String, mut handler: impl Handler) -> std::io::Result<Self> {
+impl<H: Handler> Worker<H> {
+    pub fn spawn(name: String, mut handler: H) -> std::io::Result<Self> {
         let stop = EventFd::new(EFD_NONBLOCK)?;
         let epoll = Epoll::new()?;
         epoll.ctl(
@@ -67,13 +68,13 @@ impl Worker {
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                         Err(e) => {
                             tracing::error!(worker = name, "epoll_wait failed, worker stops: {e}");
-                            return;
+                            return handler;
                         }
                     };
                     let reg = Registrar { epoll: &epoll };
                     for ev in &events[..n] {
                         if ev.data() == STOP_TOKEN {
-                            return;
+                            return handler;
                         }
                         handler.handle(&reg, ev.data(), ev.event_set());
                     }
@@ -86,7 +87,16 @@ impl Worker {
     }
 }
 
-impl Drop for Worker {
+impl<H: Handler> Worker<H> {
+    /// Stops the thread after the event it is handling and returns its handler; None
+    /// when the thread panicked.
+    pub fn stop(mut self) -> Option<H> {
+        let _ = self.stop.write(1);
+        self.thread.take().and_then(|t| t.join().ok())
+    }
+}
+
+impl<H: Handler> Drop for Worker<H> {
     fn drop(&mut self) {
         let _ = self.stop.write(1);
         if let Some(t) = self.thread.take() {

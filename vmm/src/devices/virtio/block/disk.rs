@@ -138,7 +138,7 @@ pub struct Disk {
 }
 
 /// What the disk is built from.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct DiskSpec {
     /// Read-only base image (raw), possibly smaller than the disk.
     pub base: Option<PathBuf>,

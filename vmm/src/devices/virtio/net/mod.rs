@@ -7,17 +7,17 @@
 
 use crate::devices::virtio::worker::{AsRawFdExt, Handler, Registrar, Worker};
 use crate::devices::virtio::{
-    ActivateError, Activation, TYPE_NET, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VirtioDevice,
-    read_config_bytes,
+    ActivateError, Activation, Start, TYPE_NET, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VirtioDevice, read_config_bytes,
 };
 use crate::memory::GuestMemory;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use virtio_queue::Queue;
-use virtio_queue::QueueT;
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::Bytes;
 use vm_memory::{GuestAddress, GuestMemoryBackend as _};
 use vmm_sys_util::epoll::EventSet;
@@ -69,9 +69,17 @@ pub struct Net {
     /// Queue pairs offered to the guest.
     pairs: usize,
     sizes: Vec<u16>,
-    /// Data queues handed to the backend.
-    active: usize,
-    ctrl: Option<Worker>,
+    /// Data queues handed to the backend, as they were handed over.
+    rings: Vec<(usize, QueueState)>,
+    /// Queue pairs the driver asked to use (the control queue's MQ command).
+    in_use: Arc<AtomicUsize>,
+    ctrl: Option<Worker<CtrlQueue>>,
+}
+
+/// What the net frontend keeps beyond its queues.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct NetState {
+    pairs_in_use: usize,
 }
 
 impl Net {
@@ -140,7 +148,8 @@ impl Net {
             mem: mem.clone(),
             pairs,
             sizes,
-            active: 0,
+            rings: Vec::new(),
+            in_use: Arc::new(AtomicUsize::new(1)),
             ctrl: None,
         })
     }
@@ -206,8 +215,18 @@ impl VirtioDevice for Net {
             .set_mem_table(&regions)
             .map_err(|e| self.bad("SET_MEM_TABLE", e))?;
         let data_queues = 2 * self.pairs;
+        if a.start == Start::Fresh {
+            self.in_use.store(1, Ordering::Relaxed);
+        }
+        // With MQ the device starts on the first pair until the driver asks for more
+        // (virtio 1.2, 5.1.6.5.5); a resumed device goes on with what it was asked for.
+        let in_use = if mq {
+            self.in_use.load(Ordering::Relaxed)
+        } else {
+            self.pairs
+        };
         let mut ctrl = None;
-        let mut active = 0;
+        let mut rings = Vec::new();
         for (i, q, kick) in a.queues {
             if i >= data_queues {
                 ctrl = Some((q, kick));
@@ -228,8 +247,10 @@ impl VirtioDevice for Net {
             frontend
                 .set_vring_addr(i, &cfg)
                 .map_err(|e| self.bad("SET_VRING_ADDR", e))?;
+            // A fresh queue starts at 0; a resumed or restored one where the backend
+            // stopped it (GET_VRING_BASE at the save).
             frontend
-                .set_vring_base(i, 0)
+                .set_vring_base(i, q.next_avail())
                 .map_err(|e| self.bad("SET_VRING_BASE", e))?;
             frontend
                 .set_vring_call(i, a.interrupt.irqfd())
@@ -238,16 +259,14 @@ impl VirtioDevice for Net {
                 .set_vring_kick(i, &kick)
                 .map_err(|e| self.bad("SET_VRING_KICK", e))?;
             if self.protocol {
-                // With MQ the device starts on the first pair until the driver asks
-                // for more (virtio 1.2, 5.1.6.5.5).
                 frontend
-                    .set_vring_enable(i, !mq || i < 2)
+                    .set_vring_enable(i, i < 2 * in_use)
                     .map_err(|e| self.bad("SET_VRING_ENABLE", e))?;
             }
-            active = active.max(i + 1);
+            rings.push((i, q.state()));
         }
         drop(frontend);
-        self.active = active;
+        self.rings = rings;
         if let Some((queue, kick)) = ctrl {
             let handler = CtrlQueue {
                 queue,
@@ -256,6 +275,7 @@ impl VirtioDevice for Net {
                 interrupt: a.interrupt.clone(),
                 frontend: self.frontend.clone(),
                 pairs: self.pairs,
+                in_use: self.in_use.clone(),
                 protocol: self.protocol,
             };
             self.ctrl = Some(Worker::spawn("virtio-net-ctrl".into(), handler).map_err(
@@ -274,7 +294,7 @@ impl VirtioDevice for Net {
             return;
         };
         // GET_VRING_BASE stops a ring; the backend then forgets it until set up again.
-        for i in 0..self.active {
+        for (i, _) in std::mem::take(&mut self.rings) {
             if self.protocol {
                 let _ = frontend.set_vring_enable(i, false);
             }
@@ -282,7 +302,60 @@ impl VirtioDevice for Net {
                 tracing::warn!("vhost-user net: stopping queue {i}: {e}");
             }
         }
-        self.active = 0;
+    }
+
+    /// Stops the backend's rings (GET_VRING_BASE: the backend completes what it popped
+    /// and reports where it stopped) and the control queue. Frames that arrive for the
+    /// guest meanwhile wait in the backend's port, which outlives this VMM.
+    fn quiesce(&mut self) -> Result<Vec<(usize, QueueState)>, String> {
+        let mut queues = Vec::new();
+        if let Some(worker) = self.ctrl.take() {
+            let ctrl = worker
+                .stop()
+                .ok_or("its control queue thread had panicked")?;
+            queues.push((2 * self.pairs, ctrl.queue.state()));
+        }
+        let frontend = self
+            .frontend
+            .lock()
+            .map_err(|_| "the backend connection's lock is poisoned".to_string())?;
+        for (i, mut state) in std::mem::take(&mut self.rings) {
+            let base = frontend.get_vring_base(i).map_err(|e| {
+                format!(
+                    "backend {}: GET_VRING_BASE of queue {i}: {e}",
+                    self.socket.display()
+                )
+            })?;
+            // The backend's used index is in guest memory, where it wrote it.
+            let used: u16 = self
+                .mem
+                .read_obj(GuestAddress(state.used_ring + 2))
+                .map_err(|e| format!("reading queue {i}'s used index: {e}"))?;
+            state.next_avail = base as u16;
+            state.next_used = used;
+            queues.push((i, state));
+        }
+        Ok(queues)
+    }
+
+    fn save_state(&self) -> serde_json::Value {
+        serde_json::to_value(NetState {
+            pairs_in_use: self.in_use.load(Ordering::Relaxed),
+        })
+        .unwrap_or_default()
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let s: NetState = serde_json::from_value(state.clone())
+            .map_err(|e| format!("its saved state does not read: {e}"))?;
+        if !(1..=self.pairs).contains(&s.pairs_in_use) {
+            return Err(format!(
+                "the guest used {} queue pairs; the backend now serves {}",
+                s.pairs_in_use, self.pairs
+            ));
+        }
+        self.in_use.store(s.pairs_in_use, Ordering::Relaxed);
+        Ok(())
     }
 }
 
@@ -296,6 +369,7 @@ struct CtrlQueue {
     interrupt: Arc<crate::devices::virtio::Interrupt>,
     frontend: Arc<Mutex<Frontend>>,
     pairs: usize,
+    in_use: Arc<AtomicUsize>,
     protocol: bool,
 }
 
@@ -320,6 +394,7 @@ impl CtrlQueue {
                 return CTRL_ERR;
             }
         }
+        self.in_use.store(n, Ordering::Relaxed);
         tracing::debug!("virtio-net: the guest uses {n} queue pairs");
         CTRL_OK
     }

@@ -5,14 +5,14 @@ use super::muxer::{LISTENER_TOKEN, Muxer, PAYLOAD_MAX};
 use super::packet::{HEADER_LEN, Header};
 use crate::devices::virtio::worker::{AsRawFdExt, Handler, Registrar, Worker};
 use crate::devices::virtio::{
-    ActivateError, Activation, Interrupt, TYPE_VSOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
-    VirtioDevice, read_config_bytes,
+    ActivateError, Activation, Interrupt, Start, TYPE_VSOCK, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX, VirtioDevice, read_config_bytes,
 };
 use crate::memory::GuestMemory;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueState, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -20,6 +20,8 @@ const QUEUE_SIZE: u16 = 256;
 const RXQ: usize = 0;
 const TXQ: usize = 1;
 const EVQ: usize = 2;
+/// struct virtio_vsock_event's id for "every connection is gone, re-read the CID".
+const EVENT_TRANSPORT_RESET: u32 = 0;
 
 /// The guest CID every boxd VM gets: each VM has its own vsock device, so they never
 /// meet, and a fixed CID keeps forks and restores identical.
@@ -30,7 +32,7 @@ pub struct Vsock {
     /// The muxer lives across driver resets (host clients keep their sockets).
     muxer: Arc<Mutex<Option<Muxer>>>,
     config: [u8; 8],
-    worker: Option<Worker>,
+    worker: Option<Worker<VsockWorker>>,
 }
 
 impl Vsock {
@@ -86,7 +88,7 @@ impl VirtioDevice for Vsock {
             match i {
                 RXQ => rx = Some((q, kick)),
                 TXQ => tx = Some((q, kick)),
-                EVQ => ev = Some(kick),
+                EVQ => ev = Some((q, kick)),
                 _ => {}
             }
         }
@@ -108,7 +110,8 @@ impl VirtioDevice for Vsock {
             rx_kick: rx.1,
             tx: tx.0,
             tx_kick: tx.1,
-            ev_kick: ev,
+            ev,
+            reset_pending: a.start == Start::Restore,
             interrupt: a.interrupt,
             muxer: Some(muxer),
             home: self.muxer.clone(),
@@ -127,6 +130,23 @@ impl VirtioDevice for Vsock {
         // Dropping the worker hands the muxer back (see VsockWorker's Drop).
         self.worker = None;
     }
+
+    /// The worker moves whole packets between the rings and the muxer, so once it
+    /// stops no buffer is half used. The muxer (host sockets and what they have not
+    /// read yet) comes back to the device: a resume in this VMM goes on with it.
+    fn quiesce(&mut self) -> Result<Vec<(usize, QueueState)>, String> {
+        let Some(worker) = self.worker.take() else {
+            return Ok(Vec::new());
+        };
+        let handler = worker
+            .stop()
+            .ok_or("its worker thread had panicked; the queue positions are unknown")?;
+        let mut queues = vec![(RXQ, handler.rx.state()), (TXQ, handler.tx.state())];
+        if let Some((q, _)) = &handler.ev {
+            queues.push((EVQ, q.state()));
+        }
+        Ok(queues)
+    }
 }
 
 struct VsockWorker {
@@ -135,7 +155,11 @@ struct VsockWorker {
     rx_kick: EventFd,
     tx: Queue,
     tx_kick: EventFd,
-    ev_kick: Option<EventFd>,
+    ev: Option<(Queue, EventFd)>,
+    /// Restored in a new VMM: the guest's connections have no host end any more; the
+    /// first thing the worker does is tell the driver (a transport reset event), which
+    /// closes them, so the agent reconnects instead of waiting on a dead stream.
+    reset_pending: bool,
     interrupt: Arc<Interrupt>,
     muxer: Option<Muxer>,
     home: Arc<Mutex<Option<Muxer>>>,
@@ -156,7 +180,7 @@ impl Handler for VsockWorker {
     fn init(&mut self, reg: &Registrar) -> std::io::Result<()> {
         reg.add(self.rx_kick.as_raw_fd_(), RX_KICK, EventSet::IN)?;
         reg.add(self.tx_kick.as_raw_fd_(), TX_KICK, EventSet::IN)?;
-        if let Some(k) = &self.ev_kick {
+        if let Some((_, k)) = &self.ev {
             reg.add(k.as_raw_fd_(), EV_KICK, EventSet::IN)?;
         }
         let fd = self
@@ -165,6 +189,9 @@ impl Handler for VsockWorker {
             .expect("set at activation")
             .listener_fd();
         reg.add(fd, LISTENER_TOKEN, EventSet::IN)?;
+        if self.reset_pending {
+            self.send_transport_reset();
+        }
         self.process_tx(reg);
         self.process_rx(reg);
         Ok(())
@@ -181,9 +208,13 @@ impl Handler for VsockWorker {
                 self.process_tx(reg);
             }
             EV_KICK => {
-                // The event queue only carries transport resets, which we never send.
-                if let Some(k) = &self.ev_kick {
+                // The driver gave an event buffer back: a reset that found none waits
+                // for it.
+                if let Some((_, k)) = &self.ev {
                     let _ = k.read();
+                }
+                if self.reset_pending {
+                    self.send_transport_reset();
                 }
             }
             LISTENER_TOKEN => self.muxer().accept(reg),
@@ -194,6 +225,36 @@ impl Handler for VsockWorker {
 }
 
 impl VsockWorker {
+    /// Puts VIRTIO_VSOCK_EVENT_TRANSPORT_RESET in the event queue (virtio 1.2,
+    /// 5.10.6.7); stays pending while the driver has no event buffer posted.
+    fn send_transport_reset(&mut self) {
+        let Some((q, _)) = self.ev.as_mut() else {
+            tracing::warn!(
+                "vsock: the driver has no event queue; it cannot be told of the restore"
+            );
+            self.reset_pending = false;
+            return;
+        };
+        let mem = &self.mem;
+        let Some(chain) = q.pop_descriptor_chain(mem) else {
+            return;
+        };
+        let head = chain.head_index();
+        let written = match chain.writer(mem) {
+            Ok(mut w) if w.available_bytes() >= 4 => {
+                w.write_all(&EVENT_TRANSPORT_RESET.to_le_bytes()).is_ok()
+            }
+            _ => false,
+        };
+        if !written {
+            tracing::warn!("vsock: the driver's event buffer is too small for an event");
+        }
+        if q.add_used(mem, head, if written { 4 } else { 0 }).is_ok() {
+            self.interrupt.signal_used();
+        }
+        self.reset_pending = !written;
+    }
+
     fn muxer(&mut self) -> &mut Muxer {
         self.muxer
             .as_mut()
@@ -321,4 +382,79 @@ fn read_packet(
     payload.resize(len, 0);
     reader.read_exact(payload).ok()?;
     Some(hdr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::{RawDescriptor, split::Descriptor as SplitDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Address, Bytes, GuestAddress};
+
+    /// Activates a vsock device on three mock queues with one 8-byte event buffer
+    /// posted; returns the memory, the event queue and the device.
+    fn start(
+        name: &str,
+        start: Start,
+    ) -> (GuestMemory, MockSplitQueue<'static, GuestMemory>, Vsock) {
+        let mem: &'static GuestMemory = Box::leak(Box::new(
+            GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap(),
+        ));
+        let rx = MockSplitQueue::create(mem, GuestAddress(0x1_0000), 16);
+        let tx = MockSplitQueue::create(mem, GuestAddress(0x2_0000), 16);
+        let ev = MockSplitQueue::create(mem, GuestAddress(0x3_0000), 16);
+        mem.write_obj(0xffff_ffffu32, GuestAddress(0x8_0000))
+            .unwrap();
+        ev.add_desc_chains(
+            &[RawDescriptor::from(SplitDescriptor::new(
+                0x8_0000,
+                8,
+                VRING_DESC_F_WRITE as u16,
+                0,
+            ))],
+            0,
+        )
+        .unwrap();
+        let uds =
+            std::env::temp_dir().join(format!("boxd-vsock-{name}-{}.sock", std::process::id()));
+        let mut dev = Vsock::new(&uds).unwrap();
+        let kick = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        dev.activate(Activation {
+            mem: mem.clone(),
+            queues: vec![
+                (RXQ, rx.create_queue().unwrap(), kick()),
+                (TXQ, tx.create_queue().unwrap(), kick()),
+                (EVQ, ev.create_queue().unwrap(), kick()),
+            ],
+            interrupt: Arc::new(Interrupt::new(kick(), false)),
+            features: VIRTIO_F_VERSION_1,
+            start,
+        })
+        .unwrap();
+        (mem.clone(), ev, dev)
+    }
+
+    #[test]
+    fn a_restored_device_tells_the_driver_its_connections_are_gone() {
+        let (mem, ev, mut dev) = start("restore", Start::Restore);
+        let used: u16 = mem.read_obj(ev.used_addr().unchecked_add(2)).unwrap();
+        assert_eq!(used, 1, "the event buffer came back");
+        let len: u32 = mem.read_obj(ev.used_addr().unchecked_add(4 + 4)).unwrap();
+        assert_eq!(len, 4);
+        let id: u32 = mem.read_obj(GuestAddress(0x8_0000)).unwrap();
+        assert_eq!(id, EVENT_TRANSPORT_RESET);
+        let queues = dev.quiesce().unwrap();
+        let evq = queues.iter().find(|(i, _)| *i == EVQ).unwrap().1;
+        assert_eq!((evq.next_avail, evq.next_used), (1, 1));
+    }
+
+    #[test]
+    fn a_fresh_or_resumed_device_sends_no_reset() {
+        for (name, s) in [("fresh", Start::Fresh), ("resume", Start::Resume)] {
+            let (mem, ev, _dev) = start(name, s);
+            let used: u16 = mem.read_obj(ev.used_addr().unchecked_add(2)).unwrap();
+            assert_eq!(used, 0, "{name}: the event buffer stays with the device");
+        }
+    }
 }
