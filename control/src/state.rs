@@ -69,6 +69,9 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE domains (domain TEXT PRIMARY KEY,
                            machine TEXT NOT NULL REFERENCES machines(name) ON DELETE CASCADE);
      CREATE INDEX domains_machine ON domains(machine);",
+    // 5: since when a machine is in its state (`ls`/`info`, the idle policy).
+    "ALTER TABLE machines ADD COLUMN state_since_ms INTEGER NOT NULL DEFAULT 0;
+     UPDATE machines SET state_since_ms = created_ms;",
 ];
 
 /// How long a request id is remembered for deduplication (a client retrying later than
@@ -613,14 +616,17 @@ fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
         } => create_machine(tx, owner, name, spec, parent, now),
         Command::WakeMachine { owner, name } => {
             let m = need_machine(tx, owner, name)?;
-            if m.state != MachineState::Paused {
-                // Stopped, suspended or already running: traffic changes nothing.
-                return Ok(Applied::Machine(m));
+            match m.state {
+                MachineState::Paused => {}
+                // Back from disk: it needs its vCPUs and memory again.
+                MachineState::Suspended => resume_room(tx, owner, &m)?,
+                // Stopped, creating or already running: traffic changes nothing.
+                _ => return Ok(Applied::Machine(m)),
             }
             exec(
                 tx,
-                "UPDATE machines SET state = 'running' WHERE name = ?1",
-                [name],
+                "UPDATE machines SET state = 'running', state_since_ms = ?2 WHERE name = ?1",
+                params![name, now],
             )
             .map_err(sql)?;
             Ok(Applied::Machine(need_machine(tx, owner, name)?))
@@ -635,29 +641,21 @@ fn apply_cmd(tx: &Connection, req: &Request) -> Res<Applied> {
                     m.state.as_str()
                 )));
             }
-            let active = |s: MachineState| {
-                matches!(
-                    s,
-                    MachineState::Creating | MachineState::Running | MachineState::Paused
-                )
-            };
+            if *state == MachineState::Suspended && m.state == MachineState::Stopped {
+                return Err(AppError::Invalid(format!(
+                    "{name} is stopped: it has nothing in memory to suspend"
+                )));
+            }
             if active(*state) && !active(m.state) {
-                team_room(tx, owner, &m.spec)?;
-                // Resuming: the machine stays where its disk is, if that node has room.
-                let node = node_usage(tx, m.node)?;
-                if node.used_cpus + m.spec.cpus > node.cpus
-                    || node.used_memory_mib + m.spec.memory_mib > node.memory_mib
-                {
-                    return Err(AppError::NoCapacity(format!(
-                        "node {} (where {name}'s disk is) has no room to resume it; stop another machine there",
-                        m.node
-                    )));
-                }
+                resume_room(tx, owner, &m)?;
+            }
+            if *state == m.state {
+                return Ok(Applied::Machine(m));
             }
             exec(
                 tx,
-                "UPDATE machines SET state = ?2 WHERE name = ?1",
-                params![name, state.as_str()],
+                "UPDATE machines SET state = ?2, state_since_ms = ?3 WHERE name = ?1",
+                params![name, state.as_str(), now],
             )
             .map_err(sql)?;
             Ok(Applied::Machine(need_machine(tx, owner, name)?))
@@ -1247,14 +1245,38 @@ fn create_machine(
     )
     .map_err(sql)?;
     exec(tx,
-        "INSERT INTO machines (name, vid, owner, cpus, memory_mib, disk_gib, state, node, ipv4, domain, ports, parent, created_ms)
-         VALUES (?1, ?11, ?2, ?3, ?4, ?5, 'creating', ?6, ?7, ?8, '[]', ?9, ?10)",
+        "INSERT INTO machines (name, vid, owner, cpus, memory_mib, disk_gib, state, node, ipv4, domain, ports, parent, created_ms, state_since_ms)
+         VALUES (?1, ?11, ?2, ?3, ?4, ?5, 'creating', ?6, ?7, ?8, '[]', ?9, ?10, ?10)",
         params![name, owner, spec.cpus, spec.memory_mib, spec.disk_gib, node, ip, domain, parent, now, vid],
     )
     .map_err(sql)?;
     Ok(Applied::Machine(
         machine(tx, name).map_err(sql)?.expect("just inserted"),
     ))
+}
+
+/// Whether the machine holds a node's vCPUs and memory in this state.
+fn active(s: MachineState) -> bool {
+    matches!(
+        s,
+        MachineState::Creating | MachineState::Running | MachineState::Paused
+    )
+}
+
+/// Room for a stopped or suspended machine to run again: in its team's pool, and on the
+/// node where its disk (and snapshot) is.
+fn resume_room(tx: &Connection, owner: &str, m: &Machine) -> Res<()> {
+    team_room(tx, owner, &m.spec)?;
+    let node = node_usage(tx, m.node)?;
+    if node.used_cpus + m.spec.cpus > node.cpus
+        || node.used_memory_mib + m.spec.memory_mib > node.memory_mib
+    {
+        return Err(AppError::NoCapacity(format!(
+            "node {} (where {}'s disk is) has no room to resume it; stop another machine there",
+            m.node, m.name
+        )));
+    }
+    Ok(())
 }
 
 /// A team shares a pool of vCPUs and memory: the machines of all its members that are
@@ -1392,11 +1414,13 @@ fn machine_from_row(r: &rusqlite::Row) -> rusqlite::Result<Machine> {
         created_ms: r.get(11)?,
         web: WebMode::parse(&r.get::<_, String>(13)?).unwrap_or_default(),
         domains: serde_json::from_str(&r.get::<_, String>(14)?).unwrap_or_default(),
+        state_since_ms: r.get(15)?,
     })
 }
 
 const MACHINE_COLS: &str = "name, owner, cpus, memory_mib, disk_gib, state, node, ipv4, domain, ports, parent, created_ms, vid, web, \
-     (SELECT COALESCE(json_group_array(d.domain), '[]') FROM (SELECT domain FROM domains WHERE machine = machines.name ORDER BY domain) d)";
+     (SELECT COALESCE(json_group_array(d.domain), '[]') FROM (SELECT domain FROM domains WHERE machine = machines.name ORDER BY domain) d), \
+     state_since_ms";
 
 fn machine(db: &Connection, name: &str) -> rusqlite::Result<Option<Machine>> {
     row1(
@@ -2431,6 +2455,29 @@ mod tests {
         assert_eq!(step(&mut sm, wake()).await, "ok");
         // The wake found it stopped and left it so.
         assert_eq!(b1(&sm), MachineState::Stopped);
+        // A stopped machine cannot be suspended; a suspended one wakes to running,
+        // and each change records since when.
+        assert_eq!(
+            step(&mut sm, state("bob", "b1", MachineState::Suspended)).await,
+            "invalid"
+        );
+        assert_eq!(
+            step(&mut sm, state("bob", "b1", MachineState::Running)).await,
+            "ok"
+        );
+        let since = machine(&sm, "b1").unwrap().state_since_ms;
+        assert_eq!(
+            step(&mut sm, state("bob", "b1", MachineState::Suspended)).await,
+            "ok"
+        );
+        assert_eq!(b1(&sm), MachineState::Suspended);
+        assert!(machine(&sm, "b1").unwrap().state_since_ms > since);
+        assert_eq!(step(&mut sm, wake()).await, "ok");
+        assert_eq!(
+            b1(&sm),
+            MachineState::Running,
+            "traffic wakes a suspended machine"
+        );
         let m = machine(&sm, "b1").unwrap();
         assert_eq!(m.domains, ["www.example.com"]);
         assert_eq!(m.web, WebMode::Public);

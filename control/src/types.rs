@@ -312,6 +312,9 @@ pub struct Reply {
     pub index: u64,
 }
 
+// One reply per command, moved to its caller and never held in bulk: a boxed machine
+// would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Applied {
@@ -477,6 +480,9 @@ pub struct Machine {
     /// Custom domains served like `<name>.<zone>`.
     #[serde(default)]
     pub domains: Vec<String>,
+    /// When it entered `state` (Unix ms).
+    #[serde(default)]
+    pub state_since_ms: u64,
 }
 
 /// How the HTTPS proxy serves a machine.

@@ -158,6 +158,9 @@ fn api_commands_and_bad_input() -> Result<()> {
         (vec!["pause", "nope"], "not_found"),
         // Only a running machine can be paused (web has no VMM here: still creating).
         (vec!["pause", "web"], "invalid"),
+        (vec!["suspend", "nope"], "not_found"),
+        // Nor can a machine that is still creating be suspended.
+        (vec!["suspend", "web"], "invalid"),
         (vec!["web", "web", "bogus"], "invalid"),
         (vec!["web", "nope", "private"], "not_found"),
         (vec!["domain", "add", "web", "x.boxd.test"], "invalid"),
@@ -720,6 +723,96 @@ fn api_machines() -> Result<()> {
     );
     assert!(s.log().contains("waking on traffic"), "{}", s.log());
     assert_eq!(s.json("alice", &["info", "app"])?["state"], "running");
+
+    // Suspended: the memory goes to disk and the VMM ends; the next HTTPS request, exec
+    // or packet restores it, with the same kernel, processes and files.
+    guest("echo kept-in-ram > /dev/shm/mark")?;
+    let machine_dir = dir.join(format!("data/machines/{}", m["id"]));
+    let suspend = || -> Result<()> {
+        let t0 = Instant::now();
+        let m = s.json("alice", &["suspend", "app"])?;
+        ensure!(m["state"] == "suspended", "suspend answered {m}");
+        ensure!(m["snapshot_bytes"].as_u64().unwrap_or(0) > 1 << 20, "{m}");
+        eprintln!(
+            "suspended app in {:?}: {} MiB on disk",
+            t0.elapsed(),
+            m["snapshot_bytes"].as_u64().unwrap_or(0) >> 20
+        );
+        let info = s.json("alice", &["info", "app"])?;
+        ensure!(info["state"] == "suspended", "info after suspend: {info}");
+        ensure!(info["state_since_ms"].as_u64().unwrap_or(0) > 0, "{info}");
+        ensure!(
+            !machine_dir.join("control.sock").exists(),
+            "a suspended machine has no VMM"
+        );
+        ensure!(machine_dir.join("snapshot/state").is_file());
+        // Twice is refused, and changes nothing; so is someone else's.
+        let (_, err, msg) = s.json_err("alice", &["suspend", "app"])?;
+        ensure!(
+            err == "invalid" && msg.contains("suspended"),
+            "{err}: {msg}"
+        );
+        let (_, err, _) = s.json_err("bob", &["suspend", "app"])?;
+        ensure!(err == "not_found", "bob suspending alice's machine: {err}");
+        ensure!(s.json("alice", &["info", "app"])?["state"] == "suspended");
+        Ok(())
+    };
+    let awake_as_before = || -> Result<()> {
+        assert_eq!(
+            boot_id()?,
+            boot,
+            "the kernel restarted across suspend and wake"
+        );
+        assert_eq!(
+            backend_pids()?,
+            backend,
+            "the web server restarted across suspend and wake"
+        );
+        assert_eq!(guest("cat /dev/shm/mark")?, "kept-in-ram");
+        assert!(
+            !machine_dir.join("snapshot").exists(),
+            "the used snapshot is gone"
+        );
+        Ok(())
+    };
+    suspend()?;
+    let t0 = Instant::now();
+    let o = s.https_get(&host, &ca)?;
+    eprintln!(
+        "suspended machine answered HTTPS after {:?} (restore included)",
+        t0.elapsed()
+    );
+    assert_eq!(
+        stdout(&o),
+        "hello from app\n|200|2",
+        "the first request to a suspended machine is answered: {}",
+        stderr(&o)
+    );
+    assert_eq!(s.json("alice", &["info", "app"])?["state"], "running");
+    awake_as_before()?;
+    suspend()?;
+    let o = s.ssh("alice", &["exec", "app", "--", "echo awake"])?;
+    assert_eq!(
+        stdout(&o),
+        "awake\n",
+        "exec wakes a suspended machine: {}",
+        stderr(&o)
+    );
+    awake_as_before()?;
+    suspend()?;
+    let t0 = Instant::now();
+    let o = s.direct("alice", &ip, "echo woken from disk by a packet")?;
+    assert_eq!(
+        stdout(&o),
+        "woken from disk by a packet\n",
+        "direct ssh to a suspended machine: {}",
+        stderr(&o)
+    );
+    eprintln!(
+        "suspended machine answered ssh to its IPv4 after {:?}",
+        t0.elapsed()
+    );
+    awake_as_before()?;
 
     // Private: the proxy answers 403 to everyone; the owner reaches the machine through
     // an SSH tunnel (`ssh -L`), which the server forwards to the machine's port.

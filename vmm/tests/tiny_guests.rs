@@ -352,33 +352,11 @@ fn the_kvm_probe_measures_ring_zero_speed() {
 
 // ---- Snapshots -------------------------------------------------------------------
 
-/// Assembles one of the guests in tests/guests/ (GNU as, part of binutils, which the
-/// C toolchain brings) into flat code for `BootSource::Raw64`.
+/// One of the guests in tests/guests/, assembled.
 fn assemble(name: &str, dir: &std::path::Path) -> Vec<u8> {
     let src =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/guests/{name}.s"));
-    let obj = dir.join(format!("{name}.o"));
-    let bin = dir.join(format!("{name}.bin"));
-    let run = |cmd: &mut std::process::Command| {
-        let out = cmd.output().unwrap_or_else(|e| {
-            panic!("cannot run {cmd:?}: {e}; install binutils (`cargo xtask setup` does)")
-        });
-        assert!(
-            out.status.success(),
-            "{cmd:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(std::process::Command::new("as")
-        .arg("--64")
-        .arg("-o")
-        .arg(&obj)
-        .arg(&src));
-    run(std::process::Command::new("objcopy")
-        .args(["-O", "binary", "-j", ".text"])
-        .arg(&obj)
-        .arg(&bin));
-    std::fs::read(bin).unwrap()
+    boxd_testkit::assemble(&src, dir).unwrap()
 }
 
 /// What the counter guest (tests/guests/counter.s) keeps in memory.

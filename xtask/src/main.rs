@@ -114,6 +114,9 @@ enum BenchKind {
     /// The SSH API: `ssh host ls --json` p50/p99 against OpenSSH's sshd running `true`,
     /// and `new` to SSH-ready.
     Api,
+    /// Snapshots: save, restore (1 and 8 GiB), resume from pause, and what a suspended
+    /// machine holds on disk and in host memory (natively, with a tiny guest).
+    Snapshot,
 }
 
 impl BenchKind {
@@ -124,6 +127,7 @@ impl BenchKind {
             BenchKind::Api => ("boxd-bench", &["api"]),
             BenchKind::Proxy => ("boxd-bench", &["proxy"]),
             BenchKind::Dns => ("boxd-bench", &["dns"]),
+            BenchKind::Snapshot => ("boxd-bench", &["snapshot"]),
             BenchKind::Net => ("boxd-netbench", &[]),
             BenchKind::Bpf => ("boxd-bpfbench", &[]),
             BenchKind::Control => ("boxd-controlbench", &[]),

@@ -159,3 +159,40 @@ pub fn missing_tools(tools: &[&str]) -> Option<String> {
         .find(|t| !have(t))
         .map(|t| format!("{t} is not installed (`cargo xtask setup` installs what the tests need)"))
 }
+
+/// Assembles a tiny guest (GNU as, from binutils, which the C toolchain brings) into
+/// flat 64-bit code for the VMM's raw boot: `src` is its `.s`, the `.o` and `.bin` go
+/// into `out`.
+pub fn assemble(src: &Path, out: &Path) -> std::io::Result<Vec<u8>> {
+    let stem = src
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "guest".into());
+    let obj = out.join(format!("{stem}.o"));
+    let bin = out.join(format!("{stem}.bin"));
+    let run = |cmd: &mut std::process::Command| -> std::io::Result<()> {
+        let o = cmd.output().map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot run {cmd:?}: {e}; install binutils (`cargo xtask setup` does)"),
+            )
+        })?;
+        if !o.status.success() {
+            return Err(std::io::Error::other(format!(
+                "{cmd:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            )));
+        }
+        Ok(())
+    };
+    run(std::process::Command::new("as")
+        .arg("--64")
+        .arg("-o")
+        .arg(&obj)
+        .arg(src))?;
+    run(std::process::Command::new("objcopy")
+        .args(["-O", "binary", "-j", ".text"])
+        .arg(&obj)
+        .arg(&bin))?;
+    std::fs::read(bin)
+}

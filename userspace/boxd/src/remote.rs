@@ -12,8 +12,9 @@ use std::io::{IsTerminal, Read, Write};
 
 /// The verbs that are API commands rather than local roles.
 pub const VERBS: &[&str] = &[
-    "new", "ls", "info", "rm", "start", "stop", "pause", "restart", "exec", "ssh", "console",
-    "expose", "unexpose", "web", "domain", "keys", "whoami", "quota", "audit", "register",
+    "new", "ls", "info", "rm", "start", "stop", "pause", "suspend", "restart", "exec", "ssh",
+    "console", "expose", "unexpose", "web", "domain", "keys", "whoami", "quota", "audit",
+    "register",
 ];
 
 pub fn main(argv: Vec<String>) -> Exit {

@@ -121,8 +121,12 @@ pub struct RunArgs {
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     memory: u64,
     /// bzImage to boot.
-    #[arg(long)]
-    kernel: PathBuf,
+    #[arg(long, required_unless_present = "raw")]
+    kernel: Option<PathBuf>,
+    /// Instead of a kernel: flat 64-bit code, entered in long mode at 1 MiB with an
+    /// identity map of the first 4 GiB (the VMM's own tests and benchmarks).
+    #[arg(long, conflicts_with_all = ["kernel", "initrd"])]
+    raw: Option<PathBuf>,
     #[arg(long)]
     initrd: Option<PathBuf>,
     /// Replaces the whole kernel command line.
@@ -378,7 +382,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "ms" => Duration::from_millis(n),
         "" | "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n * 60),
-        u => return Err(format!("unknown duration unit {u:?}; use ms, s or m")),
+        "h" => Duration::from_secs(n * 3600),
+        "d" => Duration::from_secs(n * 86400),
+        u => return Err(format!("unknown duration unit {u:?}; use ms, s, m, h or d")),
     })
 }
 
@@ -418,10 +424,16 @@ fn config(args: &RunArgs) -> anyhow::Result<VmConfig> {
         name: args.name.clone(),
         vcpus: args.cpus,
         memory_mib: args.memory >> 20,
-        boot: BootSource::Linux {
-            kernel: args.kernel.clone(),
-            initrd: args.initrd.clone(),
-            cmdline,
+        boot: match (&args.raw, &args.kernel) {
+            (Some(raw), _) => BootSource::Raw64 {
+                code: std::fs::read(raw).with_context(|| format!("--raw {}", raw.display()))?,
+            },
+            (None, Some(kernel)) => BootSource::Linux {
+                kernel: kernel.clone(),
+                initrd: args.initrd.clone(),
+                cmdline,
+            },
+            (None, None) => bail!("give --kernel (or --raw)"),
         },
         disk,
         vsock: in_dir(&args.vsock, "vsock.sock").map(|uds| VsockConfig {

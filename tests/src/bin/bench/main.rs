@@ -9,6 +9,7 @@ mod api;
 mod boot;
 mod dns;
 mod proxy;
+mod snapshot;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -51,6 +52,12 @@ enum What {
         /// Open connections of the load generator.
         #[arg(long, default_value_t = 64)]
         connections: u32,
+    },
+    /// Snapshot save, restore, resume and what a suspended machine holds, natively with
+    /// a tiny guest (`boxd vmm run --raw`, `snapshot`, `restore`).
+    Snapshot {
+        #[arg(long, default_value_t = bench::ROUNDS_MIN)]
+        rounds: usize,
     },
     /// Queries per second of `boxd server`'s DNS against Knot (dnsperf).
     Dns {
@@ -99,6 +106,7 @@ fn main() -> Result<()> {
             seconds,
             machines,
         } => dns::dns(rounds, seconds, machines),
+        What::Snapshot { rounds } => snapshot::snapshot(rounds),
     }
 }
 

@@ -23,6 +23,8 @@ pub const MAX_COMMAND: usize = 64 << 10;
 const CONSOLE_BYTES: u64 = 16 << 10;
 /// How long `stop` waits for the machine to be down before it answers.
 const STOP_WAIT: Duration = Duration::from_secs(45);
+/// How long a suspend may take (writing the guest's memory to disk).
+const SUSPEND_WAIT: Duration = Duration::from_secs(600);
 /// How long pause and resume may take (the VMM parks every vCPU within a second).
 const PAUSE_WAIT: Duration = Duration::from_secs(15);
 
@@ -182,6 +184,12 @@ pub enum Verb {
     /// Pause a running machine: its vCPUs stop, its memory stays. It wakes in
     /// milliseconds on its next HTTPS request, exec, ssh, console or `start`.
     Pause {
+        name: String,
+    },
+    /// Suspend a machine to disk: its memory and device state are written to a
+    /// snapshot and its VMM ends, so it holds no host memory. Processes, open files and
+    /// connections wait; traffic to it, HTTPS, exec, ssh or `start` wakes it.
+    Suspend {
         name: String,
     },
     /// Power a machine off (ACPI, then the plug after 30 s); its disk stays.
@@ -446,6 +454,7 @@ impl Api {
             "url": (!self.cfg.zone.is_empty()).then(|| format!("https://{}.{}", m.name, self.cfg.zone)),
             "node": m.node,
             "created_ms": m.created_ms,
+            "state_since_ms": m.state_since_ms,
             "ssh": {
                 "gateway": format!("ssh -p {port} {}@{host}", m.name),
                 "direct": format!("ssh root@{}", m.ipv4),
@@ -484,15 +493,18 @@ impl Api {
                 };
                 let v = json!({"machines": machines.iter().map(|m| self.machine_json(m)).collect::<Vec<_>>()});
                 let mut rows = vec![
-                    vec!["NAME", "STATE", "IPV4", "CPUS", "MEMORY", "DISK", "DOMAIN"]
-                        .into_iter()
-                        .map(String::from)
-                        .collect::<Vec<_>>(),
+                    vec![
+                        "NAME", "STATE", "SINCE", "IPV4", "CPUS", "MEMORY", "DISK", "DOMAIN",
+                    ]
+                    .into_iter()
+                    .map(String::from)
+                    .collect::<Vec<_>>(),
                 ];
                 for m in &machines {
                     rows.push(vec![
                         m.name.clone(),
                         m.state.as_str().into(),
+                        age(m.state_since_ms),
                         m.ipv4.clone(),
                         m.spec.cpus.to_string(),
                         format!("{}M", m.spec.memory_mib),
@@ -511,9 +523,10 @@ impl Api {
                 let m = self.machine(caller, &name).await?;
                 let v = self.machine_json(&m);
                 let text = format!(
-                    "name:    {}\nstate:   {}\nipv4:    {}\ndomain:  {}\nsize:    {} vCPUs, {} MiB, {} GiB disk\nports:   {:?}\ngateway: {}\ndirect:  {}\n",
+                    "name:    {}\nstate:   {} (for {})\nipv4:    {}\ndomain:  {}\nsize:    {} vCPUs, {} MiB, {} GiB disk\nports:   {:?}\ngateway: {}\ndirect:  {}\n",
                     m.name,
                     m.state.as_str(),
+                    age(m.state_since_ms),
                     m.ipv4,
                     m.domain.as_deref().unwrap_or("-"),
                     m.spec.cpus,
@@ -578,6 +591,38 @@ impl Api {
                     format!(
                         "paused {name} in {} ms: its memory is kept; its next HTTPS request, exec or ssh wakes it\n",
                         t.elapsed().as_millis()
+                    ),
+                )
+                .await
+            }
+            Verb::Suspend { name } => {
+                let m = self.machine(caller, &name).await?;
+                if !matches!(m.state, MachineState::Running | MachineState::Paused) {
+                    return Err(ApiError::new(
+                        "invalid",
+                        format!(
+                            "{name} is {}; only a running or paused machine can be suspended",
+                            m.state.as_str()
+                        ),
+                    ));
+                }
+                let t = Instant::now();
+                let m = self
+                    .set_state(caller, &name, MachineState::Suspended)
+                    .await?;
+                self.wait_suspended(caller, &m).await?;
+                let m = self.machine(caller, &name).await?;
+                let disk = self.worker.snapshot_bytes(m.id);
+                let mut v = self.machine_json(&m);
+                v["snapshot_bytes"] = json!(disk);
+                self.emit(
+                    io,
+                    json,
+                    v,
+                    format!(
+                        "suspended {name} in {:.1} s: {} MiB of memory on disk, no host memory held; its next connection, HTTPS request, exec, ssh or `start` wakes it\n",
+                        t.elapsed().as_secs_f64(),
+                        disk >> 20
                     ),
                 )
                 .await
@@ -652,6 +697,7 @@ impl Api {
                     None
                 };
                 let argv = vec!["/bin/sh".into(), "-c".into(), script];
+                let _session = self.worker.session(m.id);
                 self.exec_in(&m, argv, pty, kill_on_disconnect, io).await
             }
             Verb::Ssh { name } => self.gateway(caller, &name, Gateway::Shell, io).await,
@@ -661,6 +707,7 @@ impl Api {
                 bytes,
             } => {
                 let m = self.machine(caller, &name).await?;
+                let _session = follow.then(|| self.worker.session(m.id));
                 self.console(&m, follow, bytes.min(1 << 20), json, io).await
             }
             Verb::Web { name, mode } => {
@@ -995,6 +1042,41 @@ impl Api {
         Ok(())
     }
 
+    /// Waits (bounded) until the worker has written `m`'s snapshot and its VMM is gone;
+    /// fails when the worker gave up (it then records the machine running again).
+    async fn wait_suspended(&self, caller: &Caller, m: &Machine) -> Res<()> {
+        self.local(m)?;
+        let t = Instant::now();
+        loop {
+            if self.worker.suspended(m.id) {
+                return Ok(());
+            }
+            let now = self.machine(caller, &m.name).await?;
+            if now.state != MachineState::Suspended {
+                return Err(ApiError::new(
+                    "failed",
+                    format!(
+                        "{} could not be suspended and is {} again; its VMM log (`console {}`) says why",
+                        m.name,
+                        now.state.as_str(),
+                        m.name
+                    ),
+                ));
+            }
+            if t.elapsed() > SUSPEND_WAIT {
+                return Err(ApiError::new(
+                    "timeout",
+                    format!(
+                        "{} was not suspended within {} s; it may still be writing its memory",
+                        m.name,
+                        SUSPEND_WAIT.as_secs()
+                    ),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn wait_down(&self, m: &Machine) -> Res<()> {
         let Some(mut rx) = self.worker.phase(m.id) else {
             return Ok(());
@@ -1025,8 +1107,8 @@ impl Api {
     /// `name`, running and reachable (waits, bounded, for one still booting).
     async fn running(&self, caller: &Caller, name: &str) -> Res<Machine> {
         let mut m = self.machine(caller, name).await?;
-        if m.state == MachineState::Paused {
-            // Using a paused machine wakes it, as a request through the proxy does.
+        if matches!(m.state, MachineState::Paused | MachineState::Suspended) {
+            // Using a sleeping machine wakes it, as a request through the proxy does.
             m = self.set_state(caller, name, MachineState::Running).await?;
             self.wait_paused(&m, false).await?;
         }
@@ -1047,11 +1129,13 @@ impl Api {
         caller: &Caller,
         name: &str,
         port: u16,
-    ) -> Res<tokio::net::TcpStream> {
+    ) -> Res<(tokio::net::TcpStream, super::worker::Session)> {
         let m = self.running(caller, name).await?;
-        crate::proxy::connect_machine(&crate::reconcile::port_name(m.id), port)
+        let session = self.worker.session(m.id);
+        let tcp = crate::proxy::connect_machine(&crate::reconcile::port_name(m.id), port)
             .await
-            .map_err(|e| ApiError::new("unavailable", format!("{name} port {port}: {e}")))
+            .map_err(|e| ApiError::new("unavailable", format!("{name} port {port}: {e}")))?;
+        Ok((tcp, session))
     }
 
     async fn user(&self, caller: &Caller) -> Res<UserInfo> {
@@ -1239,6 +1323,7 @@ impl Api {
         io: &mut Io,
     ) -> Res<i32> {
         let m = self.running(caller, name).await?;
+        let _session = self.worker.session(m.id);
         let (argv, kill) = match how {
             Gateway::Shell => (vec!["/bin/bash".to_string(), "-l".into()], true),
             Gateway::Exec(cmd) => {
@@ -1395,6 +1480,23 @@ pub async fn write_frame(
 }
 
 /// A name like `quiet-river-4821` for a machine created without one.
+/// How long ago `since_ms` was, the way `ls` shows it: 42s, 5m, 3h, 2d.
+fn age(since_ms: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    if since_ms == 0 {
+        return "-".into();
+    }
+    let s = now.saturating_sub(since_ms) / 1000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86400 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
 fn generated_name() -> String {
     const A: [&str; 16] = [
         "quiet", "brave", "calm", "eager", "fancy", "gentle", "happy", "jolly", "kind", "lively",
@@ -1457,6 +1559,7 @@ mod tests {
             "rm a",
             "start a",
             "pause a",
+            "suspend a",
             "stop a",
             "restart a",
             "ssh a",

@@ -6,6 +6,7 @@ use crate::vmm::parse_size;
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -67,6 +68,11 @@ pub struct Machines {
     /// Guest memory the scheduler may place per byte of host memory (guest memory is
     /// touched lazily; above 1.0 a host can run out when guests use what they have).
     pub memory_overcommit: f64,
+    /// A running machine with no inbound traffic and no session (exec, ssh, console,
+    /// tunnel) for this long is paused ("off": never).
+    pub pause_after: String,
+    /// A machine idle for this long is suspended to disk ("off": never).
+    pub suspend_after: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -223,6 +229,8 @@ impl Default for Machines {
             ready_timeout_s: 300,
             cpu_overcommit: 4,
             memory_overcommit: 1.0,
+            pause_after: "5m".into(),
+            suspend_after: "1h".into(),
         }
     }
 }
@@ -362,7 +370,36 @@ impl Config {
         if !(1..=64).contains(&self.machines.cpus) {
             bail!("[machines] cpus = {}: use 1-64", self.machines.cpus);
         }
+        let (pause, suspend) = self.idle_policy()?;
+        if let (Some(p), Some(s)) = (pause, suspend)
+            && s < p
+        {
+            bail!(
+                "[machines] suspend_after = {:?} is shorter than pause_after = {:?}: a machine is paused first",
+                self.machines.suspend_after,
+                self.machines.pause_after
+            );
+        }
         Ok(())
+    }
+
+    /// After how long without use a machine is paused, and suspended (None: never).
+    pub fn idle_policy(&self) -> Result<(Option<Duration>, Option<Duration>)> {
+        let parse = |key: &str, v: &str| -> Result<Option<Duration>> {
+            if v == "off" {
+                return Ok(None);
+            }
+            let d = crate::vmm::parse_duration(v)
+                .map_err(|e| anyhow::anyhow!("[machines] {key} = {v:?}: {e}, or \"off\""))?;
+            if d < Duration::from_secs(10) {
+                bail!("[machines] {key} = {v:?}: use at least 10s, or \"off\"");
+            }
+            Ok(Some(d))
+        };
+        Ok((
+            parse("pause_after", &self.machines.pause_after)?,
+            parse("suspend_after", &self.machines.suspend_after)?,
+        ))
     }
 
     /// The SSH port users connect to (`[ssh] listen` is checked at load).

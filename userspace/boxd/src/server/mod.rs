@@ -5,6 +5,7 @@
 pub mod acme;
 pub mod api;
 pub mod config;
+pub mod idle;
 pub mod ssh;
 pub mod web;
 pub mod worker;
@@ -303,6 +304,8 @@ async fn run(cfg: Arc<Config>) -> Exit {
         }));
     }
     boxd_control::reconcile::spawn(node.clone(), worker::Reconcile(worker.clone()));
+    let (pause_after, suspend_after) = cfg.idle_policy()?;
+    idle::spawn(node.clone(), worker.clone(), pause_after, suspend_after);
 
     let key = ssh::host_key(&dir.join("ssh_host_ed25519_key"))?;
     let listener = tokio::net::TcpListener::bind(&cfg.ssh.listen)
@@ -472,8 +475,8 @@ async fn network(cfg: &Config, node: &Arc<Node>, uplink: &str) -> Result<PathBuf
 
 /// The data path raises an event when traffic arrives for a machine that is not
 /// running (the router, for its public IPv4; the SNI parser, for its domain): a paused
-/// machine is woken (the state goes back to running, audited as `datapath`; the worker
-/// resumes it). The packet itself waits in the machine's queue or is retransmitted.
+/// or suspended machine is woken (the state goes back to running, audited as
+/// `datapath`; the worker resumes or restores it). The packet itself waits in the machine's queue or is retransmitted.
 fn wake_on_traffic(node: Arc<Node>, sub: boxd_datapath::events::Subscription) {
     let rt = tokio::runtime::Handle::current();
     let spawned = std::thread::Builder::new()
@@ -490,7 +493,7 @@ fn wake_on_traffic(node: Arc<Node>, sub: boxd_datapath::events::Subscription) {
                         return;
                     }
                 };
-                if w.state != "paused" {
+                if w.state != "paused" && w.state != "suspended" {
                     continue;
                 }
                 let n = node.clone();
@@ -501,7 +504,14 @@ fn wake_on_traffic(node: Arc<Node>, sub: boxd_datapath::events::Subscription) {
                     };
                     let Some(m) = machines
                         .into_iter()
-                        .find(|m| m.id == u64::from(w.vm_id) && m.state == boxd_control::types::MachineState::Paused)
+                        .find(|m| {
+                            m.id == u64::from(w.vm_id)
+                                && matches!(
+                                    m.state,
+                                    boxd_control::types::MachineState::Paused
+                                        | boxd_control::types::MachineState::Suspended
+                                )
+                        })
                     else {
                         return;
                     };

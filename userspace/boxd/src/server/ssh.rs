@@ -308,7 +308,7 @@ impl russh::server::Handler for Handler {
         tokio::spawn(async move {
             let _permit = permit;
             match api.tunnel(&caller, &name, port).await {
-                Ok(mut tcp) => {
+                Ok((mut tcp, _session)) => {
                     reply.accept().await;
                     let mut stream = channel.into_stream();
                     tokio::select! {

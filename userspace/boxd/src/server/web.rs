@@ -174,18 +174,13 @@ impl Reconciler for WebReconciler {
                             ),
                             false,
                         ),
-                        MachineState::Paused => Route::Asleep {
+                        // A request wakes it: from memory (paused) or from disk
+                        // (suspended); its connection waits meanwhile.
+                        MachineState::Paused | MachineState::Suspended => Route::Asleep {
                             name: m.name.clone(),
                             owner: m.owner.clone(),
                             passthrough: m.web == WebMode::Passthrough,
                         },
-                        MachineState::Suspended => down(
-                            format!(
-                                "is suspended; its owner can resume it with `{} start {}`",
-                                self.ssh, m.name
-                            ),
-                            false,
-                        ),
                     }
                 };
                 let route = match m.web {

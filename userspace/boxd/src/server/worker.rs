@@ -28,6 +28,10 @@ pub const API_PORT: u32 = 1025;
 const RESTARTS_PER_MINUTE: usize = 5;
 /// How long a stop waits for the guest to power off before pulling the plug.
 pub const STOP_GRACE: Duration = Duration::from_secs(30);
+/// A suspended machine's snapshot, in its folder (see docs/vmm.md, "Snapshots").
+pub const SNAPSHOT_DIR: &str = "snapshot";
+/// How long writing a suspended machine's memory to disk may take.
+const SUSPEND_LIMIT: Duration = Duration::from_secs(600);
 
 /// Run in a new machine: succeeds once eth0 has its address and sshd listens on port
 /// 22 (bounded: 600 tries, 0.1 s apart; reads /proc, spawns nothing per try).
@@ -65,6 +69,8 @@ struct Vm {
     api: Option<tokio::task::JoinHandle<()>>,
     /// The VMM's vCPUs are paused (as last set, or read at adoption).
     paused: bool,
+    /// The running VMM was started from the machine's snapshot (a wake from suspend).
+    restoring: bool,
 }
 
 /// What the worker calls for each connection a machine makes to [`API_PORT`].
@@ -78,6 +84,24 @@ pub struct Worker {
     net_control: Option<PathBuf>,
     vms: Mutex<HashMap<u64, Vm>>,
     api_hook: Mutex<Option<ApiHook>>,
+    /// Sessions open per machine (exec, ssh, console, tunnels) and when the last one
+    /// ended: what keeps a machine from counting as idle.
+    sessions: Arc<Mutex<HashMap<u64, (u32, Instant)>>>,
+}
+
+/// An open session on a machine (see [`Worker::session`]); ends when dropped.
+pub struct Session {
+    sessions: Arc<Mutex<HashMap<u64, (u32, Instant)>>>,
+    id: u64,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(e) = self.sessions.lock().unwrap().get_mut(&self.id) {
+            e.0 = e.0.saturating_sub(1);
+            e.1 = Instant::now();
+        }
+    }
 }
 
 impl Worker {
@@ -96,6 +120,7 @@ impl Worker {
             net_control,
             vms: Mutex::new(HashMap::new()),
             api_hook: Mutex::new(None),
+            sessions: Arc::default(),
         }))
     }
 
@@ -123,6 +148,69 @@ impl Worker {
             .unwrap()
             .get(&id)
             .is_some_and(|v| v.paused && !matches!(v.proc, Proc::None))
+    }
+
+    /// Whether this worker runs (or holds the snapshot of) machine `id`.
+    pub fn runs(&self, id: u64) -> bool {
+        self.vms.lock().unwrap().contains_key(&id)
+    }
+
+    /// Marks a session on machine `id` open until the returned guard drops.
+    pub fn session(&self, id: u64) -> Session {
+        let mut s = self.sessions.lock().unwrap();
+        let e = s.entry(id).or_insert((0, Instant::now()));
+        e.0 += 1;
+        e.1 = Instant::now();
+        Session {
+            sessions: self.sessions.clone(),
+            id,
+        }
+    }
+
+    /// Sessions open on machine `id`, and when one last opened or closed.
+    pub fn sessions(&self, id: u64) -> (u32, Option<Instant>) {
+        self.sessions
+            .lock()
+            .unwrap()
+            .get(&id)
+            .map_or((0, None), |e| (e.0, Some(e.1)))
+    }
+
+    /// Inbound frames counted by the network backend, per port (machine) name.
+    pub fn port_rx_packets(&self) -> HashMap<String, u64> {
+        let Some(control) = &self.net_control else {
+            return HashMap::new();
+        };
+        boxd_vhost_net::Client::connect(control)
+            .and_then(|mut c| c.call(&boxd_vhost_net::Request::Stats { name: None }))
+            .map(|r| {
+                r.stats
+                    .into_iter()
+                    .map(|s| (s.name, s.rx_packets))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Whether machine `id` is suspended here: its snapshot is on disk and no VMM runs.
+    pub fn suspended(&self, id: u64) -> bool {
+        let vms = self.vms.lock().unwrap();
+        vms.get(&id).is_some_and(|v| {
+            !v.busy
+                && matches!(v.proc, Proc::None)
+                && v.dir.join(SNAPSHOT_DIR).join("state").is_file()
+        })
+    }
+
+    /// Bytes machine `id`'s snapshot takes on disk (0 without one).
+    pub fn snapshot_bytes(&self, id: u64) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        let dir = self.machine_dir(id).join(SNAPSHOT_DIR);
+        ["state", "memory"]
+            .iter()
+            .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
+            .map(|m| m.blocks() * 512)
+            .sum()
     }
 
     pub fn phase(&self, id: u64) -> Option<watch::Receiver<Phase>> {
@@ -226,6 +314,89 @@ impl Worker {
         self.set_phase(id, Phase::Down);
     }
 
+    /// Writes a suspended machine's VMM state and memory into `<dir>/snapshot` and
+    /// lets the VMM exit. On failure the VMM goes on (as it was) and is handed back.
+    fn suspend(&self, m: &Machine, dir: &Path, proc: Proc) -> Result<(), (String, Proc)> {
+        let control = dir.join("control.sock");
+        let snapshot = dir.join(SNAPSHOT_DIR);
+        if snapshot.exists() {
+            // Left by a wake that never consumed it cannot be: a running VMM came from
+            // it or from a cold boot, and either way this is stale.
+            if let Err(e) = std::fs::remove_dir_all(&snapshot) {
+                return Err((
+                    format!("remove the stale {}: {e}", snapshot.display()),
+                    proc,
+                ));
+            }
+        }
+        let t = Instant::now();
+        let reply = VmmClient::connect(&control).and_then(|mut c| {
+            c.set_timeout(SUSPEND_LIMIT)?;
+            c.call(&VmmRequest::Snapshot {
+                dir: snapshot.clone(),
+                then: boxd_vmm::AfterSnapshot::Stop,
+            })
+        });
+        let report = match reply {
+            Ok(r) if r.ok => r.snapshot.unwrap_or_default(),
+            Ok(r) => return Err((r.error.unwrap_or_default(), proc)),
+            Err(e) => return Err((format!("the VMM's control socket: {e}"), proc)),
+        };
+        // The VMM exits once the snapshot is on disk (bounded; then it is killed: the
+        // snapshot is complete, nothing is lost).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        match proc {
+            Proc::Child(mut c) => loop {
+                if c.try_wait().ok().flatten().is_some() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            },
+            Proc::Adopted => {
+                while VmmClient::connect(&control).is_ok() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            Proc::None => {}
+        }
+        tracing::info!(
+            machine = m.name,
+            took_ms = t.elapsed().as_millis() as u64,
+            save_ms = report["save_ms"].as_f64().unwrap_or_default(),
+            memory_mib = report["memory_bytes"].as_u64().unwrap_or_default() >> 20,
+            "suspended to disk"
+        );
+        Ok(())
+    }
+
+    /// Records machine `m` in `state` (in the background: the reconciler holds locks).
+    fn record_state(&self, m: &Machine, state: MachineState) {
+        let req = self.node.request(
+            "node",
+            Command::SetMachineState {
+                owner: m.owner.clone(),
+                name: m.name.clone(),
+                state,
+            },
+        );
+        let node = self.node.clone();
+        let name = m.name.clone();
+        self.rt.spawn(async move {
+            if let Err(e) = node.write(req).await {
+                tracing::warn!(
+                    machine = name,
+                    "could not record it {}: {e}",
+                    state.as_str()
+                );
+            }
+        });
+    }
+
     fn set_phase(&self, id: u64, p: Phase) {
         if let Some(vm) = self.vms.lock().unwrap().get(&id) {
             vm.phase.send_replace(p);
@@ -250,36 +421,52 @@ impl Worker {
             .open(vm.dir.join("vmm.log"))
             .map_err(|e| format!("vmm.log: {e}"))?;
         let mut cmd = std::process::Command::new(&self.boxd);
-        cmd.args(["vmm", "run", "--name", &m.name])
-            .arg("--dir")
-            .arg(&vm.dir)
-            .arg("--kernel")
-            .arg(kernel)
-            .arg("--initrd")
-            .arg(initrd)
-            .arg("--disk-base")
-            .arg(rootfs)
-            .args(["--disk-size", &format!("{}G", m.spec.disk_gib)])
-            .args(["--cpus", &m.spec.cpus.to_string()])
-            .args(["--memory", &format!("{}M", m.spec.memory_mib)])
-            .stdin(Stdio::null())
+        // A suspended machine continues from its snapshot, which says everything else
+        // (its files are in this folder, its network port was kept).
+        let snapshot = vm.dir.join(SNAPSHOT_DIR);
+        let restoring = snapshot.is_dir();
+        if restoring {
+            cmd.args(["vmm", "restore", "--consume", "--snapshot"])
+                .arg(&snapshot);
+        } else {
+            cmd.args(["vmm", "run", "--name", &m.name])
+                .arg("--dir")
+                .arg(&vm.dir)
+                .arg("--kernel")
+                .arg(kernel)
+                .arg("--initrd")
+                .arg(initrd)
+                .arg("--disk-base")
+                .arg(rootfs)
+                .args(["--disk-size", &format!("{}G", m.spec.disk_gib)])
+                .args(["--cpus", &m.spec.cpus.to_string()])
+                .args(["--memory", &format!("{}M", m.spec.memory_mib)]);
+            if let Some(sock) = net {
+                cmd.arg("--net").arg(sock);
+            }
+            if self.cfg.machines.no_cgroup {
+                cmd.arg("--no-cgroup");
+            }
+        }
+        cmd.stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
             .stderr(log)
             // Its own session: a machine outlives the server's terminal and the server.
             .process_group(0);
-        if let Some(sock) = net {
-            cmd.arg("--net").arg(sock);
-        }
-        if self.cfg.machines.no_cgroup {
-            cmd.arg("--no-cgroup");
-        }
         if self.cfg.machines.skip_kvm_check {
             cmd.arg("--skip-kvm-check");
         }
         let child = cmd.spawn().map_err(|e| format!("start boxd vmm: {e}"))?;
-        tracing::info!(machine = m.name, id = m.id, pid = child.id(), "VMM started");
+        tracing::info!(
+            machine = m.name,
+            id = m.id,
+            pid = child.id(),
+            from_snapshot = restoring,
+            "VMM started"
+        );
         vm.proc = Proc::Child(child);
         vm.paused = false;
+        vm.restoring = restoring;
         vm.starts.push_back(Instant::now());
         vm.generation += 1;
         vm.phase.send_replace(Phase::Booting);
@@ -447,6 +634,7 @@ impl Worker {
             generation: 0,
             api: None,
             paused: false,
+            restoring: false,
         });
         if vm.busy {
             return Ok(0);
@@ -469,6 +657,18 @@ impl Worker {
         if let Some(code) = exited {
             vm.proc = Proc::None;
             vm.phase.send_replace(Phase::Down);
+            if vm.restoring && vm.dir.join(SNAPSHOT_DIR).is_dir() {
+                // The VMM refused the snapshot (it takes it away only once loaded):
+                // the machine stays suspended, snapshot and all, and says why.
+                vm.restoring = false;
+                let why = last_line(&vm.dir.join("vmm.log"));
+                tracing::error!(machine = m.name, "cannot wake from the snapshot: {why}");
+                vm.phase.send_replace(Phase::Failed(format!(
+                    "cannot wake it from its snapshot: {why}"
+                )));
+                self.record_state(m, MachineState::Suspended);
+                return Ok(1);
+            }
             if want_up && code == Some(0) {
                 // The guest powered itself off: the machine is stopped, as on a PC.
                 tracing::info!(
@@ -491,6 +691,46 @@ impl Worker {
                 tracing::warn!(machine = m.name, ?code, "VMM exited; restarting it");
             }
         }
+        if m.state == MachineState::Suspended
+            && matches!(vm.proc, Proc::None)
+            && VmmClient::connect(&control)
+                .and_then(|mut c| c.call(&VmmRequest::Status {}))
+                .is_ok()
+        {
+            // A VMM an earlier server left running (a node that died while suspending
+            // it, or before it could): adopt it, and suspend it now.
+            tracing::info!(machine = m.name, "adopting the running VMM to suspend it");
+            vm.proc = Proc::Adopted;
+        }
+        if m.state == MachineState::Suspended && !matches!(vm.proc, Proc::None) {
+            vm.busy = true;
+            let proc = std::mem::replace(&mut vm.proc, Proc::None);
+            let dir = vm.dir.clone();
+            drop(vms);
+            let me = self.clone();
+            let m = m.clone();
+            std::thread::spawn(move || {
+                let r = me.suspend(&m, &dir, proc);
+                let mut vms = me.vms.lock().unwrap();
+                let Some(vm) = vms.get_mut(&m.id) else { return };
+                vm.busy = false;
+                match r {
+                    Ok(()) => {
+                        vm.paused = false;
+                        vm.phase.send_replace(Phase::Down);
+                    }
+                    Err((e, proc)) => {
+                        // The VMM goes on running (a failed save resumes it); the
+                        // machine is recorded running again, so nothing waits forever.
+                        tracing::error!(machine = m.name, "suspend failed: {e}");
+                        vm.proc = proc;
+                        drop(vms);
+                        me.record_state(&m, MachineState::Running);
+                    }
+                }
+            });
+            return Ok(1);
+        }
         if !want_up {
             if !matches!(vm.proc, Proc::None) {
                 vm.busy = true;
@@ -505,6 +745,18 @@ impl Worker {
                     }
                 });
                 return Ok(1);
+            }
+            let snapshot = vm.dir.join(SNAPSHOT_DIR);
+            if m.state == MachineState::Stopped && snapshot.exists() {
+                // Stopping a suspended machine powers it off: its memory is dropped
+                // and the next start boots from the disk.
+                tracing::info!(
+                    machine = m.name,
+                    "stopped while suspended: dropping its snapshot"
+                );
+                if let Err(e) = std::fs::remove_dir_all(&snapshot) {
+                    tracing::warn!(machine = m.name, "remove {}: {e}", snapshot.display());
+                }
             }
             vm.phase.send_replace(Phase::Down);
             return Ok(0);
@@ -637,6 +889,18 @@ impl Worker {
 /// The host answers ARP for the gateway on each port, so each port carries 10.0.0.1
 /// as a /32 without a prefix route (the ports would otherwise compete for 10.0.0.0/30);
 /// what the machine sends beyond the gateway is the eBPF program's to route.
+/// The last non-empty line of a log file (what a VMM said before it exited).
+fn last_line(path: &Path) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim()
+        .to_string()
+}
+
 fn gateway_address(port: &str) -> Result<(), String> {
     let out = std::process::Command::new("ip")
         .args([
