@@ -417,6 +417,24 @@ impl Server {
             .output()?)
     }
 
+    /// `ssh root@ADDR sh` from the client namespace, left open: commands go to its
+    /// stdin, their output comes back on its stdout.
+    pub fn direct_session(&self, user: &str, addr: &str) -> Result<std::process::Child> {
+        if !self.network {
+            bail!("this server was started without a network");
+        }
+        Ok(Command::new("ip")
+            .args(["netns", "exec", CLIENT_NS, "ssh"])
+            .args(self.ssh_opts(user))
+            .args(["-o", "ConnectTimeout=20", "-o", "ServerAliveInterval=0"])
+            .arg(format!("root@{addr}"))
+            .arg("sh")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?)
+    }
+
     /// Runs `args` as `user` with `input` on stdin (a terminal requested with `tty`).
     pub fn ssh_input(
         &self,

@@ -799,6 +799,33 @@ fn api_machines() -> Result<()> {
         stderr(&o)
     );
     awake_as_before()?;
+    // An outside client's open connection survives a 30 s suspend: its next line is
+    // answered (and wakes the machine).
+    let mut session = boxd_tests::Killed(s.direct_session("alice", &ip)?);
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(
+        session.0.stdout.take().context("session stdout")?,
+    ));
+    let mut say = |cmd: &str| -> Result<String> {
+        let stdin = session.0.stdin.as_mut().context("session stdin")?;
+        std::io::Write::write_all(stdin, format!("{cmd}\n").as_bytes())?;
+        std::io::Write::flush(stdin)?;
+        Ok(lines.next().context("the session ended")??)
+    };
+    assert_eq!(say("echo before")?, "before");
+    suspend()?;
+    std::thread::sleep(Duration::from_secs(30));
+    let t0 = Instant::now();
+    assert_eq!(
+        say("echo after")?,
+        "after",
+        "the open ssh session after a 30 s suspend"
+    );
+    eprintln!(
+        "an open ssh session's next line was answered {:?} after a 30 s suspend",
+        t0.elapsed()
+    );
+    drop(session);
+    awake_as_before()?;
     suspend()?;
     let t0 = Instant::now();
     let o = s.direct("alice", &ip, "echo woken from disk by a packet")?;
