@@ -17,7 +17,16 @@ fn scratch(name: &str) -> std::path::PathBuf {
 }
 
 fn sh(vm: &Machine, script: &str) -> Result<String> {
-    let out = vm.agent().exec(&["sh", "-c", script], None, 1 << 16)?;
+    let out = vm
+        .agent()
+        .exec(&["sh", "-c", script], None, 1 << 16)
+        .with_context(|| {
+            format!(
+                "`{script}` through the agent; the VMM's status: {:?}\nconsole ends with:\n{}",
+                vm.status().ok(),
+                vm.console_tail(4000)
+            )
+        })?;
     ensure!(
         out.status.code == 0,
         "{script}: exit {}: {}",
@@ -97,6 +106,12 @@ fn a_suspended_linux_guest_keeps_its_processes_files_and_clock() -> Result<()> {
         ready.as_secs_f64() * 1000.0
     );
     let status = vm.status()?;
+    println!(
+        "SNAPSHOT linux-1g restore inside the VMM {:.0} ms",
+        status["restored_from"]["restore_ms"]
+            .as_f64()
+            .unwrap_or(f64::NAN)
+    );
     ensure!(
         status["restored_from"]["snapshot"] == snap.display().to_string(),
         "{status}"

@@ -87,63 +87,6 @@ impl MemoryInfo {
     }
 }
 
-/// A read-write view of a whole memfd, for the copies in and out.
-struct FileMap {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl FileMap {
-    fn new(file: &File, len: u64, path: &Path) -> Result<Self, SnapshotError> {
-        let len = usize::try_from(len)
-            .map_err(|_| invalid(path, "memory larger than the address space"))?;
-        // SAFETY: a fresh shared mapping of `len` bytes of a file at least that long;
-        // the result is checked, and the mapping is unmapped in Drop.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io(path, "map guest memory")(std::io::Error::last_os_error()));
-        }
-        Ok(Self {
-            ptr: ptr.cast(),
-            len,
-        })
-    }
-
-    fn slice(&self, offset: u64, len: usize) -> &[u8] {
-        let off = offset as usize;
-        assert!(off + len <= self.len, "range inside the mapping");
-        // SAFETY: in bounds (checked above); the guest may change these bytes
-        // concurrently only when it runs, and snapshots are taken with the vCPUs
-        // parked and the devices quiesced.
-        unsafe { std::slice::from_raw_parts(self.ptr.add(off), len) }
-    }
-
-    #[allow(clippy::mut_from_ref)]
-    fn slice_mut(&self, offset: u64, len: usize) -> &mut [u8] {
-        let off = offset as usize;
-        assert!(off + len <= self.len, "range inside the mapping");
-        // SAFETY: in bounds; during restore nobody else maps this memfd yet (no vCPU
-        // runs, no backend has been given the memory table).
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(off), len) }
-    }
-}
-
-impl Drop for FileMap {
-    fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` are exactly the mapping made in `new`.
-        unsafe { libc::munmap(self.ptr.cast(), self.len) };
-    }
-}
-
 /// Ranges of the memfd that hold pages (SEEK_DATA/SEEK_HOLE: tmpfs reports untouched
 /// pages as holes).
 fn data_ranges(file: &File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
@@ -186,6 +129,10 @@ fn is_zero(page: &[u8]) -> bool {
 }
 
 /// Writes the pages of `memory` that hold data into a new sparse file at `path`.
+///
+/// Both copies (this one and [`restore_memory`]) go through a buffer with pread and
+/// pwrite rather than through a mapping of the memfd: the kernel copies whole runs of
+/// pages, where a mapping takes a page fault per page.
 pub fn save_memory(memory: &Memory, path: &Path) -> Result<MemoryInfo, SnapshotError> {
     let out = std::fs::OpenOptions::new()
         .write(true)
@@ -194,49 +141,45 @@ pub fn save_memory(memory: &Memory, path: &Path) -> Result<MemoryInfo, SnapshotE
         .map_err(io(path, "create the memory file"))?;
     out.set_len(memory.size)
         .map_err(io(path, "size the memory file"))?;
-    let map = FileMap::new(&memory.file, memory.size, path)?;
     let ranges =
         data_ranges(&memory.file, memory.size).map_err(io(path, "find guest memory's pages"))?;
     let mut crc = crc32fast::Hasher::new();
     let mut extents: Vec<(u64, u64)> = Vec::new();
-    let mut write_run =
-        |start: u64, len: u64, crc: &mut crc32fast::Hasher| -> Result<(), SnapshotError> {
-            let data = map.slice(start, len as usize);
-            out.write_all_at(data, start)
-                .map_err(io(path, "write the memory file"))?;
-            crc.update(data);
-            match extents.last_mut() {
-                Some(last) if last.0 + last.1 == start => last.1 += len,
-                _ => extents.push((start, len)),
-            }
-            Ok(())
-        };
+    let mut buf = vec![0u8; CHUNK];
     for (start, len) in ranges {
-        let mut run: Option<u64> = None;
-        let mut off = start;
         let end = start + len;
+        let mut off = start;
+        // Bounded: each round moves `off` forward by a chunk.
         while off < end {
-            let n = (PAGE as u64).min(end - off);
-            let zero = is_zero(map.slice(off, n as usize));
-            match (zero, run) {
-                (false, None) => run = Some(off),
-                (true, Some(r)) => {
-                    write_run(r, off - r, &mut crc)?;
-                    run = None;
+            let n = (CHUNK as u64).min(end - off) as usize;
+            let chunk = &mut buf[..n];
+            memory
+                .file
+                .read_exact_at(chunk, off)
+                .map_err(io(path, "read guest memory"))?;
+            // Runs of pages that are not all zeros go out as they are found.
+            let mut page = 0;
+            while page < n {
+                let data_at = page;
+                while page < n && !is_zero(&chunk[page..(page + PAGE).min(n)]) {
+                    page += PAGE;
                 }
-                _ => {}
+                if page > data_at {
+                    let run = &chunk[data_at..page.min(n)];
+                    let at = off + data_at as u64;
+                    out.write_all_at(run, at)
+                        .map_err(io(path, "write the memory file"))?;
+                    crc.update(run);
+                    match extents.last_mut() {
+                        Some(last) if last.0 + last.1 == at => last.1 += run.len() as u64,
+                        _ => extents.push((at, run.len() as u64)),
+                    }
+                }
+                while page < n && is_zero(&chunk[page..(page + PAGE).min(n)]) {
+                    page += PAGE;
+                }
             }
-            // Long runs go out in CHUNK pieces, so the pages are still in cache.
-            if let Some(r) = run
-                && off + n - r >= CHUNK as u64
-            {
-                write_run(r, off + n - r, &mut crc)?;
-                run = None;
-            }
-            off += n;
-        }
-        if let Some(r) = run {
-            write_run(r, end - r, &mut crc)?;
+            off += n as u64;
         }
     }
     out.sync_all().map_err(io(path, "flush the memory file"))?;
@@ -296,16 +239,21 @@ pub fn restore_memory(
         }
         last_end = start + n;
     }
-    let map = FileMap::new(&memory.file, memory.size, path)?;
     let mut crc = crc32fast::Hasher::new();
+    let mut buf = vec![0u8; CHUNK];
     for &(start, n) in &info.extents {
         let mut off = start;
+        // Bounded: each round moves `off` forward by a chunk.
         while off < start + n {
             let len = (CHUNK as u64).min(start + n - off) as usize;
-            let dst = map.slice_mut(off, len);
-            file.read_exact_at(dst, off)
+            let chunk = &mut buf[..len];
+            file.read_exact_at(chunk, off)
                 .map_err(io(path, "read the memory file"))?;
-            crc.update(dst);
+            crc.update(chunk);
+            memory
+                .file
+                .write_all_at(chunk, off)
+                .map_err(io(path, "fill guest memory"))?;
             off += len as u64;
         }
     }
