@@ -153,6 +153,18 @@ impl Server {
         Self::launch(dir, port, opts.network)
     }
 
+    /// Kills `boxd server` with SIGKILL, as a node that dies would, leaving its machines'
+    /// VMMs (their own sessions) running and nothing cleaned up; `restart` brings it back.
+    pub fn kill9(mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        // No Drop: what a dead node leaves is what the next one must cope with.
+        std::mem::forget(self);
+        Ok(())
+    }
+
     /// Starts `boxd server` again on the state and configuration a stopped one left.
     /// Its earlier log is kept as server.log.old.
     pub fn restart(dir: &Path, port: u16) -> Result<Self> {
@@ -476,7 +488,7 @@ impl Drop for Server {
         }
         // Machines outlive the server by design; a test's machines go with it.
         let _ = sh(&format!(
-            "pkill -f 'boxd vmm run .*--dir {}' ; pkill -f 'net serve --control {}'",
+            "pkill -f 'boxd vmm .*{}' ; pkill -f 'net serve --control {}'",
             self.dir.join("data/machines").display(),
             self.dir.join("data/net.sock").display()
         ));

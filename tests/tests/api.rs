@@ -1049,3 +1049,83 @@ fn api_machines() -> Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
+
+/// A node that dies (SIGKILL) while it suspends a machine comes back with either the
+/// machine running or its complete snapshot, never a half-written one restored; either
+/// way the machine goes on with its processes. Killed at several points of the suspend.
+#[test]
+fn a_server_killed_while_suspending_leaves_the_machine_whole() -> Result<()> {
+    if let Place::RanInTestHost = place()? {
+        return Ok(());
+    }
+    let dir = scratch("crash");
+    let port = 22310;
+    let mut s = Server::start(&dir, port, &Options::default(), &["alice"])?;
+    let m = s.json("alice", &["new", "--name=c"])?;
+    ensure!(m["state"] == "running", "{m}");
+    let machine_dir = dir.join(format!("data/machines/{}", m["id"]));
+    let guest = |s: &Server, cmd: &str| -> Result<String> {
+        let o = s.ssh("alice", &["exec", "c", "--", cmd])?;
+        ensure!(o.status.success(), "`{cmd}`: {}", stderr(&o));
+        Ok(stdout(&o).trim().to_string())
+    };
+    guest(
+        &s,
+        "setsid -f sh -c 'i=0; while :; do i=$((i+1)); echo $i > /dev/shm/count; sleep 0.1; done' </dev/null >/dev/null 2>&1",
+    )?;
+    let boot = guest(&s, "cat /proc/sys/kernel/random/boot_id")?;
+    let mut last: u64 = guest(&s, "sleep 0.5; cat /dev/shm/count")?.parse()?;
+    for delay_ms in [0u64, 400, 1500, 3000] {
+        let mut suspend = s
+            .ssh_cmd("alice", "alice", &["suspend", "c"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        s.kill9()?;
+        let _ = suspend.wait();
+        s = Server::restart(&dir, port)?;
+        // It settles: running (a VMM that answers), or suspended with a whole snapshot.
+        let t = Instant::now();
+        let settled = loop {
+            let info = s.json("alice", &["info", "c"])?;
+            let state = info["state"].as_str().unwrap_or_default().to_string();
+            let vmm_up = boxd_vmm::control::Client::connect(&machine_dir.join("control.sock"))
+                .and_then(|mut c| c.call(&boxd_vmm::control::Request::Status {}))
+                .is_ok();
+            let snapshot = machine_dir.join("snapshot/state").is_file();
+            if (state == "running" && vmm_up) || (state == "suspended" && snapshot && !vmm_up) {
+                break state;
+            }
+            ensure!(
+                t.elapsed() < Duration::from_secs(120),
+                "killed {delay_ms} ms into a suspend: state {state}, VMM up {vmm_up}, snapshot {snapshot}\n{}",
+                s.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        eprintln!(
+            "killed {delay_ms} ms into a suspend: came back {settled} after {:?}",
+            t.elapsed()
+        );
+        // Either way the same kernel and process go on (exec wakes a suspended one).
+        ensure!(
+            guest(&s, "cat /proc/sys/kernel/random/boot_id")? == boot,
+            "killed {delay_ms} ms in: the guest rebooted"
+        );
+        let now: u64 = guest(&s, "sleep 0.5; cat /dev/shm/count")?.parse()?;
+        ensure!(
+            now > last,
+            "killed {delay_ms} ms in: the counter went from {last} to {now}"
+        );
+        last = now;
+        ensure!(
+            !boxd_vmm::snapshot::partial_dir(&machine_dir.join("snapshot")).exists()
+                || machine_dir.join("control.sock").exists(),
+            "a half-written snapshot was left with no VMM to finish it"
+        );
+    }
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
