@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 /// Bumped on any change to what the state holds or how memory is laid out; a snapshot
 /// of another version is refused (with both versions named), never half-read.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const MAGIC: &[u8; 8] = b"BOXDSNAP";
 const HEADER_LEN: usize = 32;
 /// The state body is a few hundred KiB even for many vCPUs; anything larger is not ours.
@@ -34,6 +34,9 @@ pub const MEMORY_FILE: &str = "memory";
 const PAGE: usize = 4096;
 /// Memory is copied through a buffer of this size (fits in the CPU's cache).
 const CHUNK: usize = 2 << 20;
+/// The memory file's checksums cover blocks of this size (at memfd offsets), so that a
+/// lazy restore can check what it loads one block at a time.
+pub const BLOCK: u64 = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -77,13 +80,68 @@ pub struct MemoryInfo {
     pub size: u64,
     /// (offset, length) of each run of written pages, ascending.
     pub extents: Vec<(u64, u64)>,
-    /// CRC32 of the written bytes, in extent order.
-    pub crc32: u32,
+    /// (block index, CRC32 of the written bytes in that [`BLOCK`]), for each block that
+    /// holds data, ascending.
+    pub blocks: Vec<(u64, u32)>,
 }
 
 impl MemoryInfo {
     pub fn data_bytes(&self) -> u64 {
         self.extents.iter().map(|e| e.1).sum()
+    }
+
+    /// The written runs inside block `block`, as (offset, length), ascending.
+    pub fn pieces(&self, block: u64) -> impl Iterator<Item = (u64, u64)> + '_ {
+        let (lo, hi) = (block * BLOCK, (block + 1) * BLOCK);
+        // Extents are sorted and disjoint: start at the first one that ends after `lo`.
+        let first = self.extents.partition_point(|e| e.0 + e.1 <= lo);
+        self.extents[first..]
+            .iter()
+            .take_while(move |e| e.0 < hi)
+            .map(move |&(s, n)| {
+                let (a, b) = (s.max(lo), (s + n).min(hi));
+                (a, b - a)
+            })
+    }
+}
+
+/// Folds written runs into per-block checksums (runs arrive in ascending order).
+#[derive(Default)]
+struct BlockSums {
+    done: Vec<(u64, u32)>,
+    current: Option<(u64, crc32fast::Hasher)>,
+}
+
+impl BlockSums {
+    fn add(&mut self, mut at: u64, mut bytes: &[u8]) {
+        // Bounded: each round consumes the part of `bytes` inside one block.
+        while !bytes.is_empty() {
+            let block = at / BLOCK;
+            let room = ((block + 1) * BLOCK - at) as usize;
+            let (here, rest) = bytes.split_at(room.min(bytes.len()));
+            match &mut self.current {
+                Some((b, h)) if *b == block => h.update(here),
+                _ => {
+                    self.flush();
+                    let mut h = crc32fast::Hasher::new();
+                    h.update(here);
+                    self.current = Some((block, h));
+                }
+            }
+            at += here.len() as u64;
+            bytes = rest;
+        }
+    }
+
+    fn flush(&mut self) {
+        if let Some((b, h)) = self.current.take() {
+            self.done.push((b, h.finalize()));
+        }
+    }
+
+    fn finish(mut self) -> Vec<(u64, u32)> {
+        self.flush();
+        self.done
     }
 }
 
@@ -143,7 +201,7 @@ pub fn save_memory(memory: &Memory, path: &Path) -> Result<MemoryInfo, SnapshotE
         .map_err(io(path, "size the memory file"))?;
     let ranges =
         data_ranges(&memory.file, memory.size).map_err(io(path, "find guest memory's pages"))?;
-    let mut crc = crc32fast::Hasher::new();
+    let mut sums = BlockSums::default();
     let mut extents: Vec<(u64, u64)> = Vec::new();
     let mut buf = vec![0u8; CHUNK];
     for (start, len) in ranges {
@@ -169,7 +227,7 @@ pub fn save_memory(memory: &Memory, path: &Path) -> Result<MemoryInfo, SnapshotE
                     let at = off + data_at as u64;
                     out.write_all_at(run, at)
                         .map_err(io(path, "write the memory file"))?;
-                    crc.update(run);
+                    sums.add(at, run);
                     match extents.last_mut() {
                         Some(last) if last.0 + last.1 == at => last.1 += run.len() as u64,
                         _ => extents.push((at, run.len() as u64)),
@@ -187,31 +245,29 @@ pub fn save_memory(memory: &Memory, path: &Path) -> Result<MemoryInfo, SnapshotE
     Ok(MemoryInfo {
         size: memory.size,
         extents,
-        crc32: crc.finalize(),
+        blocks: sums.finish(),
     })
 }
 
 /// Tells the kernel the file's pages need not stay in the page cache (a suspended
 /// machine should hold no host RAM, page cache included).
-fn drop_cache(file: &File) {
+pub(crate) fn drop_cache(file: &File) {
     // SAFETY: advisory call on an fd we own.
     unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
 }
 
-/// Fills a fresh guest memory from the memory file `path` described by `info`,
-/// checking its length and checksum.
-pub fn restore_memory(
-    memory: &Memory,
-    path: &Path,
-    info: &MemoryInfo,
-) -> Result<(), SnapshotError> {
-    if info.size != memory.size {
+/// Opens the memory file `path` described by `info` for a machine of `size` bytes and
+/// checks what can be checked without reading it: the sizes, the file's length (a
+/// truncated copy), the extents and their block checksums. The contents are checked
+/// block by block as they are loaded ([`read_block`]).
+pub fn open_memory(path: &Path, info: &MemoryInfo, size: u64) -> Result<File, SnapshotError> {
+    if info.size != size {
         return Err(invalid(
             path,
             format!(
                 "it holds {} MiB of memory; the machine has {} MiB",
                 info.size >> 20,
-                memory.size >> 20
+                size >> 20
             ),
         ));
     }
@@ -231,7 +287,11 @@ pub fn restore_memory(
     }
     let mut last_end = 0;
     for &(start, n) in &info.extents {
-        if start < last_end || start.checked_add(n).is_none_or(|e| e > info.size) {
+        if start < last_end
+            || n == 0
+            || !start.is_multiple_of(PAGE as u64)
+            || start.checked_add(n).is_none_or(|e| e > info.size)
+        {
             return Err(invalid(
                 path,
                 format!("memory extent {start:#x}+{n:#x} is out of order or out of range"),
@@ -239,35 +299,87 @@ pub fn restore_memory(
         }
         last_end = start + n;
     }
-    let mut crc = crc32fast::Hasher::new();
-    let mut buf = vec![0u8; CHUNK];
-    for &(start, n) in &info.extents {
-        let mut off = start;
-        // Bounded: each round moves `off` forward by a chunk.
-        while off < start + n {
-            let len = (CHUNK as u64).min(start + n - off) as usize;
-            let chunk = &mut buf[..len];
-            file.read_exact_at(chunk, off)
-                .map_err(io(path, "read the memory file"))?;
-            crc.update(chunk);
-            memory
-                .file
-                .write_all_at(chunk, off)
-                .map_err(io(path, "fill guest memory"))?;
-            off += len as u64;
+    let mut want = info
+        .extents
+        .iter()
+        .flat_map(|&(s, n)| (s / BLOCK)..(s + n).div_ceil(BLOCK));
+    let mut last = None;
+    for &(block, _) in &info.blocks {
+        // Each block with data once, ascending, and no checksum without data.
+        let next = loop {
+            match want.next() {
+                Some(b) if Some(b) == last => continue,
+                other => break other,
+            }
+        };
+        if next != Some(block) {
+            return Err(invalid(
+                path,
+                format!("the checksums do not match the extents at block {block}"),
+            ));
         }
+        last = next;
     }
-    drop_cache(&file);
+    if want.any(|b| Some(b) != last) {
+        return Err(invalid(path, "a block with data has no checksum"));
+    }
+    Ok(file)
+}
+
+/// Reads the written runs of block `block` (index `at` in `info.blocks`) into `buf` at
+/// their offsets within the block and checks the block's checksum. Returns the runs.
+pub fn read_block(
+    file: &File,
+    path: &Path,
+    info: &MemoryInfo,
+    at: usize,
+    buf: &mut [u8],
+) -> Result<Vec<(u64, u64)>, SnapshotError> {
+    let (block, want) = info.blocks[at];
+    let base = block * BLOCK;
+    let pieces: Vec<_> = info.pieces(block).collect();
+    let mut crc = crc32fast::Hasher::new();
+    for &(off, n) in &pieces {
+        let dst = &mut buf[(off - base) as usize..(off - base + n) as usize];
+        file.read_exact_at(dst, off)
+            .map_err(io(path, "read the memory file"))?;
+        crc.update(dst);
+    }
     let found = crc.finalize();
-    if found != info.crc32 {
+    if found != want {
         return Err(invalid(
             path,
             format!(
-                "the memory file's checksum is {found:#010x}, the snapshot recorded {:#010x}: the file was changed or damaged",
-                info.crc32
+                "the memory file's checksum at {base:#x} (1 MiB block {block}) is {found:#010x}, the snapshot recorded {want:#010x}: the file was changed or damaged"
             ),
         ));
     }
+    Ok(pieces)
+}
+
+/// Fills a fresh guest memory from the memory file `path` described by `info`, all of
+/// it, checking every block before the first byte is written.
+pub fn restore_memory(
+    memory: &Memory,
+    path: &Path,
+    info: &MemoryInfo,
+) -> Result<(), SnapshotError> {
+    let file = open_memory(path, info, memory.size)?;
+    let mut buf = vec![0u8; BLOCK as usize];
+    for at in 0..info.blocks.len() {
+        read_block(&file, path, info, at, &mut buf)?;
+    }
+    for at in 0..info.blocks.len() {
+        let base = info.blocks[at].0 * BLOCK;
+        for (off, n) in read_block(&file, path, info, at, &mut buf)? {
+            let src = &buf[(off - base) as usize..(off - base + n) as usize];
+            memory
+                .file
+                .write_all_at(src, off)
+                .map_err(io(path, "fill guest memory"))?;
+        }
+    }
+    drop_cache(&file);
     Ok(())
 }
 
@@ -505,6 +617,11 @@ mod tests {
             vec![(0x1000, PAGE as u64), (0x10_0000, 3 * PAGE as u64)]
         );
         assert_eq!(info.data_bytes(), 4 * PAGE as u64);
+        // One checksum per 1 MiB block with data: blocks 0 and 1.
+        assert_eq!(
+            info.blocks.iter().map(|b| b.0).collect::<Vec<_>>(),
+            vec![0, 1]
+        );
         // The file is sparse: its blocks are about what was written.
         let blocks = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&path).unwrap());
         assert!(
@@ -558,6 +675,33 @@ mod tests {
     }
 
     #[test]
+    fn runs_are_cut_at_block_edges_and_each_block_is_summed_once() {
+        let info = MemoryInfo {
+            size: 8 * BLOCK,
+            extents: vec![
+                (BLOCK - 2 * PAGE as u64, 3 * PAGE as u64),
+                (3 * BLOCK, 2 * BLOCK),
+            ],
+            blocks: Vec::new(),
+        };
+        assert_eq!(
+            info.pieces(0).collect::<Vec<_>>(),
+            vec![(BLOCK - 2 * PAGE as u64, 2 * PAGE as u64)]
+        );
+        assert_eq!(
+            info.pieces(1).collect::<Vec<_>>(),
+            vec![(BLOCK, PAGE as u64)]
+        );
+        assert_eq!(info.pieces(2).count(), 0);
+        assert_eq!(info.pieces(4).collect::<Vec<_>>(), vec![(4 * BLOCK, BLOCK)]);
+        let mut sums = BlockSums::default();
+        sums.add(BLOCK - 8, &[1u8; 16]);
+        sums.add(3 * BLOCK, &[2u8; 8]);
+        let got: Vec<u64> = sums.finish().iter().map(|b| b.0).collect();
+        assert_eq!(got, vec![0, 1, 3]);
+    }
+
+    #[test]
     fn the_state_file_is_checked_for_magic_version_length_and_checksum() {
         let d = Dir::new("state");
         let path = d.0.join(STATE_FILE);
@@ -569,7 +713,7 @@ mod tests {
         std::fs::write(&path, &bad).unwrap();
         let e = read_state(&path).unwrap_err().to_string();
         assert!(
-            e.contains("version 99") && e.contains("reads version 1"),
+            e.contains("version 99") && e.contains("reads version 2"),
             "{e}"
         );
         let mut bad = good.clone();
