@@ -60,6 +60,12 @@ pub(crate) struct Device<H: HostPort + 'static> {
     kicks: Vec<Option<RawFd>>,
     workers: Vec<Worker>,
     acked: u64,
+    /// A lazy restore in progress (postcopy): our userfaultfd, the frontend serves it.
+    uffd: Option<userfaultfd::Uffd>,
+    /// Ranges of our mappings registered with it.
+    registered: Vec<(u64, u64)>,
+    /// A memory table mapped in postcopy mode, used once the frontend acks it.
+    pending: Option<(GuestMemoryMmap, Vec<Mapping>)>,
 }
 
 fn io_err(e: impl std::fmt::Display) -> Error {
@@ -90,6 +96,9 @@ impl<H: HostPort + 'static> Device<H> {
             vrings,
             workers: Vec::new(),
             acked: 0,
+            uffd: None,
+            registered: Vec::new(),
+            pending: None,
         };
         for p in 0..pairs {
             let w = dev.spawn_worker(p)?;
@@ -179,8 +188,30 @@ impl<H: HostPort + 'static> Device<H> {
     }
 }
 
+impl<H: HostPort + 'static> Device<H> {
+    /// Takes our mappings out of the userfaultfd. A thread blocked on a fault there
+    /// (the frontend gone mid-restore) is woken and goes on.
+    fn end_postcopy(&mut self) {
+        if let Some(uffd) = self.uffd.take() {
+            for (start, len) in self.registered.drain(..) {
+                if let Err(e) = uffd.unregister(start as *mut libc::c_void, len as usize) {
+                    tracing::warn!(port = %self.port.config().name, "unregister guest memory from the userfaultfd: {e}");
+                }
+            }
+        }
+    }
+
+    fn publish(&mut self, mem: GuestMemoryMmap, mappings: Vec<Mapping>) -> Result<()> {
+        // The rings and the port see the new memory at their next access.
+        self.mem.lock().map_err(io_err)?.replace(mem);
+        self.mappings = mappings;
+        Ok(())
+    }
+}
+
 impl<H: HostPort + 'static> Drop for Device<H> {
     fn drop(&mut self) {
+        self.end_postcopy();
         for w in &self.workers {
             let _ = w.stop.write(1);
         }
@@ -287,9 +318,7 @@ impl<H: HostPort + 'static> VhostUserBackendReqHandlerMut for Device<H> {
         files: Vec<File>,
         postcopy_listening: Option<bool>,
     ) -> Result<Option<Vec<vhost::VhostUserMemoryRegionBase>>> {
-        if postcopy_listening.is_some() {
-            return Err(Error::InvalidOperation("postcopy is not supported"));
-        }
+        let postcopy = postcopy_listening == Some(true);
         let mut regions = Vec::with_capacity(ctx.len());
         let mut mappings = Vec::with_capacity(ctx.len());
         for (region, file) in ctx.iter().zip(files) {
@@ -298,6 +327,16 @@ impl<H: HostPort + 'static> VhostUserBackendReqHandlerMut for Device<H> {
                 GuestAddress(region.guest_phys_addr),
             )
             .ok_or(Error::InvalidParam)?;
+            if postcopy {
+                let uffd = self
+                    .uffd
+                    .as_ref()
+                    .ok_or(Error::InvalidOperation("postcopy not advised"))?;
+                let (start, len) = (r.as_ptr() as u64, region.memory_size);
+                uffd.register(start as *mut libc::c_void, len as usize)
+                    .map_err(io_err)?;
+                self.registered.push((start, len));
+            }
             mappings.push(Mapping {
                 vmm_addr: region.user_addr,
                 size: region.memory_size,
@@ -305,11 +344,55 @@ impl<H: HostPort + 'static> VhostUserBackendReqHandlerMut for Device<H> {
             });
             regions.push(r);
         }
+        let bases: Vec<u64> = regions.iter().map(|r| r.as_ptr() as u64).collect();
         let mem = GuestMemoryMmap::from_regions(regions).map_err(io_err)?;
-        // The rings and the port see the new memory at their next access.
-        self.mem.lock().map_err(io_err)?.replace(mem);
-        self.mappings = mappings;
+        if postcopy {
+            // Used once the frontend says it serves our faults (its ack).
+            self.pending = Some((mem, mappings));
+            return Ok(Some(bases));
+        }
+        self.publish(mem, mappings)?;
         Ok(None)
+    }
+
+    fn postcopy_advice(&mut self) -> Result<File> {
+        let uffd = userfaultfd::UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            // Frames are read and written by syscalls too (the TAP), not only by us.
+            .user_mode_only(false)
+            .create()
+            .map_err(|e| {
+                tracing::warn!(port = %self.port.config().name, "userfaultfd for a lazy restore: {e}");
+                io_err(e)
+            })?;
+        // SAFETY: dup of a valid fd we own; the result is checked and owned by the File.
+        let dup = unsafe { libc::dup(uffd.as_raw_fd()) };
+        if dup < 0 {
+            return Err(Error::ReqHandlerError(io::Error::last_os_error()));
+        }
+        self.uffd = Some(uffd);
+        // SAFETY: `dup` is a new fd nobody else owns.
+        Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(dup) })
+    }
+
+    fn postcopy_listen(&mut self) -> Result<()> {
+        if self.uffd.is_none() {
+            return Err(Error::InvalidOperation("postcopy not advised"));
+        }
+        Ok(())
+    }
+
+    fn postcopy_end(&mut self) -> Result<()> {
+        self.end_postcopy();
+        self.postcopy_ack_mem_regions()
+    }
+
+    fn postcopy_ack_mem_regions(&mut self) -> Result<()> {
+        if let Some((mem, mappings)) = self.pending.take() {
+            self.publish(mem, mappings)?;
+        }
+        Ok(())
     }
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> Result<()> {
@@ -407,7 +490,10 @@ impl<H: HostPort + 'static> VhostUserBackendReqHandlerMut for Device<H> {
     }
 
     fn get_protocol_features(&mut self) -> Result<VhostUserProtocolFeatures> {
-        Ok(VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::MQ)
+        // PAGEFAULT: a lazy restore hands our faults to the frontend (postcopy).
+        Ok(VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::PAGEFAULT)
     }
 
     fn set_protocol_features(&mut self, _features: u64) -> Result<()> {

@@ -14,6 +14,7 @@ pub mod arch;
 mod cgroup;
 pub mod control;
 pub mod devices;
+pub mod lazy;
 pub mod memory;
 pub mod probe;
 pub mod snapshot;
@@ -23,7 +24,7 @@ pub mod vstate;
 pub use arch::boot::BootSource;
 pub use cgroup::{CgroupError, CgroupLimits};
 pub use devices::virtio::block::DiskSpec;
-pub use vmm::{AfterSnapshot, SnapshotReport, Vmm, VmmError};
+pub use vmm::{AfterSnapshot, MemoryRestore, SnapshotReport, Vmm, VmmError};
 pub use vstate::exit::ExitReason;
 
 use std::path::PathBuf;

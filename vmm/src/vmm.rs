@@ -13,6 +13,7 @@ use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::block::{Block, BlockStats, Disk, DiskError};
 use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
 use crate::devices::virtio::vsock::Vsock;
+use crate::lazy::LazyMemory;
 use crate::memory::{Memory, MemoryError};
 use crate::snapshot::{self, Snapshot, SnapshotError};
 use crate::vstate::exit::{ExitReason, VmExit};
@@ -67,6 +68,8 @@ pub enum VmmError {
     Acpi(vm_memory::GuestMemoryError),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    Lazy(#[from] crate::lazy::LazyError),
     #[error(transparent)]
     Persist(#[from] PersistError),
     #[error("cannot restore snapshot {dir}: {why}")]
@@ -142,6 +145,8 @@ pub struct Vmm {
     xsave_size: usize,
     /// Restored from this snapshot, and how long the restore took.
     restored: Option<(PathBuf, Duration)>,
+    /// Memory still loading from the snapshot (a lazy restore).
+    lazy: Option<Arc<LazyMemory>>,
     /// When the vCPUs were started.
     started: Instant,
     /// How long building the VM took, up to its vCPUs starting.
@@ -165,7 +170,15 @@ impl Vmm {
     /// before the vCPUs run: from then on the disk moves on, and restoring the same
     /// memory again over it would corrupt the guest's file systems (suspend and wake
     /// use it this way; a golden image is restored without).
-    pub fn restore(dir: &Path, config: Option<VmConfig>, consume: bool) -> Result<Self, VmmError> {
+    ///
+    /// `memory` says how guest memory comes back: lazily (the guest runs at once, pages
+    /// load as they are touched and in the background) or all of it first.
+    pub fn restore(
+        dir: &Path,
+        config: Option<VmConfig>,
+        consume: bool,
+        memory: MemoryRestore,
+    ) -> Result<Self, VmmError> {
         let begun = Instant::now();
         let snap = snapshot::load(dir)?;
         let config = match config {
@@ -178,7 +191,7 @@ impl Vmm {
                 c
             }
         };
-        let mut vmm = Self::build(config, Some((dir, &snap, consume)))?;
+        let mut vmm = Self::build(config, Some((dir, &snap, consume, memory)))?;
         vmm.agent = snap.agent.clone();
         vmm.restored = Some((dir.to_path_buf(), begun.elapsed()));
         tracing::info!(
@@ -191,7 +204,7 @@ impl Vmm {
 
     fn build(
         config: VmConfig,
-        restore: Option<(&Path, &Snapshot, bool)>,
+        restore: Option<(&Path, &Snapshot, bool, MemoryRestore)>,
     ) -> Result<Self, VmmError> {
         let begun = Instant::now();
         let restore_err = |why: String| VmmError::Restore {
@@ -227,13 +240,23 @@ impl Vmm {
             )));
         }
         let memory = Memory::new(config.memory_mib)?;
-        if let Some((dir, snap, _)) = restore {
-            // All of it, before any device (the vhost-user backend above all) is given
-            // the memory table: see docs/vmm.md, "Restoring memory".
-            snapshot::restore_memory(&memory, &dir.join(snapshot::MEMORY_FILE), &snap.memory)?;
-        }
-        vm.map_memory(&memory.guest)?;
         let exit = Arc::new(VmExit::new().map_err(io("create the exit eventfd"))?);
+        // Before any device (the vhost-user backend above all) is given the memory
+        // table: see docs/vmm.md, "Restoring memory".
+        let lazy = match restore {
+            Some((dir, snap, _, MemoryRestore::Eager)) => {
+                snapshot::restore_memory(&memory, &dir.join(snapshot::MEMORY_FILE), &snap.memory)?;
+                None
+            }
+            Some((dir, snap, _, MemoryRestore::Lazy)) => Some(Arc::new(LazyMemory::new(
+                &memory,
+                &dir.join(snapshot::MEMORY_FILE),
+                &snap.memory,
+                exit.clone(),
+            )?)),
+            None => None,
+        };
+        vm.map_memory(&memory.guest)?;
         let milestones = Arc::new(Mutex::new(Milestones::default()));
 
         // Legacy devices on the port bus.
@@ -252,7 +275,7 @@ impl Vmm {
         let (console, console_tail) = Console::new(console_file);
         let busy = |e| VmmError::Config(format!("device layout: {e}"));
         let serial = match restore {
-            Some((_, snap, _)) => {
+            Some((_, snap, _, _)) => {
                 Serial::restored(serial_irq, console, &snap.serial).map_err(restore_err)?
             }
             None => Serial::new(serial_irq, console),
@@ -303,6 +326,7 @@ impl Vmm {
                 net.mac,
                 &memory.guest,
                 net.queue_pairs,
+                lazy.clone(),
             )?));
         }
         if devices.len() as u32 > IRQ_MAX - VIRTIO_IRQ_START + 1 {
@@ -351,7 +375,7 @@ impl Vmm {
             });
         }
 
-        if let Some((_, snap, _)) = restore
+        if let Some((_, snap, _, _)) = restore
             && snap.devices.len() != transports.len()
         {
             return Err(restore_err(format!(
@@ -389,7 +413,7 @@ impl Vmm {
                     source,
                 })?;
             match (restore, &entry) {
-                (Some((_, snap, _)), _) => {
+                (Some((_, snap, _, _)), _) => {
                     snap.vcpus[usize::from(index)].restore(&fd, index, xsave_size)?
                 }
                 (None, Some(entry)) => {
@@ -419,7 +443,7 @@ impl Vmm {
                 stats: Arc::new(VcpuStats::default()),
             });
         }
-        if let Some((_, snap, _)) = restore {
+        if let Some((_, snap, _, _)) = restore {
             // After the vCPUs (their LAPICs), as KVM wants; before any device runs, so
             // an interrupt a device raises now is not overwritten by the saved irqchip.
             snap.vm.restore(&vm.fd)?;
@@ -441,9 +465,13 @@ impl Vmm {
         };
         let vcpu_stats = vcpus.iter().map(|v| v.stats.clone()).collect();
         let consumed = match restore {
-            Some((dir, _, true)) => Some(snapshot::consume(dir)?),
+            Some((dir, _, true, _)) => Some(snapshot::consume(dir)?),
             _ => None,
         };
+        if let Some(l) = &lazy {
+            // Every device has its memory table: the rest loads in the background.
+            l.seal();
+        }
         let started = Instant::now();
         let setup = started - begun;
         let mut handles = Vec::new();
@@ -493,6 +521,7 @@ impl Vmm {
             serial,
             xsave_size,
             restored: None,
+            lazy,
             started,
             setup,
             memory,
@@ -737,6 +766,11 @@ impl Vmm {
         if was == RunState::Stopping {
             return Err(VmmError::Save("the VM is stopping".into()));
         }
+        if let Some(l) = &self.lazy {
+            // Pages not loaded yet are holes in the memfd: a save now would lose them.
+            l.wait_done(LAZY_SAVE_WAIT)
+                .map_err(|e| VmmError::Save(format!("{e}; try again once it is")))?;
+        }
         let partial = snapshot::begin(dir)?;
         let saved = self.run.pause().map_err(VmmError::Save).and_then(|()| {
             let paused = Instant::now();
@@ -898,6 +932,10 @@ impl Vmm {
             "memory_file_bytes": self.memory.size,
             "restored_from": self.restored.as_ref().map(|(d, t)| serde_json::json!({
                 "snapshot": d, "restore_ms": t.as_secs_f64() * 1000.0,
+                "memory": self.lazy.as_ref().map_or_else(
+                    || serde_json::json!({"mode": "eager"}),
+                    |l| l.report(),
+                ),
             })),
         })
     }
@@ -908,6 +946,21 @@ impl Vmm {
             let _ = h.join();
         }
     }
+}
+
+/// How long a snapshot waits for a lazy restore still loading memory.
+const LAZY_SAVE_WAIT: Duration = Duration::from_secs(120);
+
+/// How a restore brings guest memory back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MemoryRestore {
+    /// The guest runs at once; pages load when touched and in the background
+    /// (userfaultfd, with the vhost-user backend's faults served too).
+    #[default]
+    Lazy,
+    /// All of it, every block checked, before the guest runs: a damaged file is
+    /// refused and nothing is changed.
+    Eager,
 }
 
 impl Drop for Vmm {

@@ -4,7 +4,7 @@
 //! hosts whose KVM emulates ring 0 (these guests execute a handful of instructions).
 
 use boxd_vmm::control::{Client, Request};
-use boxd_vmm::{ExitReason, VmConfig, Vmm, VsockConfig};
+use boxd_vmm::{ExitReason, MemoryRestore, VmConfig, Vmm, VsockConfig};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -456,7 +456,7 @@ fn a_restored_guest_goes_on_with_its_registers_memory_timer_and_clock() {
     );
 
     // A new VMM continues the snapshot; after a while it is saved again.
-    let restored = Vmm::restore(&first, None, true).unwrap();
+    let restored = Vmm::restore(&first, None, true, MemoryRestore::Lazy).unwrap();
     assert!(
         !first.exists() && !dir.0.join("first.consumed").exists(),
         "a consumed snapshot is gone once the guest runs on"
@@ -466,6 +466,10 @@ fn a_restored_guest_goes_on_with_its_registers_memory_timer_and_clock() {
     assert_eq!(
         status["restored_from"]["snapshot"],
         first.display().to_string()
+    );
+    assert_eq!(
+        status["restored_from"]["memory"]["mode"], "lazy",
+        "{status}"
     );
     let after = counters(&second);
     assert!(
@@ -523,7 +527,7 @@ fn a_snapshot_that_does_not_check_out_is_refused_and_left_as_it_is() {
         |d: &std::path::Path| ["state", "memory"].map(|f| std::fs::read(d.join(f)).unwrap());
     let refused = |d: &std::path::Path, config: Option<VmConfig>, expect: &[&str]| {
         let before = contents(d);
-        let e = Vmm::restore(d, config, true)
+        let e = Vmm::restore(d, config, true, MemoryRestore::Eager)
             .err()
             .expect("refused")
             .to_string();
@@ -582,13 +586,32 @@ fn a_snapshot_that_does_not_check_out_is_refused_and_left_as_it_is() {
     wider.vcpus = 2;
     refused(&good, Some(wider), &["vCPUs"]);
     // No snapshot at all, and one a crash left half-written.
-    let e = Vmm::restore(&dir.0.join("nothing"), None, true)
+    let e = Vmm::restore(&dir.0.join("nothing"), None, true, MemoryRestore::Lazy)
         .err()
         .unwrap()
         .to_string();
     assert!(e.contains("no such snapshot"), "{e}");
+    // A lazy restore checks each block as it loads it: the guest never sees the bad
+    // byte, and the VM stops with the reason.
+    let ml = copy("corrupt-memory-lazy");
+    std::fs::copy(m.join("memory"), ml.join("memory")).unwrap();
+    match Vmm::restore(&ml, None, false, MemoryRestore::Lazy) {
+        Err(e) => assert!(e.to_string().contains("checksum"), "{e}"),
+        Ok(mut vm) => {
+            let reason = vm.wait_timeout(Duration::from_secs(20));
+            match reason {
+                Some(ExitReason::Crashed(why)) => {
+                    assert!(why.contains("checksum") && why.contains("memory"), "{why}")
+                }
+                other => panic!("a damaged block must stop the VM: {other:?}"),
+            }
+        }
+    }
     std::fs::rename(&good, boxd_vmm::snapshot::partial_dir(&good)).unwrap();
-    let e = Vmm::restore(&good, None, true).err().unwrap().to_string();
+    let e = Vmm::restore(&good, None, true, MemoryRestore::Lazy)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("never finished"), "{e}");
 }
 

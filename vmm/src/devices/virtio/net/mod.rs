@@ -10,11 +10,13 @@ use crate::devices::virtio::{
     ActivateError, Activation, Start, TYPE_NET, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VirtioDevice, read_config_bytes,
 };
+use crate::lazy::{Backend, LazyMemory, Span};
 use crate::memory::GuestMemory;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use std::time::Duration;
+use vhost::vhost_user::message::{FrontendReq, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::{Queue, QueueState, QueueT};
@@ -74,7 +76,15 @@ pub struct Net {
     /// Queue pairs the driver asked to use (the control queue's MQ command).
     in_use: Arc<AtomicUsize>,
     ctrl: Option<Worker<CtrlQueue>>,
+    /// Guest memory still loading (a lazy restore), and whether the backend can take
+    /// part in it (VHOST_USER_PROTOCOL_F_PAGEFAULT).
+    lazy: Option<Arc<LazyMemory>>,
+    pagefault: bool,
 }
+
+/// How long activation waits for a lazy restore to finish loading memory when the
+/// backend cannot be handed its faults (memory size at disk speed fits in this).
+const LOAD_WAIT: Duration = Duration::from_secs(600);
 
 /// What the net frontend keeps beyond its queues.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -90,6 +100,7 @@ impl Net {
         mac: [u8; 6],
         mem: &GuestMemory,
         queue_pairs: usize,
+        lazy: Option<Arc<LazyMemory>>,
     ) -> Result<Self, NetError> {
         let err = |what: &'static str| {
             let socket = socket.to_path_buf();
@@ -111,12 +122,16 @@ impl Net {
         let backend_features = frontend.get_features().map_err(err("GET_FEATURES"))?;
         let protocol = backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0;
         let mut pairs = 1;
+        let mut pagefault = false;
         if protocol {
             let offered = frontend
                 .get_protocol_features()
                 .map_err(err("GET_PROTOCOL_FEATURES"))?;
-            let wanted =
-                offered & (VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::MQ);
+            let wanted = offered
+                & (VhostUserProtocolFeatures::REPLY_ACK
+                    | VhostUserProtocolFeatures::MQ
+                    | VhostUserProtocolFeatures::PAGEFAULT);
+            pagefault = wanted.contains(VhostUserProtocolFeatures::PAGEFAULT);
             frontend
                 .set_protocol_features(wanted)
                 .map_err(err("SET_PROTOCOL_FEATURES"))?;
@@ -151,7 +166,85 @@ impl Net {
             rings: Vec::new(),
             in_use: Arc::new(AtomicUsize::new(1)),
             ctrl: None,
+            lazy,
+            pagefault,
         })
+    }
+
+    /// Gives the backend the memory table. While a lazy restore is loading memory
+    /// and the backend supports it, in postcopy mode: the backend registers its
+    /// mapping with a userfaultfd of its own, which the restore's fault thread then
+    /// serves; otherwise memory is loaded whole first.
+    fn give_memory(
+        &self,
+        frontend: &mut Frontend,
+        regions: &[VhostUserMemoryRegionInfo],
+    ) -> Result<(), ActivateError> {
+        let Some(lazy) = self.lazy.as_ref().filter(|l| !l.is_done()) else {
+            frontend
+                .set_mem_table(regions)
+                .map_err(|e| self.bad("SET_MEM_TABLE", e))?;
+            return Ok(());
+        };
+        if !self.pagefault || !lazy.is_open() {
+            if !self.pagefault {
+                tracing::info!(
+                    backend = %self.socket.display(),
+                    "the network backend cannot take part in a lazy restore (no PAGEFAULT); loading guest memory first"
+                );
+            }
+            lazy.load_all(LOAD_WAIT)
+                .map_err(|e| self.bad("load guest memory before the memory table", e))?;
+            frontend
+                .set_mem_table(regions)
+                .map_err(|e| self.bad("SET_MEM_TABLE", e))?;
+            return Ok(());
+        }
+        let uffd = frontend
+            .postcopy_advise()
+            .map_err(|e| self.bad("POSTCOPY_ADVISE", e))?;
+        frontend
+            .postcopy_listen()
+            .map_err(|e| self.bad("POSTCOPY_LISTEN", e))?;
+        let bases = frontend
+            .set_mem_table(regions)
+            .map_err(|e| self.bad("SET_MEM_TABLE (postcopy)", e))?
+            .ok_or_else(|| {
+                self.bad(
+                    "SET_MEM_TABLE (postcopy)",
+                    "no mapping addresses in the reply",
+                )
+            })?;
+        if bases.len() != regions.len() {
+            return Err(self.bad("SET_MEM_TABLE (postcopy)", "a reply for other regions"));
+        }
+        let spans = regions
+            .iter()
+            .zip(&bases)
+            .map(|(r, &base)| Span {
+                host: base,
+                offset: r.mmap_offset,
+                len: r.memory_size,
+            })
+            .collect();
+        let ender = self.frontend.clone();
+        let backend = Backend {
+            uffd,
+            spans,
+            end: Box::new(move || {
+                ender
+                    .lock()
+                    .map_err(|_| "backend connection lock poisoned".to_string())?
+                    .postcopy_end()
+                    .map_err(|e| format!("POSTCOPY_END: {e}"))
+            }),
+        };
+        if lazy.add_backend(backend).is_err() {
+            return Err(self.bad("postcopy", "the restore stopped taking backends"));
+        }
+        frontend
+            .postcopy_ack_mem_regions(FrontendReq::SET_MEM_TABLE)
+            .map_err(|e| self.bad("postcopy memory table acknowledgement", e))
     }
 
     fn bad(&self, what: &str, e: impl std::fmt::Display) -> ActivateError {
@@ -198,6 +291,12 @@ impl VirtioDevice for Net {
         let backend_acked = (a.features & self.backend_features)
             | (self.backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits());
         let mq = a.features & F_MQ != 0;
+        if let Some(l) = self.lazy.as_ref().filter(|l| !l.is_open() && !l.is_done()) {
+            // A driver (re)starting the device while memory still loads: the backend's
+            // postcopy is ending (which needs the connection), so wait for that first.
+            l.wait_done(LOAD_WAIT)
+                .map_err(|e| self.bad("wait for guest memory", e))?;
+        }
         let mut frontend = self
             .frontend
             .lock()
@@ -211,9 +310,7 @@ impl VirtioDevice for Net {
             .map(VhostUserMemoryRegionInfo::from_guest_region)
             .collect::<Result<_, _>>()
             .map_err(|e| self.bad("describe guest memory", e))?;
-        frontend
-            .set_mem_table(&regions)
-            .map_err(|e| self.bad("SET_MEM_TABLE", e))?;
+        self.give_memory(&mut frontend, &regions)?;
         let data_queues = 2 * self.pairs;
         if a.start == Start::Fresh {
             self.in_use.store(1, Ordering::Relaxed);
