@@ -90,8 +90,21 @@ pub struct RestoreArgs {
     /// restored over it again).
     #[arg(long)]
     consume: bool,
+    /// How guest memory comes back: `lazy` (the guest runs at once; pages load when
+    /// touched and in the background) or `eager` (all of it, every block checked,
+    /// before the guest runs: a damaged memory file is refused and nothing changes).
+    #[arg(long, default_value = "lazy", value_parser = parse_memory_restore)]
+    memory: boxd_vmm::MemoryRestore,
     #[arg(long)]
     skip_kvm_check: bool,
+}
+
+fn parse_memory_restore(s: &str) -> Result<boxd_vmm::MemoryRestore, String> {
+    match s {
+        "lazy" => Ok(boxd_vmm::MemoryRestore::Lazy),
+        "eager" => Ok(boxd_vmm::MemoryRestore::Eager),
+        _ => Err(format!("{s:?}: use lazy or eager")),
+    }
 }
 
 fn parse_after(s: &str) -> Result<boxd_vmm::AfterSnapshot, String> {
@@ -269,7 +282,7 @@ fn restore(args: RestoreArgs) -> Exit {
     if let Some(c) = args.console {
         config.console = Some(c);
     }
-    supervise(config, Some((args.snapshot, args.consume)), 10)
+    supervise(config, Some((args.snapshot, args.consume, args.memory)), 10)
 }
 
 fn check_kvm() -> anyhow::Result<()> {
@@ -477,7 +490,7 @@ fn run(args: RunArgs) -> Exit {
 /// reboot boots it again, fresh.
 fn supervise(
     config: VmConfig,
-    mut snapshot: Option<(PathBuf, bool)>,
+    mut snapshot: Option<(PathBuf, bool, boxd_vmm::MemoryRestore)>,
     reboots_per_minute: u32,
 ) -> Exit {
     let current = Arc::new(Mutex::new(None));
@@ -487,7 +500,9 @@ fn supervise(
     loop {
         let started = Instant::now();
         let mut vmm = match snapshot.take() {
-            Some((dir, consume)) => Vmm::restore(&dir, Some(config.clone()), consume)?,
+            Some((dir, consume, memory)) => {
+                Vmm::restore(&dir, Some(config.clone()), consume, memory)?
+            }
             None => Vmm::start(config.clone())?,
         };
         *current.lock().expect("not poisoned") = Some(vmm.exit_handle());

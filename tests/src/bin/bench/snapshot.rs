@@ -8,7 +8,10 @@
 //!   control socket answering with the vCPUs running, 256 MiB touched in each, from a
 //!   snapshot whose pages are not in the page cache (as after a real suspend); the
 //!   VMM's own restore time (request to vCPUs running, inside the process) is printed
-//!   beside it;
+//!   beside it. Memory comes back lazily (the default): `snapshot-restore-loaded-native-ms-*`
+//!   is spawn to every page back, and `snapshot-restore-eager-native-ms-*` the same
+//!   restore with `--memory eager` (all memory loaded before the vCPUs run), in
+//!   interleaved rounds;
 //! - `resume-from-pause-us`: the control socket's resume, request to reply (the vCPUs
 //!   are running when it answers);
 //! - `suspend-disk-mib`: disk blocks the snapshot takes for 256 MiB touched;
@@ -125,12 +128,22 @@ struct Round {
     save_ms: f64,
     restore_ms: f64,
     restore_inside_ms: f64,
+    /// Spawn to every page of the snapshot back in memory (the lazy restore's
+    /// background loading done; for an eager restore the same as `restore_ms`).
+    loaded_ms: f64,
     resume_us: Vec<f64>,
     disk_bytes: u64,
     cached_bytes: u64,
 }
 
-fn round(boxd: &Path, guest: &Path, dir: &Path, memory: &str, resumes: usize) -> Result<Round> {
+fn round(
+    boxd: &Path,
+    guest: &Path,
+    dir: &Path,
+    memory: &str,
+    mode: &str,
+    resumes: usize,
+) -> Result<Round> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
     let sock = dir.join("control.sock");
@@ -201,6 +214,8 @@ fn round(boxd: &Path, guest: &Path, dir: &Path, memory: &str, resumes: usize) ->
             "restore",
             "--consume",
             "--skip-kvm-check",
+            "--memory",
+            mode,
             "--snapshot",
         ])
         .arg(&snap)
@@ -221,6 +236,13 @@ fn round(boxd: &Path, guest: &Path, dir: &Path, memory: &str, resumes: usize) ->
     let restore_inside_ms = st["restored_from"]["restore_ms"]
         .as_f64()
         .context("restore_ms")?;
+    until("the restored memory is all loaded", || {
+        status(&sock).is_ok_and(|s| {
+            let m = &s["restored_from"]["memory"];
+            m["mode"] == "eager" || m["phase"] == "done"
+        })
+    })?;
+    let loaded_ms = t.elapsed().as_secs_f64() * 1000.0;
     let mut resume_us = Vec::with_capacity(resumes);
     let mut c = Client::connect(&sock)?;
     for _ in 0..resumes {
@@ -237,6 +259,7 @@ fn round(boxd: &Path, guest: &Path, dir: &Path, memory: &str, resumes: usize) ->
         save_ms,
         restore_ms,
         restore_inside_ms,
+        loaded_ms,
         resume_us,
         disk_bytes,
         cached_bytes: cached,
@@ -253,28 +276,33 @@ pub fn snapshot(rounds: usize) -> Result<()> {
     let work = std::env::temp_dir().join(format!("boxd-bench-snapshot-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     let guest = touch_guest(&work)?;
-    let mut by_size: Vec<(&str, Vec<Round>)> = Vec::new();
+    // Per size: lazy rounds (the default) and eager rounds, interleaved.
+    let mut by_size: Vec<(&str, Vec<Round>, Vec<Round>)> = Vec::new();
     for memory in ["1G", "8G"] {
-        let mut v = Vec::new();
+        let (mut lazy, mut eager) = (Vec::new(), Vec::new());
         for i in 0..rounds {
-            let r = round(
-                &boxd,
-                &guest,
-                &work.join(format!("vm-{memory}")),
-                memory,
-                20,
-            )?;
-            eprintln!(
-                "  {memory} round {}: save {:.1} ms, restore {:.1} ms (inside the VMM {:.1} ms), resume p50 {:.0} us",
-                i + 1,
-                r.save_ms,
-                r.restore_ms,
-                r.restore_inside_ms,
-                bench::median(&r.resume_us)
-            );
-            v.push(r);
+            for (mode, into) in [("lazy", &mut lazy), ("eager", &mut eager)] {
+                let r = round(
+                    &boxd,
+                    &guest,
+                    &work.join(format!("vm-{memory}")),
+                    memory,
+                    mode,
+                    20,
+                )?;
+                eprintln!(
+                    "  {memory} {mode} round {}: save {:.1} ms, restore {:.1} ms (inside the VMM {:.1} ms), all memory back {:.1} ms, resume p50 {:.0} us",
+                    i + 1,
+                    r.save_ms,
+                    r.restore_ms,
+                    r.restore_inside_ms,
+                    r.loaded_ms,
+                    bench::median(&r.resume_us)
+                );
+                into.push(r);
+            }
         }
-        by_size.push((memory, v));
+        by_size.push((memory, lazy, eager));
     }
     let _ = std::fs::remove_dir_all(&work);
     let one = &by_size[0].1;
@@ -285,17 +313,33 @@ pub fn snapshot(rounds: usize) -> Result<()> {
         &f(one, |r| r.save_ms),
         "1 GiB guest, 256 MiB touched, request to snapshot on disk",
     );
-    for (memory, v) in &by_size {
-        let name = format!("snapshot-restore-native-ms-{}", memory.to_lowercase());
+    for (memory, v, eager) in &by_size {
+        let size = memory.to_lowercase();
         bench::alone(
-            &name,
+            &format!("snapshot-restore-native-ms-{size}"),
             "ms",
             &f(v, |r| r.restore_ms),
-            &format!("{memory} guest, 256 MiB touched, process spawn to vCPUs running"),
+            &format!(
+                "{memory} guest, 256 MiB touched, process spawn to vCPUs running (lazy memory)"
+            ),
         );
         println!(
             "  (inside the VMM, request to vCPUs running: {} ms)",
             bench::describe(&f(v, |r| r.restore_inside_ms))
+        );
+        bench::alone(
+            &format!("snapshot-restore-loaded-native-ms-{size}"),
+            "ms",
+            &f(v, |r| r.loaded_ms),
+            &format!("{memory} guest, lazy: spawn to all 256 MiB back in memory"),
+        );
+        bench::alone(
+            &format!("snapshot-restore-eager-native-ms-{size}"),
+            "ms",
+            &f(eager, |r| r.restore_ms),
+            &format!(
+                "{memory} guest, --memory eager: spawn to vCPUs running, all memory loaded first"
+            ),
         );
     }
     let resumes: Vec<f64> = one
