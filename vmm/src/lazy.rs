@@ -36,7 +36,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 const PAGE: u64 = 4096;
 /// A fault thread that ended with an error stops the VM; if the VM has not ended this
 /// long after, the process does.
-const FATAL_GRACE: Duration = Duration::from_secs(10);
+const FATAL_GRACE: Duration = Duration::from_secs(3);
 
 /// A piece of guest memory in some process's address space: where it is mapped, and
 /// where it is in the memfd.
