@@ -33,11 +33,15 @@ pub const SNAPSHOT_DIR: &str = "snapshot";
 /// How long writing a suspended machine's memory to disk may take.
 const SUSPEND_LIMIT: Duration = Duration::from_secs(600);
 
-/// Run in a new machine: succeeds once eth0 has its address and sshd listens on port
-/// 22 (bounded: 600 tries, 0.1 s apart; reads /proc, spawns nothing per try).
-const WAIT_NETWORK: &str = "for i in $(seq 600); do \
+/// Run in a new machine with the seconds it may take (`$1`): succeeds once eth0 has
+/// its address and sshd listens on port 22. Bounded by the guest's own clock, not by a
+/// count of tries: in the emulated KVM host one try (a grep and an `ip`) can take a
+/// second.
+const WAIT_NETWORK: &str = "read u _ </proc/uptime; end=$(( ${u%.*} + $1 )); \
+     while :; do \
      if grep -q ':0016 0*:0000 0A' /proc/net/tcp /proc/net/tcp6 2>/dev/null \
         && ip -4 -o addr show dev eth0 | grep -q inet; then exit 0; fi; \
+     read u _ </proc/uptime; [ \"${u%.*}\" -ge \"$end\" ] && break; \
      sleep 0.1; done; ip -4 -o addr show dev eth0; exit 1";
 
 /// Where a machine is on its way up (or down), as the API waits on it.
@@ -543,13 +547,29 @@ impl Worker {
             .map_err(|e| format!("install the owner's keys: {e}"))?;
         if self.net_control.is_some() {
             // Ready means reachable: the link configured and sshd listening (the agent
-            // starts early in boot, before either).
+            // starts early in boot, before either), within what is left of the limit.
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .as_secs()
+                .max(1);
+            let mut agent = agent;
+            agent.io_timeout = Duration::from_secs(left + 30);
             let out = agent
-                .exec(&["/bin/sh", "-c", WAIT_NETWORK], None, 4096)
+                .exec(
+                    &[
+                        "/bin/sh",
+                        "-c",
+                        WAIT_NETWORK,
+                        "wait-network",
+                        &left.to_string(),
+                    ],
+                    None,
+                    4096,
+                )
                 .map_err(|e| format!("wait for the network: {e}"))?;
             if out.status.code != 0 {
                 return Err(format!(
-                    "the machine's network or sshd did not come up within 60 s: {}",
+                    "the machine's network or sshd did not come up within {left} s: {}",
                     String::from_utf8_lossy(&out.stdout).trim()
                 ));
             }
