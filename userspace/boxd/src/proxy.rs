@@ -386,6 +386,7 @@ async fn serve_listeners(
                         tokio::time::timeout_at(deadline, peek_sni(&stream)).await
                 {
                     let mut route = proxy.router.route(&host);
+                    let woken = matches!(route, Route::Asleep { .. });
                     if let Route::Asleep {
                         name,
                         owner,
@@ -402,7 +403,7 @@ async fn serve_listeners(
                         }
                     }
                     if let Route::Passthrough { name, device, addr } = route {
-                        passthrough(stream, &name, device, addr).await;
+                        passthrough(stream, &name, device, addr, woken).await;
                         return;
                     }
                 }
@@ -496,13 +497,21 @@ async fn passthrough(
     name: &str,
     device: Option<String>,
     addr: Ipv4Addr,
+    woken: bool,
 ) {
     let target = Target {
         device,
         addr,
         ports: vec![443],
     };
-    match target.connect().await {
+    let machine = if woken {
+        target
+            .connect_by(tokio::time::Instant::now() + WAKE_TIMEOUT)
+            .await
+    } else {
+        target.connect().await
+    };
+    match machine {
         Ok(mut machine) => {
             let _ = tokio::io::copy_bidirectional(&mut client, &mut machine).await;
         }
@@ -781,6 +790,7 @@ impl Proxy {
             );
         }
         let mut route = self.router.route(&host);
+        let woken = matches!(route, Route::Asleep { .. });
         if let Route::Asleep { name, owner, .. } = &route {
             route = match self.wake(&host, owner, name).await {
                 Ok(r) => r,
@@ -873,6 +883,13 @@ impl Proxy {
             addr,
             ports: ports.clone(),
         };
+        if woken {
+            // Just woken (restored from disk, perhaps): its first steps may be slow, so
+            // wait, bounded, until it answers on a port before the request is sent.
+            target
+                .answering(tokio::time::Instant::now() + WAKE_TIMEOUT)
+                .await;
+        }
         let mut uri = hyper::http::uri::Parts::default();
         uri.scheme = Some(hyper::http::uri::Scheme::HTTP);
         uri.authority = hyper::http::uri::Authority::try_from(target.authority()).ok();
@@ -1025,13 +1042,54 @@ impl Target {
         })
     }
 
+    /// Connects as `connect` does, trying again while no port answered at all (each
+    /// attempt timed out: a machine still waking) until `deadline`; a refusal is an
+    /// answer, and returned.
+    async fn connect_by(
+        &self,
+        deadline: tokio::time::Instant,
+    ) -> Result<tokio::net::TcpStream, String> {
+        // Bounded by the deadline; each round lasts at least one connect timeout or
+        // the pause below.
+        loop {
+            match self.connect_once().await {
+                Ok(s) => return Ok(s),
+                Err((why, false)) => return Err(why),
+                Err((why, true)) => {
+                    if tokio::time::Instant::now() + Duration::from_millis(200) > deadline {
+                        return Err(why);
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+
+    /// Waits (see `connect_by`) until the machine answers on one of its ports.
+    async fn answering(&self, deadline: tokio::time::Instant) {
+        let t = std::time::Instant::now();
+        match self.connect_by(deadline).await {
+            Ok(_) => {
+                tracing::debug!(target = %self.authority(), ms = t.elapsed().as_millis() as u64, "woken machine answers")
+            }
+            Err(e) => tracing::debug!(target = %self.authority(), "woken machine: {e}"),
+        }
+    }
+
     async fn connect(&self) -> Result<tokio::net::TcpStream, String> {
+        self.connect_once().await.map_err(|(why, _)| why)
+    }
+
+    /// One try of each port in turn: the first connection, or the last error and
+    /// whether every port timed out (nothing answered, not even a refusal).
+    async fn connect_once(&self) -> Result<tokio::net::TcpStream, (String, bool)> {
+        let mut silent = true;
         let mut last = String::from("no port to try");
         for &port in &self.ports {
-            let sock = tokio::net::TcpSocket::new_v4().map_err(|e| e.to_string())?;
+            let sock = tokio::net::TcpSocket::new_v4().map_err(|e| (e.to_string(), false))?;
             if let Some(dev) = &self.device {
                 sock.bind_device(Some(dev.as_bytes()))
-                    .map_err(|e| format!("bind to {dev}: {e}"))?;
+                    .map_err(|e| (format!("bind to {dev}: {e}"), false))?;
             }
             let addr = SocketAddr::new(IpAddr::V4(self.addr), port);
             match tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(addr)).await {
@@ -1039,11 +1097,14 @@ impl Target {
                     let _ = s.set_nodelay(true);
                     return Ok(s);
                 }
-                Ok(Err(e)) => last = format!("{addr}: {e}"),
+                Ok(Err(e)) => {
+                    silent &= e.kind() != std::io::ErrorKind::ConnectionRefused;
+                    last = format!("{addr}: {e}");
+                }
                 Err(_) => last = format!("{addr}: no answer within {CONNECT_TIMEOUT:?}"),
             }
         }
-        Err(last)
+        Err((last, silent))
     }
 }
 
