@@ -86,6 +86,9 @@ fn client_network() -> Result<()> {
     ))
 }
 
+/// ssh's connect timeout for connections straight to a machine (see `Server::direct`).
+const DIRECT_CONNECT_TIMEOUT: &str = "ConnectTimeout=90";
+
 impl Server {
     /// Starts `boxd server` with its state in `dir` (created fresh) and an SSH key pair
     /// for each user in `users` (`dir/<user>.key`).
@@ -265,12 +268,13 @@ impl Server {
         Ok(())
     }
 
-    /// `curl https://HOST/` through the proxy, trusting `ca`: the output is the body
+    /// `curl https://HOST/` through the proxy, trusting `ca` (bounded as `direct` is: a
+    /// request may wake a machine from disk): the output is the body
     /// followed by `|<status>|<HTTP version>`.
     pub fn https_get(&self, host: &str, ca: &Path) -> Result<Output> {
         let https = self.https_port();
         Command::new("curl")
-            .args(["-sS", "--max-time", "40", "--cacert"])
+            .args(["-sS", "--max-time", "90", "--cacert"])
             .arg(ca)
             .args(["--resolve", &format!("{host}:{https}:127.0.0.1")])
             .args(["-w", "|%{http_code}|%{http_version}"])
@@ -415,6 +419,9 @@ impl Server {
     }
 
     /// `ssh root@ADDR CMD` from the client namespace, straight to a machine's sshd.
+    /// The connect timeout (it covers the banner exchange too) bounds a wake from disk
+    /// in the emulated KVM host, where a restore and the guest's first steps take tens
+    /// of seconds; how fast a wake is belongs to `cargo xtask bench`, not here.
     pub fn direct(&self, user: &str, addr: &str, cmd: &str) -> Result<Output> {
         if !self.network {
             bail!("this server was started without a network");
@@ -422,7 +429,7 @@ impl Server {
         Ok(Command::new("ip")
             .args(["netns", "exec", CLIENT_NS, "ssh"])
             .args(self.ssh_opts(user))
-            .args(["-o", "ConnectTimeout=20"])
+            .args(["-o", DIRECT_CONNECT_TIMEOUT])
             .arg(format!("root@{addr}"))
             .arg(cmd)
             .stdin(Stdio::null())
@@ -438,7 +445,7 @@ impl Server {
         Ok(Command::new("ip")
             .args(["netns", "exec", CLIENT_NS, "ssh"])
             .args(self.ssh_opts(user))
-            .args(["-o", "ConnectTimeout=20", "-o", "ServerAliveInterval=0"])
+            .args(["-o", DIRECT_CONNECT_TIMEOUT, "-o", "ServerAliveInterval=0"])
             .arg(format!("root@{addr}"))
             .arg("sh")
             .stdin(Stdio::piped())
