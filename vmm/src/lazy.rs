@@ -350,18 +350,11 @@ impl Loader<'_> {
         let base = s.info.blocks[at].0 * BLOCK;
         let pieces = snapshot::read_block(&s.file, &s.path, &s.info, at, &mut self.buf)
             .map_err(|e| e.to_string())?;
-        // The holes between the pieces are zero pages of a registered block: filled
-        // now, in a few calls, rather than one fault each when the guest touches them
-        // (in the emulated KVM host a fault costs more than a block's read).
-        let mut hole = base;
-        for &(off, n) in &pieces {
+        for (off, n) in pieces {
             let src = &self.buf[(off - base) as usize..(off - base + n) as usize];
             place(s, off, src)?;
             s.loaded.fetch_add(n, Ordering::Relaxed);
-            zero_fill(s, hole, off)?;
-            hole = off + n;
         }
-        zero_fill(s, hole, base + BLOCK)?;
         self.loaded[at] = true;
         Ok(())
     }
@@ -432,38 +425,6 @@ fn exists(e: &userfaultfd::Error) -> bool {
         }
         _ => false,
     }
-}
-
-/// Gives the pages of memfd offsets `[from, to)` that are not there yet a zero page,
-/// within guest memory (a block's tail past its end is skipped).
-fn zero_fill(s: &Shared, from: u64, to: u64) -> Result<(), String> {
-    for span in &s.spans {
-        let (a, b) = (from.max(span.offset), to.min(span.offset + span.len));
-        if a >= b {
-            continue;
-        }
-        let host = span.host + a - span.offset;
-        let zero = |at: u64, len: u64| {
-            // SAFETY: `[at, at + len)` lies inside our registered guest mapping (a data
-            // block's hole within one span); the kernel fills it with zeros.
-            unsafe { s.uffd.zeropage(at as *mut libc::c_void, len as usize, true) }
-        };
-        match zero(host, b - a) {
-            Ok(n) if n as u64 == b - a => continue,
-            Ok(_) | Err(_) => {}
-        }
-        // Some page there already (a fault placed it): page by page, keeping it.
-        for at in (host..host + (b - a)).step_by(PAGE as usize) {
-            match zero(at, PAGE) {
-                Ok(_) => {}
-                Err(e) if exists(&e) => {}
-                Err(e) => {
-                    return Err(format!("zero-fill a page at {:#x}: {e}", a + (at - host)));
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Copies `src` into the memfd at `offset` through our mapping, page by page where
