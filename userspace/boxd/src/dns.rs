@@ -516,6 +516,9 @@ pub fn serve(authority: Arc<Authority>, opts: &ServeOptions) -> anyhow::Result<(
     Ok(())
 }
 
+/// The DNS UDP socket's receive buffer (bytes).
+const UDP_RCVBUF: libc::c_int = 4 << 20;
+
 fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     let domain = if addr.is_ipv4() {
         libc::AF_INET
@@ -542,6 +545,25 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
+    }
+    // A burst (one resolver's retries, a flood the rate limit must see) must not be
+    // dropped by the kernel before the limiter counts it: the default buffer holds
+    // about 256 datagrams. Past rmem_max as root (FORCE), else as far as allowed.
+    let want: libc::c_int = UDP_RCVBUF;
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt with a valid int option value and its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                &want as *const _ as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            break;
+        }
     }
     let (ptr, len) = sockaddr(&addr);
     // SAFETY: ptr/len describe a valid sockaddr for this family, alive for the call.
