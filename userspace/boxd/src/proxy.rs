@@ -1043,8 +1043,9 @@ impl Target {
     }
 
     /// Connects as `connect` does, trying again while no port answered at all (each
-    /// attempt timed out: a machine still waking) until `deadline`; a refusal is an
-    /// answer, and returned.
+    /// attempt timed out or found no route: a machine still waking) until `deadline`
+    /// (a try under way when it passes is finished); a refusal is an answer, and
+    /// returned.
     async fn connect_by(
         &self,
         deadline: tokio::time::Instant,
@@ -1065,7 +1066,9 @@ impl Target {
         }
     }
 
-    /// Waits (see `connect_by`) until the machine answers on one of its ports.
+    /// Waits (see `connect_by`) until the machine answers on one of its ports. The
+    /// probe connection is closed at once: the machine's server sees a connection
+    /// that sends nothing.
     async fn answering(&self, deadline: tokio::time::Instant) {
         let t = std::time::Instant::now();
         match self.connect_by(deadline).await {
@@ -1081,7 +1084,7 @@ impl Target {
     }
 
     /// One try of each port in turn: the first connection, or the last error and
-    /// whether every port timed out (nothing answered, not even a refusal).
+    /// whether no port answered at all (timed out or unreachable; no refusal).
     async fn connect_once(&self) -> Result<tokio::net::TcpStream, (String, bool)> {
         let mut silent = true;
         let mut last = String::from("no port to try");

@@ -37,11 +37,11 @@ const SUSPEND_LIMIT: Duration = Duration::from_secs(600);
 /// its address and sshd listens on port 22. Bounded by the guest's own clock, not by a
 /// count of tries: in the emulated KVM host one try (a grep and an `ip`) can take a
 /// second.
-const WAIT_NETWORK: &str = "read u _ </proc/uptime; end=$(( ${u%.*} + $1 )); \
+const WAIT_NETWORK: &str = "read u _ </proc/uptime; end=$(( ${u%.*} + $1 + 1 )); \
      while :; do \
      if grep -q ':0016 0*:0000 0A' /proc/net/tcp /proc/net/tcp6 2>/dev/null \
         && ip -4 -o addr show dev eth0 | grep -q inet; then exit 0; fi; \
-     read u _ </proc/uptime; [ \"${u%.*}\" -ge \"$end\" ] && break; \
+     read u _ </proc/uptime; [ \"${u%.*}\" -lt \"$end\" ] || break; \
      sleep 0.1; done; ip -4 -o addr show dev eth0; exit 1";
 
 /// Where a machine is on its way up (or down), as the API waits on it.
