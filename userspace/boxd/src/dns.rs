@@ -532,38 +532,12 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     }
     // SAFETY: fd is a fresh socket that nothing else owns.
     let sock = unsafe { <std::net::UdpSocket as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt with a valid int option value and its size.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_REUSEPORT,
-            &one as *const _ as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    set_int(fd, libc::SO_REUSEPORT, 1)?;
     // A burst (one resolver's retries, a flood the rate limit must see) must not be
     // dropped by the kernel before the limiter counts it: the default buffer holds
     // about 256 datagrams. Past rmem_max as root (FORCE), else as far as allowed.
-    let want: libc::c_int = UDP_RCVBUF;
-    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
-        // SAFETY: setsockopt with a valid int option value and its size.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                opt,
-                &want as *const _ as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 {
-            break;
-        }
+    if set_int(fd, libc::SO_RCVBUFFORCE, UDP_RCVBUF).is_err() {
+        let _ = set_int(fd, libc::SO_RCVBUF, UDP_RCVBUF);
     }
     let (ptr, len) = sockaddr(&addr);
     // SAFETY: ptr/len describe a valid sockaddr for this family, alive for the call.
@@ -572,6 +546,24 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(sock)
+}
+
+/// Sets the int-valued socket option `opt` (SOL_SOCKET) of `fd` to `value`.
+fn set_int(fd: libc::c_int, opt: libc::c_int, value: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: setsockopt on a socket we own with a valid int value and its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            opt,
+            &value as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// A sockaddr for `addr` as bytes, with its length.

@@ -524,7 +524,7 @@ impl Worker {
     }
 
     fn configure(&self, m: &Machine, generation: u64, limit: Duration) -> Result<(), String> {
-        let agent = self.agent(m.id);
+        let mut agent = self.agent(m.id);
         let deadline = Instant::now() + limit;
         while agent.ping().is_err() {
             if !self.current(m.id, generation) {
@@ -552,7 +552,6 @@ impl Worker {
                 .saturating_duration_since(Instant::now())
                 .as_secs()
                 .max(1);
-            let mut agent = agent;
             agent.io_timeout = Duration::from_secs(left + 30);
             let out = agent
                 .exec(
